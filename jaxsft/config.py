@@ -67,6 +67,11 @@ def default_config() -> ml_collections.ConfigDict:
     m.remat_policy = "minimal"  # see jaxsft.model.remat.POLICIES
     m.scan_layers = True
     m.attn_implementation = "auto"  # auto | xla | (GPU kernels, see jaxsft.model.attention)
+    # smoke / benchmark: a tokenizer directory; when set and model.partial_pretrain holds no
+    # config.json, a tiny random Qwen2 (shape from model.tiny) is written there first.
+    m.build_tiny_from = placeholder(str)
+    m.tiny = ml_collections.ConfigDict(dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2))
 
     # ---- optim.* -------------------------------------------------------------------------------
     o = c.optim = ml_collections.ConfigDict()

@@ -1,0 +1,195 @@
+"""`python -m jaxsft.train --config configs/NAME.py --config.KEY=VALUE ...` — the whole SFT job.
+
+Read top to bottom: configuration → devices and mesh → data → model → optimizer and train state →
+resume → the loop (train step, metrics, validation, checkpoints, preemption) → final export.
+With no --config the smoke recipe runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags, logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/NAME.py).", lock_config=True)
+_DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "smoke.py"
+
+
+def main(argv) -> None:
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxsft import checkpoint, config, data, distributed, hf, metrics, optim, parallel, step, tiny
+    from jaxsft.model.qwen2 import ModelSettings
+
+    # ---- configuration, devices, mesh ---------------------------------------------------------
+    cfg = config.normalise(_CONFIG.value)
+    distributed.maybe_initialize(cfg.trainer)
+    n_dev = jax.device_count()
+    config.validate(cfg, num_devices=n_dev)
+    sp = cfg.ulysses_sequence_parallel_size
+    dp = n_dev // sp
+    mesh = parallel.make_mesh(dp, sp)
+    main_process = jax.process_index() == 0
+    run_dir = Path(cfg.trainer.default_local_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say = print if main_process else (lambda *a, **k: None)
+    say(f"[jaxsft] {n_dev} device(s) ({jax.devices()[0].device_kind}), {jax.process_count()} process(es), "
+        f"mesh dp={dp} sp={sp}")
+
+    # ---- data ---------------------------------------------------------------------------------
+    model_dir = Path(cfg.model.partial_pretrain)
+    if cfg.model.build_tiny_from and not (model_dir / "config.json").exists():
+        if main_process:
+            tiny.ensure_tiny_model(model_dir, cfg.model.build_tiny_from, seed=cfg.trainer.seed, **cfg.model.tiny)
+        distributed.barrier("tiny-model")
+    tokenizer = data.load_tokenizer(model_dir)
+    train_set = data.build_dataset(cfg.data.train_files, cfg.data, tokenizer, split="train")
+    val_set = data.build_dataset(cfg.data.val_files, cfg.data, tokenizer, split="val") if cfg.data.val_files else None
+    loader = data.TrainLoader(
+        train_set, train_batch_size=cfg.data.train_batch_size, micro_batch_size_per_gpu=cfg.data.micro_batch_size_per_gpu,
+        dp=dp, max_length=cfg.data.max_length, packing=cfg.data.packing, seed=cfg.trainer.seed,
+        total_epochs=cfg.trainer.total_epochs, pad_token_id=tokenizer.pad_token_id,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    # verl: the schedule horizon comes from the epochs; total_training_steps only stops early.
+    steps_per_epoch = loader.steps_per_epoch
+    total_steps = steps_per_epoch * cfg.trainer.total_epochs
+    last_step = min(cfg.trainer.total_training_steps or total_steps, total_steps)
+    say(f"[jaxsft] {len(train_set)} train samples, {steps_per_epoch} steps/epoch, schedule over {total_steps} steps, "
+        f"running to step {last_step}")
+
+    # ---- model, optimizer, train state --------------------------------------------------------
+    settings = ModelSettings(param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
+                             scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat_policy,
+                             attn_implementation=cfg.model.attn_implementation)
+    model_config = hf.read_config(model_dir)
+    with jax.set_mesh(mesh):
+        model = hf.load_model(model_dir, mesh, settings)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        del model
+        tx, lr_schedule = optim.make_optimizer(cfg.optim, total_steps, cfg.model.param_dtype)
+        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        state_shardings = parallel.state_shardings(state, mesh)
+        state = jax.device_put(state, state_shardings)
+
+    # ---- resume -------------------------------------------------------------------------------
+    ckpt = checkpoint.Checkpointer(cfg, process_index=jax.process_index())
+    resume_dir = checkpoint.resolve_resume(cfg.trainer)
+    if resume_dir is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+        state, data_state, _meta = ckpt.restore(resume_dir, abstract)
+        if data_state is not None:
+            loader.set_state(data_state)
+        say(f"[jaxsft] resumed from {resume_dir} at step {int(state['step'])}")
+    global_step = int(state["step"])
+
+    # ---- compiled steps -----------------------------------------------------------------------
+    step_cfg = step.StepConfig(loss_normalization=cfg.trainer.loss_normalization,
+                               balance_dp_token=cfg.data.balance_dp_token, dp=dp,
+                               chunk_size=cfg.trainer.loss_chunk_size)
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_step = jax.jit(step.make_train_step(graphdef, rest, tx, lr_schedule, step_cfg),
+                         donate_argnums=0, out_shardings=(state_shardings, parallel.replicated(mesh)))
+    eval_step = jax.jit(step.make_eval_step(graphdef, rest, cfg.trainer.loss_chunk_size))
+
+    def put(batch, sharding):
+        return {k: distributed.global_array(v, sharding) for k, v in batch.items()}
+
+    def validate() -> float:
+        total = count = 0.0
+        for vb in data.val_batches(val_set, rows=dp * cfg.data.micro_batch_size_per_gpu, max_length=cfg.data.max_length,
+                                   pad_token_id=tokenizer.pad_token_id, process_index=jax.process_index(),
+                                   process_count=jax.process_count()):
+            with jax.set_mesh(mesh):
+                s, n = eval_step(state["params"], put(vb, parallel.eval_batch_sharding(mesh)))
+            total, count = total + float(s), count + float(n)
+        return total / max(count, 1.0)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    logger = metrics.MetricsLogger(cfg.trainer.logger, run_dir, cfg.trainer.project_name, cfg.trainer.experiment_name,
+                                   cfg.to_dict(), total_steps=last_step, is_main_process=main_process,
+                                   initial_step=global_step)
+    flops_model = metrics.FlopCounter(model_config)
+    peak = cfg.trainer.peak_flops_per_device or metrics.peak_flops_per_device(jax.devices()[0])
+    preempted = checkpoint.PreemptionFlag()
+    meta = {"config": cfg.to_dict(), "base_model": str(model_dir.resolve())}
+    pending = None  # the previous step's metrics, read after the next step is dispatched (no host sync)
+    compile_done = False
+    t_last = time.perf_counter()
+
+    def report(p) -> None:
+        nonlocal t_last
+        g, m, host = p
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        row = {"train/loss": float(m["loss"]), "train/lr": float(m["lr"]), "train/grad_norm": float(m["grad_norm"]),
+               "train/loss_tokens": float(m["loss_tokens"]), "train/time(s)": dt,
+               "train/tokens_per_sec": host["tokens"] / dt, "train/loss_tokens_per_sec": float(m["loss_tokens"]) / dt,
+               "train/epoch": host["epoch"]}
+        if peak:
+            row["train/mfu"] = flops_model.step_flops(host["segment_lengths"]) / dt / (peak * n_dev)
+        if not math.isfinite(row["train/grad_norm"]):
+            say(f"[jaxsft] step {g}: non-finite gradient norm; update skipped (lr schedule advanced)")
+        logger.log(g, row)
+
+    with jax.set_mesh(mesh):
+        while global_step < last_step:
+            epoch, batch = next(loader)
+            host = {"epoch": epoch, "tokens": float(np.count_nonzero(batch["segment_ids"])) * jax.process_count(),
+                    "segment_lengths": data.segment_lengths(batch)}
+            t0 = time.perf_counter()
+            state, m = train_step(state, put(batch, batch_sharding))
+            global_step += 1
+            if not compile_done:
+                jax.block_until_ready(m)
+                compile_s = time.perf_counter() - t0
+                logger.log(global_step, {"perf/compile_and_first_step(s)": compile_s})
+                compile_done, t_last = True, time.perf_counter()
+                report((global_step, m, host))
+            else:
+                if pending is not None:
+                    report(pending)
+                pending = (global_step, m, host)
+            is_last = global_step >= last_step
+            test_due = val_set is not None and (is_last or (cfg.trainer.test_freq > 0 and global_step % cfg.trainer.test_freq == 0))
+            save_due = is_last or preempted.is_set() or (cfg.trainer.save_freq > 0 and global_step % cfg.trainer.save_freq == 0)
+            if (test_due or save_due) and pending is not None:
+                report(pending)
+                pending = None
+            if test_due:
+                logger.log(global_step, {"val/loss": validate()})
+            if save_due:
+                ckpt.save(global_step, state, data_state=loader.get_state(), meta={**meta, "epoch": epoch},
+                          export=lambda s=state: hf.export_tensors(s["params"], model_config))
+                t_last = time.perf_counter()
+            if preempted.is_set():
+                ckpt.wait()
+                say(f"[jaxsft] preempted: saved step {global_step} to {ckpt.step_dir(global_step)}; exiting")
+                break
+        if pending is not None:
+            report(pending)
+    ckpt.close()
+    logger.close()
+    preempted.restore()
+    say(f"[jaxsft] done at step {global_step}; run directory {run_dir}")
+
+
+def run() -> None:
+    """Console entry point: default to the smoke recipe when no --config is given."""
+    if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
+        sys.argv[1:1] = [f"--config={_DEFAULT_RECIPE}"]
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
