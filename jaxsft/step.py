@@ -67,6 +67,21 @@ def _micro_objective(loss_rows, w_rows, total_weight, cfg: StepConfig, num_micro
     return jnp.sum(s / (n + 1e-8)) / (cfg.dp * num_micro)
 
 
+def init_train_state(model, tx, mesh):
+    """Split an NNX model into (graphdef, rest, state, state_shardings); state = {params, opt_state,
+    step}. Adam moments take their parameter's sharding; scalars are replicated."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def sharding_of(x):
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
+
+    shardings = jax.tree.map(sharding_of, state)
+    return graphdef, rest, jax.device_put(state, shardings), shardings
+
+
 def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig):
     """Returns `train_step(state, batch) -> (state, metrics)`; state = {params, opt_state, step}.
 

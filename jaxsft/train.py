@@ -23,9 +23,7 @@ _DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "smoke.py
 def main(argv) -> None:
     del argv
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from jaxsft import checkpoint, config, data, distributed, hf, metrics, optim, parallel, step, tiny
     from jaxsft.model.qwen2 import ModelSettings
@@ -71,14 +69,10 @@ def main(argv) -> None:
                              scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat_policy,
                              attn_implementation=cfg.model.attn_implementation)
     model_config = hf.read_config(model_dir)
+    tx, lr_schedule = optim.make_optimizer(cfg.optim, total_steps, cfg.model.param_dtype)
     with jax.set_mesh(mesh):
-        model = hf.load_model(model_dir, mesh, settings)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        del model
-        tx, lr_schedule = optim.make_optimizer(cfg.optim, total_steps, cfg.model.param_dtype)
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-        state_shardings = parallel.state_shardings(state, mesh)
-        state = jax.device_put(state, state_shardings)
+        graphdef, rest, state, state_shardings = step.init_train_state(
+            hf.load_model(model_dir, mesh, settings), tx, mesh)
 
     # ---- resume -------------------------------------------------------------------------------
     ckpt = checkpoint.Checkpointer(cfg, process_index=jax.process_index())
