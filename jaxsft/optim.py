@@ -1,0 +1,118 @@
+"""verl's optimizer: AdamW over every parameter, torch-style global-norm clipping, cosine / WSD lr.
+
+The learning rate is not driven by optax's own step count: the train step sets it from its global
+step each update (verl advances the scheduler even on skipped non-finite steps, while Adam's count
+stays put), so `adamw` sits inside `optax.inject_hyperparams` and `apply_update` writes the lr.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_TORCH_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6)
+
+
+def warmup_steps(total_steps: int, ratio: float) -> int:
+    return int(total_steps * ratio)
+
+
+def lr_multiplier(step, total_steps: int, warmup_steps: int, kind: str):
+    """verl's λ(s) for scheduler counter s (0-based; traced or python int) as a float32 scalar.
+
+    cosine: linear warmup s/W, then 0.5·(1 + cos(π·p)), p = (s − W)/max(1, T − W) (min ratio 0,
+    half a cycle). wsd: warmup, then 1 for 90% of the remaining steps, a half-cosine down to 0 over
+    the rest, and 0 from T on. 0.5·(1 + cos(π·p)) is evaluated as sin²(π/2·(1 − p)) with 1 − p
+    formed from integers: identical in exact arithmetic, but float32 keeps full relative precision
+    near the end of the decay, where the cosine form cancels to a few significant digits.
+    """
+    s = jnp.asarray(step, jnp.float32)
+    warm = s / max(1, warmup_steps)
+
+    def half_cosine(start, length):  # 0.5·(1 + cos(π·(s − start)/length))
+        return jnp.sin(0.5 * jnp.pi * ((start + length) - s) / length) ** 2
+
+    if kind == "cosine":
+        decay = half_cosine(warmup_steps, max(1, total_steps - warmup_steps))
+    elif kind == "wsd":
+        remaining = max(0, total_steps - warmup_steps)
+        stable = int(remaining * 0.9)
+        cos = half_cosine(warmup_steps + stable, max(1, remaining - stable))
+        decay = jnp.where(s < warmup_steps + stable, 1.0, jnp.where(s < total_steps, cos, 0.0))
+    else:
+        raise ValueError(f"optim.lr_scheduler={kind!r} is not one of cosine, wsd")
+    return jnp.where(s < warmup_steps, warm, decay)
+
+
+def make_optimizer(optim_cfg, total_steps: int, param_dtype):
+    """(tx, lr_schedule) for `optim.*`; lr_schedule(g − 1) is the lr of optimizer step g (1-based).
+
+    tx = torch-exact global-norm clipping, then AdamW (decay on every parameter, as verl's single
+    param group). First moments use optim.mu_dtype, else the parameter dtype; second moments always
+    take the parameter dtype (optax), as torch does.
+    """
+    w = warmup_steps(total_steps, optim_cfg.lr_warmup_steps_ratio)
+    base_lr = float(optim_cfg.lr)
+
+    def lr_schedule(count):
+        return base_lr * lr_multiplier(count, total_steps, w, optim_cfg.lr_scheduler)
+
+    b1, b2 = (float(b) for b in optim_cfg.betas)
+    # Only the lr is injected, and in float32: by default inject_hyperparams would store every float
+    # hyperparameter in the parameter dtype, i.e. bfloat16 (b2 = 0.95 would become 0.9492).
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "eps_root", "weight_decay"),
+                                     hyperparam_dtype=jnp.float32)
+    tx = optax.chain(
+        clip_by_global_norm_torch(float(optim_cfg.clip_grad)),
+        adamw(learning_rate=base_lr, b1=b1, b2=b2, eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay),
+              mu_dtype=jnp.dtype(optim_cfg.mu_dtype or param_dtype)),
+    )
+    return tx, lr_schedule
+
+
+def global_norm(tree):
+    """L2 norm over every leaf, accumulated in float32 whatever the leaf dtype."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """grads · min(1, max_norm / (norm + 1e-6)), exactly torch.nn.utils.clip_grad_norm_.
+
+    optax.clip_by_global_norm scales by max_norm / norm instead; the 1e-6 matters for parity.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        factor = jnp.minimum(1.0, max_norm / (global_norm(updates) + _TORCH_CLIP_EPS))
+        return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def set_learning_rate(opt_state, lr):
+    """opt_state with the injected AdamW lr replaced (tx from make_optimizer)."""
+    clip_state, adam_state = opt_state
+    hyper = dict(adam_state.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
+    return clip_state, adam_state._replace(hyperparams=hyper)
+
+
+def apply_update(tx, params, opt_state, grads, lr, step):
+    """One AdamW step at `lr` -> (new_params, new_opt_state, grad_norm, finite).
+
+    grad_norm is the pre-clip global norm (float32). When it is NaN/Inf the update is skipped as in
+    verl: params and the whole opt_state (moments, Adam count) come back unchanged; the caller still
+    advances its global step, so the next lr follows the schedule. `step` (the caller's global
+    step) is not needed here: Adam's own count lives in opt_state.
+    """
+    del step
+    grad_norm = global_norm(grads)
+    finite = jnp.isfinite(grad_norm)
+    updates, new_state = tx.update(grads, set_learning_rate(opt_state, lr), params)
+    new_params = optax.apply_updates(params, updates)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    return keep_if_finite(new_params, params), keep_if_finite(new_state, opt_state), grad_norm, finite
