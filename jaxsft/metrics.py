@@ -123,6 +123,7 @@ class MetricsLogger:
                  total_steps: int, is_main_process: bool = True, initial_step: int = 0):
         names = parse_backends(backends)
         self._bar = self._tb = self._file = self._wandb = None
+        self._active = is_main_process and bool(names)
         self._console = is_main_process and "console" in names
         if not is_main_process:
             return
@@ -147,7 +148,7 @@ class MetricsLogger:
             self._wandb = wandb.init(project=project_name, name=experiment_name, config=config_dict)
 
     def log(self, step: int, data: dict) -> None:
-        if not (self._console or self._bar or self._tb or self._file or self._wandb):
+        if not self._active:
             return
         row = {k: _scalar(v) for k, v in data.items()}
         if self._file:
@@ -180,5 +181,5 @@ class MetricsLogger:
             self._file.close()
         if self._wandb:
             self._wandb.finish()
-        self._console = False
+        self._active = self._console = False
         self._bar = self._tb = self._file = self._wandb = None

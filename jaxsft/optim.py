@@ -53,10 +53,10 @@ def make_optimizer(optim_cfg, total_steps: int, param_dtype):
     take the parameter dtype (optax), as torch does.
     """
     w = warmup_steps(total_steps, optim_cfg.lr_warmup_steps_ratio)
-    base_lr = float(optim_cfg.lr)
+    base_lr, kind = float(optim_cfg.lr), optim_cfg.lr_scheduler
 
     def lr_schedule(count):
-        return base_lr * lr_multiplier(count, total_steps, w, optim_cfg.lr_scheduler)
+        return base_lr * lr_multiplier(count, total_steps, w, kind)
 
     b1, b2 = (float(b) for b in optim_cfg.betas)
     # Only the lr is injected, and in float32: by default inject_hyperparams would store every float
