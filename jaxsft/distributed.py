@@ -4,7 +4,9 @@ process's rows of a global batch into one global array.
 A job runs one process per host. It initialises the distributed runtime when the configuration or
 the environment asks for it: `trainer.coordinator_address` / `trainer.num_processes` /
 `trainer.process_id`, or `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`, or a
-cluster JAX detects by itself (SLURM, Open MPI) when `JAXSFT_AUTO_CLUSTER=1`.
+cluster JAX detects by itself (a SLURM or Open MPI job of more than one task). A process that dies
+is noticed by the others through the coordination service's heartbeat
+(`JAXSFT_HEARTBEAT_TIMEOUT_S`, default 100 s), which ends them with an error instead of a hang.
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ def maybe_initialize(trainer_cfg=None) -> bool:
     address = _setting(trainer_cfg, "coordinator_address", "JAX_COORDINATOR_ADDRESS", str)
     num = _setting(trainer_cfg, "num_processes", "JAX_NUM_PROCESSES", int)
     pid = _setting(trainer_cfg, "process_id", "JAX_PROCESS_ID", int)
-    auto_cluster = os.environ.get("JAXSFT_AUTO_CLUSTER") == "1"
+    auto_cluster = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     if address is None and not auto_cluster:
         return False
     if address is not None and (num is None or pid is None):
         raise ValueError("trainer.coordinator_address is set but trainer.num_processes / trainer.process_id are not "
                          "(or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
-    timeout = int(os.environ.get("JAXSFT_DISTRIBUTED_TIMEOUT_S", "300"))
-    kwargs = {"initialization_timeout": timeout}
+    kwargs = {"initialization_timeout": int(os.environ.get("JAXSFT_DISTRIBUTED_TIMEOUT_S", "300")),
+              "heartbeat_timeout_seconds": int(os.environ.get("JAXSFT_HEARTBEAT_TIMEOUT_S", "100"))}
     if address is not None:
         kwargs.update(coordinator_address=address, num_processes=num, process_id=pid)
     # Collectives between CPU devices of different processes (tests, CPU clusters) need gloo;
