@@ -74,6 +74,7 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
         return to_tokens(out)
 
     act = P(DP_AXIS, SP_AXIS, None, None)
-    # check_vma=False: the inner may be a pallas_call, which carries no varying-axes typing.
+    # check_vma=False: with it on, a Pallas inner fails in jax 0.10.2 ("Primitive pad requires
+    # varying manual axes to match" from the Pallas interpreter). Gradients are tested equal.
     return jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, P(DP_AXIS, SP_AXIS)),
                          out_specs=act, check_vma=False)(q, k, v, segment_ids)
