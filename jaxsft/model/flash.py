@@ -1,0 +1,70 @@
+"""Flash attention for GPUs with packed rows: jax's Pallas (Triton) kernel with segment ids.
+
+Why this kernel: `jax.experimental.pallas.ops.gpu.attention.mha` ships with jax 0.10.2, masks
+causally *and* by segment id inside its forward and backward kernels (so packed rows never
+materialise a [T, T] mask), has a fused Pallas backward, and runs on CPU in interpret mode, so the
+exact code that runs on a GPU is tested in CI. `jax.nn.dot_product_attention(implementation=
+'cudnn')` takes no segment ids (only a dense mask or per-row lengths), so it cannot pack.
+
+Constraints of the library kernel, handled here:
+- equal query and KV head counts: GQA K/V heads are repeated (head h uses KV head h // group);
+- sequence length a multiple of the block sizes: rows are padded at the end with segment 0;
+- head_dim is padded to a power of two inside the kernel by masked loads (Triton wants >= 16).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+
+def available() -> bool:
+    """True when the default device can run the Triton kernel (a CUDA GPU, sm_80 or newer)."""
+    if jax.default_backend() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return capability is None or float(capability) >= 8.0
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_q", "block_k", "block_bwd"))
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                    interpret: bool = False, block_q: int = 128, block_k: int = 128,
+                    block_bwd: int = 32) -> jax.Array:
+    """Causal attention that never crosses segments. q [B,T,Hq,D], k/v [B,T,Hkv,D] -> [B,T,Hq,D].
+
+    segment_ids [B,T]: 0 = padding. Padding query rows return zeros (inside the kernel they attend
+    to earlier padding, so no row is ever fully masked and nothing becomes NaN). `interpret=True`
+    runs the same kernel on any backend (slow; for tests). Block sizes are powers of two; the
+    backward uses one square block (the fused kernel needs equal q and kv block counts).
+    """
+    batch, seq_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}.")
+    if num_kv_heads != num_heads:  # the kernel indexes K/V with the query head
+        k = jnp.repeat(k, num_heads // num_kv_heads, axis=2)
+        v = jnp.repeat(v, num_heads // num_kv_heads, axis=2)
+
+    # Short rows get smaller blocks; otherwise pad the row to a multiple of every block.
+    cap = _next_pow2(seq_len)
+    bq, bk, bb = (min(b, cap) for b in (block_q, block_k, block_bwd))
+    padded_len = -(-seq_len // max(bq, bk, bb)) * max(bq, bk, bb)
+    segment_ids = segment_ids.astype(jnp.int32)
+    if padded_len != seq_len:
+        pad = padded_len - seq_len
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))  # segment 0: never seen by real rows
+
+    sizes = pallas_attention.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bb, block_kv_dkv=bb,
+                                        block_q_dq=bb, block_kv_dq=bb)
+    out = pallas_attention.mha(q, k, v, segment_ids, sm_scale=head_dim ** -0.5, causal=True,
+                               block_sizes=sizes, interpret=interpret)
+    out = out[:, :seq_len]
+    # Zero padding rows: a fixed, finite value, and no gradient flows from them.
+    return jnp.where(segment_ids[:, :seq_len, None, None] > 0, out, 0).astype(q.dtype)
