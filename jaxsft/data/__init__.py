@@ -1,0 +1,9 @@
+"""SFT data: verl-compatible tokenisation and loss masks, row validation, batching and packing.
+
+See docs/DATA.md for the semantics, the deviations from verl and every error message.
+"""
+
+from jaxsft.data.dataset import TokenizedDataset, build_dataset, load_tokenizer, summary
+from jaxsft.data.errors import DataError, DataWarning
+
+__all__ = ["DataError", "DataWarning", "TokenizedDataset", "build_dataset", "load_tokenizer", "summary"]

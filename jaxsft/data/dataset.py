@@ -1,0 +1,145 @@
+"""The tokenised data set: every row read, checked, tokenised and truncated once, up front."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from jaxsft.data import source
+from jaxsft.data.errors import DataError, DataWarning
+from jaxsft.data.tokenize import ChatEncoder, PairEncoder, truncate
+
+
+def load_tokenizer(model_dir, trust_remote_code: bool = False):
+    """The model directory's tokenizer; a missing pad token falls back to eos (as verl does)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class TokenizedDataset:
+    """Samples stored back to back: `input_ids` / `loss_mask` of sample i are
+    `[offsets[i], offsets[i + 1])` of the flat arrays. Items are the contract's dicts."""
+
+    def __init__(self, input_ids: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray,
+                 origins: list[tuple[str, int]], stats: dict[str, Any] | None = None):
+        self.input_ids, self.loss_mask, self.offsets = input_ids, loss_mask, offsets
+        self.origins = origins  # (file, row) of each sample
+        self.lengths = np.diff(offsets).astype(np.int32)
+        # Targets the train step can use: token 0 of a sample has no prediction before it.
+        starts = offsets[:-1]
+        self.loss_tokens = (np.add.reduceat(loss_mask.astype(np.int64), starts) if len(loss_mask) else
+                            np.zeros(len(starts), np.int64)) - loss_mask[starts]
+        self.stats = stats or {}
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of sample i's ids and mask."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[a:b], self.loss_mask[a:b]
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        ids, mask = self.tokens(i)
+        return {"input_ids": ids.astype(np.int32), "loss_mask": mask.astype(np.int32),
+                "position_ids": np.arange(len(ids), dtype=np.int32)}
+
+    @classmethod
+    def from_samples(cls, samples: list[tuple[np.ndarray, np.ndarray]], origins: list[tuple[str, int]],
+                     stats: dict[str, Any] | None = None) -> "TokenizedDataset":
+        lengths = np.array([len(ids) for ids, _ in samples], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        ids = np.concatenate([s[0] for s in samples]).astype(np.int32)
+        mask = np.concatenate([s[1] for s in samples]).astype(np.int8)
+        return cls(ids, mask, offsets, origins, stats)
+
+
+def _cfg(cfg, dotted: str, default=None):
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+        if node is None:
+            return default
+    return node
+
+
+def build_dataset(files, data_cfg, tokenizer, *, split: str = "train", verbose: bool | None = None) -> TokenizedDataset:
+    """Read, check and tokenise `files` (one path or a list) with the `data.*` settings in
+    `data_cfg`; print the summary once (on process 0 unless `verbose` says otherwise)."""
+    t0 = time.perf_counter()
+    paths = source.file_list(files)
+    max_length = int(_cfg(data_cfg, "max_length", 1024))
+    mode = _cfg(data_cfg, "truncation", "error")
+    if mode not in ("error", "left", "right"):
+        raise DataError(f"data.truncation={mode!r} is not one of error, left, right")
+    max_rows = int(_cfg(data_cfg, f"{split}_max_samples", -1))
+    remaining = max_rows if max_rows > 0 else None
+    template_kwargs = dict(_cfg(data_cfg, "apply_chat_template_kwargs", {}) or {})
+
+    multiturn = bool(_cfg(data_cfg, "multiturn.enable", False))
+    if multiturn:
+        encoder = ChatEncoder(tokenizer, template_kwargs,
+                              enable_thinking_default=_cfg(data_cfg, "enable_thinking_default"),
+                              ignore_mismatch=bool(_cfg(data_cfg, "ignore_input_ids_mismatch", False)))
+        # verl's older spellings under data.multiturn win when given (config.normalise does the same)
+        keys = {k: _cfg(data_cfg, f"multiturn.{k}") or _cfg(data_cfg, k, d) for k, d in
+                (("messages_key", "messages"), ("tools_key", "tools"), ("enable_thinking_key", "enable_thinking"))}
+    else:
+        encoder = PairEncoder(tokenizer, template_kwargs)
+
+    samples, origins, raw_lengths, truncated = [], [], [], 0
+    for path in paths:
+        if remaining == 0:
+            break
+        if multiturn:
+            rows = source.read_chats(path, limit=remaining, **keys)
+        else:
+            rows = source.read_pairs(path, prompt_key=_cfg(data_cfg, "prompt_key", "question"),
+                                     response_key=_cfg(data_cfg, "response_key", "answer"),
+                                     prompt_dict_keys=_cfg(data_cfg, "prompt_dict_keys"),
+                                     response_dict_keys=_cfg(data_cfg, "response_dict_keys"), limit=remaining)
+        for r, (ids, mask) in enumerate(encoder.encode(rows, path)):
+            raw_lengths.append(len(ids))
+            truncated += len(ids) > max_length
+            samples.append(truncate(ids, mask, max_length, mode, path, r))
+            origins.append((path, r))
+        if remaining is not None:
+            remaining -= len(rows)
+    if multiturn and encoder.mismatched_rows:
+        warnings.warn(f"{encoder.mismatched_rows} row(s) of {', '.join(paths)} differ from the whole-conversation "
+                      f"rendering; trained on the per-message tokens (data.ignore_input_ids_mismatch=true)", DataWarning)
+
+    seconds = time.perf_counter() - t0
+    stats = {"rows": len(samples), "raw_lengths": np.asarray(raw_lengths, np.int64), "truncated": truncated,
+             "seconds": seconds, "files": paths, "split": split, "truncation": mode, "max_length": max_length}
+    dataset = TokenizedDataset.from_samples(samples, origins, stats)
+    if _main_process() if verbose is None else verbose:
+        print(summary(dataset), flush=True)
+    return dataset
+
+
+def summary(dataset: TokenizedDataset) -> str:
+    s = dataset.stats
+    raw = s["raw_lengths"]
+    p50, p90, p99 = (int(np.percentile(raw, q, method="higher")) for q in (50, 90, 99))
+    tokens = int(raw.sum())
+    return (f"[jaxsft] {s['split']} data: {s['rows']} rows from {len(s['files'])} file(s); tokens per row "
+            f"p50 {p50}, p90 {p90}, p99 {p99}, max {int(raw.max())}; {s['truncated']} row(s) over "
+            f"data.max_length={s['max_length']} (truncation={s['truncation']}); "
+            f"{int((dataset.loss_tokens == 0).sum())} row(s) with zero loss tokens; "
+            f"{int(dataset.loss_tokens.sum())} loss tokens in total; tokenised {tokens} tokens in {s['seconds']:.2f} s "
+            f"({s['rows'] / max(s['seconds'], 1e-9):.0f} rows/s, {tokens / max(s['seconds'], 1e-9):.0f} tokens/s)")
+
+
+def _main_process() -> bool:
+    import sys
+
+    jax = sys.modules.get("jax")  # never import jax just to ask
+    return jax is None or jax.process_index() == 0
