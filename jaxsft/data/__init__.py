@@ -5,5 +5,7 @@ See docs/DATA.md for the semantics, the deviations from verl and every error mes
 
 from jaxsft.data.dataset import TokenizedDataset, build_dataset, load_tokenizer, summary
 from jaxsft.data.errors import DataError, DataWarning
+from jaxsft.data.loader import TrainLoader, segment_lengths, val_batches
 
-__all__ = ["DataError", "DataWarning", "TokenizedDataset", "build_dataset", "load_tokenizer", "summary"]
+__all__ = ["DataError", "DataWarning", "TokenizedDataset", "TrainLoader", "build_dataset", "load_tokenizer",
+           "segment_lengths", "summary", "val_batches"]
