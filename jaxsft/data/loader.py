@@ -69,7 +69,7 @@ def local_block(total: int, process_index: int, process_count: int, what: str) -
         raise DataError(f"process_index={process_index} is outside 0..{process_count - 1}")
     if total % process_count:
         raise DataError(f"{what}={total} is not divisible by the {process_count} processes: "
-                        f"each process must hold whole {what} blocks")
+                        f"each process must hold an equal block of them")
     per = total // process_count
     return range(process_index * per, (process_index + 1) * per)
 
