@@ -55,17 +55,18 @@ def group_of(state_key: str) -> str:
     return _GROUP.get(state_key, "extra")
 
 
+def parse_step(path: str | os.PathLike) -> int | None:
+    """N for a path named global_step_N, else None."""
+    m = _STEP_DIR.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def step_dirs(root: str | os.PathLike) -> dict[int, Path]:
     """Every `global_step_N` directory under `root`, complete or not, by N."""
     root = Path(root)
     if not root.is_dir():
         return {}
-    found = {}
-    for p in root.iterdir():
-        m = _STEP_DIR.fullmatch(p.name)
-        if m and p.is_dir():
-            found[int(m.group(1))] = p
-    return found
+    return {parse_step(p): p for p in root.iterdir() if parse_step(p) is not None and p.is_dir()}
 
 
 def read_json_item(item_dir: Path):
@@ -134,7 +135,7 @@ def resolve_resume(trainer_cfg) -> Path | None:
         p = Path(path)
         if not p.is_dir():
             raise CheckpointError(f"trainer.resume_from_path={path!r} does not exist")
-        if not _STEP_DIR.fullmatch(p.name):
+        if parse_step(p) is None:
             raise CheckpointError(f"trainer.resume_from_path={path!r} is not a {STEP_PREFIX}_N directory")
         if not is_complete(p):
             raise CheckpointError(f"trainer.resume_from_path={path!r} is an incomplete checkpoint (its save never "
@@ -180,15 +181,19 @@ def _restore_state(step_dir: Path, target: dict, restore_args) -> dict:
     return ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args)
 
 
-def restore_on_host(step_dir: str | os.PathLike, key: str = "params"):
-    """One top-level entry of a step's train state as numpy arrays, on any device count (for
-    offline tools). nnx variables come back as {'value': array} dicts."""
+def restore_entry(step_dir: str | os.PathLike, key: str = "params", sharding: jax.sharding.Sharding | None = None):
+    """One top-level entry of a step's train state, whatever mesh saved it (for offline tools):
+    numpy arrays, or jax arrays in `sharding`. nnx variables come back as {'value': array} dicts."""
     step_dir = Path(step_dir)
     tree = _state_tree_metadata(step_dir)
     if key not in tree:
         raise CheckpointError(f"{step_dir} holds no '{key}' (see trainer.checkpoint.save_contents)")
-    target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[key])}
-    return _restore_state(step_dir, target, jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target))[key]
+    target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree[key])}
+    if sharding is None:
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    else:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    return _restore_state(step_dir, target, restore_args)[key]
 
 
 class Checkpointer:

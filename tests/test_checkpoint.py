@@ -221,8 +221,10 @@ def test_save_and_load_contents(tmp_path):
     assert sorted(restored) == ["params", "step"] and data_state == {"position": 1}
     assert_identical(restored["step"], expected["step"])
 
-    np.testing.assert_array_equal(checkpoint.restore_on_host(tmp_path / "b" / "global_step_1")["w"],
-                                  expected["params"]["w"])
+    on_host = checkpoint.restore_entry(tmp_path / "b" / "global_step_1")
+    assert isinstance(on_host["w"], np.ndarray) and on_host["w"].tobytes() == expected["params"]["w"].tobytes()
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    assert checkpoint.restore_entry(tmp_path / "b" / "global_step_1", "step", cpu).sharding == cpu
     with pytest.raises(CheckpointError, match="save_contents"):
         Checkpointer(make_cfg(tmp_path / "c", save_contents=("model", "weights")))
 
