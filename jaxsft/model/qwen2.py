@@ -1,0 +1,207 @@
+"""Qwen2 / Qwen2.5 causal LM in Flax NNX, numerically following transformers' Qwen2ForCausalLM.
+
+Module and parameter names mirror HF's (`layers.self_attn.q_proj.kernel` is
+`model.layers.{i}.self_attn.q_proj.weight` transposed), so HF conversion is a transpose and a
+per-layer slice; `jaxsft.hf` holds the name map.
+
+Layers: the decoder layer's parameters are created ONCE, STACKED with a leading layer axis
+(`layers.*` have shape [L, ...]). The forward pass does `nnx.split(self.layers)` and either
+`jax.lax.scan`s over the stacked state (scan_layers=True) or splits it into L slices and runs a
+Python loop (scan_layers=False); each step `nnx.merge`s one layer's slice into the layer module
+and runs it under `jax.checkpoint` with the configured remat policy. Both paths use the same
+parameter tree, so checkpoints do not depend on the setting.
+
+Precision: parameters are stored in `param_dtype` and cast to `compute_dtype` where used (as
+verl's FSDP mixed precision does); RMSNorm statistics, RoPE tables and attention softmax are
+float32, as in transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxsft import parallel
+from jaxsft.model import attention as attn
+from jaxsft.model import remat
+from jaxsft.model.config import Qwen2Config, rope_frequencies
+
+DTYPES = ("float32", "bfloat16")
+_ACT = ("batch", "length", None)  # logical layout of the residual stream [B, T, H]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    param_dtype: str = "float32"  # storage of weights (and so of Adam moments by default)
+    compute_dtype: str = "bfloat16"  # matmuls and the residual stream
+    scan_layers: bool = True
+    remat_policy: str = "minimal"  # a name in jaxsft.model.remat.POLICIES
+    attn_implementation: str = "auto"  # a key of jaxsft.model.attention.BACKENDS, or auto
+
+    def __post_init__(self):
+        for key, value in (("model.param_dtype", self.param_dtype), ("model.compute_dtype", self.compute_dtype)):
+            if value not in DTYPES:
+                raise ValueError(f"{key}={value!r}: choose one of {', '.join(DTYPES)}")
+        remat.check_policy(self.remat_policy)
+        attn.resolve(self.attn_implementation)
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias). kernel [*stack, in, out] is HF's weight [out, in] transposed."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, stack: tuple[int, ...],
+                 dtype, rngs: nnx.Rngs):
+        lead = ("layers",) * len(stack)
+        self.kernel = nnx.Param(_normal(rngs, (*stack, d_in, d_out), dtype), axes=(*lead, *axes))
+        self.bias = nnx.Param(jnp.zeros((*stack, d_out), dtype), axes=(*lead, axes[1])) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel[...].astype(x.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """HF's Qwen2RMSNorm: normalise in float32, cast back, then multiply by the weight."""
+
+    def __init__(self, dim: int, eps: float, *, stack: tuple[int, ...], dtype):
+        self.scale = nnx.Param(jnp.ones((*stack, dim), dtype), axes=(*("layers",) * len(stack), "embed"))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_tables(config: Qwen2Config, positions, dtype):
+    """cos, sin [B, T, head_dim] for integer positions [B, T]: float32 math, then cast (as HF)."""
+    inv_freq, scaling = rope_frequencies(config)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return (jnp.cos(emb) * scaling).astype(dtype), (jnp.sin(emb) * scaling).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, H, D]; HF's rotate_half convention (halves, not interleaved pairs)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: Qwen2Config, settings: ModelSettings, *, stack, dtype, rngs):
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        common = dict(stack=stack, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(h, q, ("embed", "q_heads"), bias=True, **common)
+        self.k_proj = Linear(h, kv, ("embed", "kv_heads"), bias=True, **common)
+        self.v_proj = Linear(h, kv, ("embed", "kv_heads"), bias=True, **common)
+        self.o_proj = Linear(q, h, ("q_heads", "embed"), bias=False, **common)
+        self.implementation = settings.attn_implementation
+
+    def __call__(self, x, cos, sin, segment_ids):
+        b, t, _ = x.shape
+        q = checkpoint_name(self.q_proj(x), "query_proj").reshape(b, t, self.num_heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x), "key_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = checkpoint_name(self.v_proj(x), "value_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        ctx = attn.attention(q, k, v, segment_ids, implementation=self.implementation)
+        ctx = checkpoint_name(ctx, "context").reshape(b, t, self.num_heads * self.head_dim)
+        return checkpoint_name(self.o_proj(ctx), "out_proj")
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: Qwen2Config, *, stack, dtype, rngs):
+        h, i = config.hidden_size, config.intermediate_size
+        common = dict(bias=False, stack=stack, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(h, i, ("embed", "mlp"), **common)
+        self.up_proj = Linear(h, i, ("embed", "mlp"), **common)
+        self.down_proj = Linear(i, h, ("mlp", "embed"), **common)
+
+    def __call__(self, x):
+        gate = checkpoint_name(self.gate_proj(x), "mlpwi_0")
+        up = checkpoint_name(self.up_proj(x), "mlpwi_1")
+        return checkpoint_name(self.down_proj(jax.nn.silu(gate) * up), "mlpwo")
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm decoder layer; built with stack=(L,) it holds all L layers' parameters, and a
+    merged one-layer slice of its state runs one layer."""
+
+    def __init__(self, config: Qwen2Config, settings: ModelSettings, *, stack, dtype, rngs):
+        norm = dict(stack=stack, dtype=dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
+        self.self_attn = Attention(config, settings, stack=stack, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
+        self.mlp = MLP(config, stack=stack, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, segment_ids):
+        x = checkpoint_name(x, "decoder_layer_input")
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return parallel.constrain(x, _ACT)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs):
+        self.embedding = nnx.Param(_normal(rngs, (vocab, dim), dtype), axes=("vocab", "embed"))
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    def __init__(self, config: Qwen2Config, settings: ModelSettings, *, rngs: nnx.Rngs):
+        self.config, self.settings = config, settings
+        dtype = jnp.dtype(settings.param_dtype)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = DecoderLayer(config, settings, stack=(config.num_hidden_layers,), dtype=dtype, rngs=rngs)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, stack=(), dtype=dtype)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, ("embed", "vocab"), bias=False, stack=(), dtype=dtype, rngs=rngs)
+
+    def __call__(self, input_ids, positions, segment_ids):
+        """Logits [B, T, V] in the compute dtype."""
+        hidden = self.hidden_states(input_ids, positions, segment_ids)
+        return hidden @ self.lm_head_kernel().astype(hidden.dtype)
+
+    def lm_head_kernel(self):
+        """[H, V] in the parameter dtype (the embedding transposed when tied)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def hidden_states(self, input_ids, positions, segment_ids):
+        """[B, T, H] after the final norm, in the compute dtype. segment_ids == 0 marks padding."""
+        dtype = jnp.dtype(self.settings.compute_dtype)
+        x = parallel.constrain(self.embed_tokens(input_ids).astype(dtype), _ACT)
+        cos, sin = rope_tables(self.config, positions, dtype)
+        return self.norm(self._decoder(x, cos, sin, segment_ids))
+
+    def _decoder(self, x, cos, sin, segment_ids):
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(h, params, cos, sin, segment_ids):
+            return nnx.merge(graphdef, params)(h, cos, sin, segment_ids)
+
+        policy = self.settings.remat_policy
+        if self.settings.scan_layers:
+            step = remat.remat(layer, policy, prevent_cse=False)
+            x, _ = jax.lax.scan(lambda h, p: (step(h, p, cos, sin, segment_ids), None), x, stacked)
+            return x
+        # lax.split (not indexing) so the backward pass concatenates the L slices' gradients once.
+        leaves, treedef = jax.tree.flatten(stacked)
+        per_leaf = [[s[0] for s in jnp.split(a, a.shape[0])] for a in leaves]
+        step = remat.remat(layer, policy)
+        for i in range(self.config.num_hidden_layers):
+            x = step(x, treedef.unflatten([slices[i] for slices in per_leaf]), cos, sin, segment_ids)
+        return x
