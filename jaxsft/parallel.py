@@ -79,6 +79,14 @@ def param_sharding(variable, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, param_spec(variable.get_metadata()["axes"], variable.shape, mesh))
 
 
+def param_shardings(params, mesh: Mesh):
+    """The same tree as an nnx.State of parameters (or its abstract version) with a NamedSharding in
+    place of each Variable; usable as jit `out_shardings` for that state."""
+    from flax import nnx
+
+    return jax.tree.map(lambda v: param_sharding(v, mesh), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def active_mesh():
     """The mesh set with `jax.set_mesh` if it has our axes, else None."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -99,8 +99,11 @@ FALLBACK_SPECS = {
 def test_loaded_parameters_follow_the_sharding_rule(tmp_path, overrides, specs):
     model_dir = make_tiny_hf_model(tmp_path, **overrides)
     mesh, model = load(model_dir, (4, 2))
-    params = {"/".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    state = nnx.state(model, nnx.Param)
+    params = {"/".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(state)}
     assert set(params) == set(specs)
+    rule = jax.tree.leaves(parallel.param_shardings(state, mesh))  # what random init would use
+    assert [s.spec for s in rule] == [specs[p] for p in sorted(specs)]
     for path, array in params.items():
         expected = NamedSharding(mesh, specs[path])
         assert isinstance(array.sharding, NamedSharding), path
