@@ -82,6 +82,30 @@ def init_train_state(model, tx, mesh):
     return graphdef, rest, jax.device_put(state, shardings), shardings
 
 
+def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig):
+    """Σ over the K micro-batches of the normalised loss and its float32 gradients:
+    returns (loss, grads, loss-token count)."""
+    num_micro = batch["input_ids"].shape[0]
+    _, all_w = shift_targets(batch["input_ids"], batch["segment_ids"], batch["loss_mask"])
+    total_weight = jnp.sum(all_w)
+
+    def objective(p, mb):
+        loss_rows, w_rows = row_losses(graphdef, p, rest, mb, cfg.chunk_size)
+        return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
+
+    grad_fn = jax.value_and_grad(objective)
+
+    def accumulate(carry, mb):
+        loss_sum, grad_sum = carry
+        loss, grads = grad_fn(params, mb)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        return (loss_sum + loss, grad_sum), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
+    return loss, grads, total_weight
+
+
 def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig):
     """Returns `train_step(state, batch) -> (state, metrics)`; state = {params, opt_state, step}.
 
@@ -91,25 +115,7 @@ def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig):
 
     def train_step(state: dict[str, Any], batch: Batch):
         params = state["params"]
-        num_micro = batch["input_ids"].shape[0]
-        _, all_w = shift_targets(batch["input_ids"], batch["segment_ids"], batch["loss_mask"])
-        total_weight = jnp.sum(all_w)
-
-        def objective(p, mb):
-            loss_rows, w_rows = row_losses(graphdef, p, rest, mb, cfg.chunk_size)
-            return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
-
-        grad_fn = jax.value_and_grad(objective)
-
-        def accumulate(carry, mb):
-            loss_sum, grad_sum = carry
-            loss, grads = grad_fn(params, mb)
-            grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-            return (loss_sum + loss, grad_sum), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
-
+        loss, grads, total_weight = accumulate_gradients(graphdef, rest, params, batch, cfg)
         lr = lr_schedule(state["step"])
         new_params, new_opt_state, grad_norm, _finite = optim.apply_update(
             tx, params, state["opt_state"], grads, lr, state["step"])

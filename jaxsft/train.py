@@ -79,7 +79,10 @@ def main(argv) -> None:
     resume_dir = checkpoint.resolve_resume(cfg.trainer)
     if resume_dir is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-        state, data_state, _meta = ckpt.restore(resume_dir, abstract)
+        restored, data_state, saved_meta = ckpt.restore(resume_dir, abstract)
+        state = {**state, **restored}  # entries not saved / not in load_contents start fresh
+        if "step" not in restored:
+            state["step"] = jax.device_put(np.int32(saved_meta["step"]), state_shardings["step"])
         if data_state is not None:
             loader.set_state(data_state)
         say(f"[jaxsft] resumed from {resume_dir} at step {int(state['step'])}")
@@ -155,7 +158,8 @@ def main(argv) -> None:
                 pending = (global_step, m, host)
             is_last = global_step >= last_step
             test_due = val_set is not None and (is_last or (cfg.trainer.test_freq > 0 and global_step % cfg.trainer.test_freq == 0))
-            save_due = is_last or preempted.is_set() or (cfg.trainer.save_freq > 0 and global_step % cfg.trainer.save_freq == 0)
+            stop = preempted.check(global_step)  # all processes agree on the step to stop at
+            save_due = is_last or stop or (cfg.trainer.save_freq > 0 and global_step % cfg.trainer.save_freq == 0)
             if (test_due or save_due) and pending is not None:
                 report(pending)
                 pending = None
@@ -165,7 +169,8 @@ def main(argv) -> None:
                 ckpt.save(global_step, state, data_state=loader.get_state(), meta={**meta, "epoch": epoch},
                           export=lambda s=state: hf.export_tensors(s["params"], model_config))
                 t_last = time.perf_counter()
-            if preempted.is_set():
+            ckpt.poll()  # finish a completed background save (tracker, retention) without blocking
+            if stop:
                 ckpt.wait()
                 say(f"[jaxsft] preempted: saved step {global_step} to {ckpt.step_dir(global_step)}; exiting")
                 break

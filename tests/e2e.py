@@ -1,0 +1,58 @@
+"""Helpers for end-to-end tests: run `python -m jaxsft.train` in a subprocess and read its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = str(ROOT / "configs" / "smoke.py")
+
+
+def env_for(devices: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+                "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def train_args(run_dir: Path, base_model: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "jaxsft.train", f"--config={SMOKE}",
+            f"--config.trainer.default_local_dir={run_dir}", f"--config.model.partial_pretrain={base_model}",
+            *overrides]
+
+
+def run_train(run_dir: Path, base_model: Path, *overrides: str, devices: int = 8, timeout: float = 600,
+              **env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_args(run_dir, base_model, *overrides), cwd=ROOT, env=env_for(devices, **env),
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"train exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def start_train(run_dir: Path, base_model: Path, *overrides: str, devices: int = 8, **env) -> subprocess.Popen:
+    return subprocess.Popen(train_args(run_dir, base_model, *overrides), cwd=ROOT, env=env_for(devices, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step → train/loss; a resumed run that repeats a step keeps the later value."""
+    return {m["step"]: m["data"]["train/loss"] for m in metrics(run_dir) if "train/loss" in m["data"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

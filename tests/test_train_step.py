@@ -1,0 +1,247 @@
+"""The train step against a PyTorch reference, and its invariances.
+
+Reference: transformers' Qwen2ForCausalLM (float32, eager attention) + torch.optim.AdamW +
+torch.nn.utils.clip_grad_norm_, on the same padded batch, loss = Σ masked token CE ÷ Σ loss tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxsft import hf, optim, parallel, step
+from jaxsft.model.qwen2 import ModelSettings
+
+F32 = ModelSettings(param_dtype="float32", compute_dtype="float32", scan_layers=True, remat_policy="full",
+                    attn_implementation="xla")
+LR, TOTAL_STEPS = 1e-3, 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False, rope_theta=1e4, attn_implementation="eager")
+    model = transformers.Qwen2ForCausalLM(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    model.save_pretrained(path)
+    return path
+
+
+def optim_cfg(**kw):
+    c = ml_collections.ConfigDict(dict(optimizer="AdamW", lr=LR, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-8,
+                                       lr_warmup_steps_ratio=0.0, clip_grad=1.0, lr_scheduler="cosine",
+                                       mu_dtype=None))
+    c.update(kw)
+    return c
+
+
+def padded_batch(seed, K, R, T, vocab=128):
+    """[K, R, T] padded rows: random lengths, loss mask on a random suffix of each sample."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(K, R, T)).astype(np.int32)
+    seg = np.zeros((K, R, T), np.int32)
+    mask = np.zeros((K, R, T), np.int32)
+    pos = np.zeros((K, R, T), np.int32)
+    for k in range(K):
+        for r in range(R):
+            n = int(rng.integers(T // 3, T + 1))
+            start = int(rng.integers(1, n))
+            seg[k, r, :n] = 1
+            pos[k, r, :n] = np.arange(n)
+            mask[k, r, start:n] = 1
+            ids[k, r, n:] = 0
+    return {"input_ids": ids, "positions": pos, "segment_ids": seg, "loss_mask": mask}
+
+
+def build(model_dir, mesh_shape, settings=F32, cfg=None, **step_kw):
+    mesh = parallel.make_mesh(*mesh_shape)
+    tx, schedule = optim.make_optimizer(cfg or optim_cfg(), TOTAL_STEPS, settings.param_dtype)
+    with jax.set_mesh(mesh):
+        graphdef, rest, state, shardings = step.init_train_state(hf.load_model(model_dir, mesh, settings), tx, mesh)
+    scfg = step.StepConfig(**{"loss_normalization": "global_tokens", "balance_dp_token": False,
+                              "dp": mesh_shape[0], "chunk_size": 16, **step_kw})
+    fn = jax.jit(step.make_train_step(graphdef, rest, tx, schedule, scfg))
+
+    def run(state, batch):
+        with jax.set_mesh(mesh):
+            b = {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in batch.items()}
+            return fn(state, b)
+
+    return mesh, state, run, graphdef, rest, schedule
+
+
+def torch_reference_steps(model_dir, batches, lrs):
+    model = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
+                                                          dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lrs[0], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    out = []
+    for batch, lr in zip(batches, lrs):
+        flat = {k: torch.from_numpy(v.reshape(-1, v.shape[-1])).long() for k, v in batch.items()}
+        logits = model(input_ids=flat["input_ids"], attention_mask=flat["segment_ids"],
+                       position_ids=flat["positions"]).logits.float()
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               flat["input_ids"][:, 1:].reshape(-1), reduction="none")
+        w = (flat["loss_mask"][:, 1:] * (flat["segment_ids"][:, 1:] > 0)).reshape(-1).float()
+        loss = (ce * w).sum() / w.sum()
+        opt.zero_grad()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grads = {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()}
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        out.append((loss.item(), norm.item(), {n: p.detach().numpy().copy() for n, p in model.named_parameters()},
+                    grads))
+    return out
+
+
+def hf_params(state, model_dir):
+    config = hf.read_config(model_dir)
+    return {name: np.asarray(jax.device_get(a)) for name, a in hf.export_tensors(state["params"], config)}
+
+
+def rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(np.max(np.abs(np.asarray(b))), 1e-30))
+
+
+def test_two_steps_match_torch_adamw(model_dir):
+    """Loss and pre-clip grad norm ≤ 1e-6 relative at step 1. Parameters after each step: Adam's
+    first update is lr·g/(|g|+ε), whose sensitivity to a gradient error δ is lr·ε·δ/(|g|+ε)², so an
+    entry with |g| ≈ ε = 1e-8 can move by up to lr·δ/(4ε) — for δ ≈ 1e-9 (float32 summation order)
+    that is a few 1e-3·lr. Hence: every entry within 1e-2·lr, and every entry whose first-step torch
+    gradient has |g| ≥ 100·ε within 1e-4·lr beyond two float32 ulps of the parameter (measured: worst 2.6e-3·lr, on one entry of 4608 with
+    a near-zero gradient; ≤ 1e-3·lr elsewhere)."""
+    batches = [padded_batch(1, 2, 4, 24), padded_batch(2, 2, 4, 24)]
+    _, state, run, *_, schedule = build(model_dir, (4, 2))
+    lrs = [float(schedule(0)), float(schedule(1))]
+    assert lrs[0] == pytest.approx(LR) and lrs[1] < LR
+    ref = torch_reference_steps(model_dir, batches, lrs)
+    for i, batch in enumerate(batches):
+        state, m = run(state, batch)
+        t_loss, t_norm, t_params, _ = ref[i]
+        if i == 0:
+            assert rel(m["loss"], t_loss) <= 1e-6, (float(m["loss"]), t_loss)
+            assert rel(m["grad_norm"], t_norm) <= 1e-6, (float(m["grad_norm"]), t_norm)
+        assert float(m["lr"]) == pytest.approx(lrs[i], rel=1e-6)
+        ours = hf_params(state, model_dir)
+        worst = max(float(np.max(np.abs(ours[n] - t_params[n]))) for n in t_params)
+        # beyond 2 float32 ulps of the parameter itself (a weight near 1.0 has ulp 1.2e-7 = 1.2e-4·lr)
+        worst_conditioned = max(float(np.max(np.maximum(np.abs(ours[n] - t_params[n]) - 2 * np.spacing(np.abs(t_params[n])), 0)
+                                             * (np.abs(ref[0][3][n]) >= 1e-6))) for n in t_params)
+        print(f"step {i + 1}: loss rel {rel(m['loss'], t_loss):.2e}, grad-norm rel {rel(m['grad_norm'], t_norm):.2e}, "
+              f"max |param diff| {worst / LR:.2e} lr (entries with |g| >= 1e-6: {worst_conditioned / LR:.2e} lr)")
+        assert worst <= 1e-2 * LR
+        assert worst_conditioned <= 1e-4 * LR
+
+
+def gradients(model_dir, mesh_shape, batch, **step_kw):
+    """(loss, {hf name: float32 gradient}) of one global batch through the step's accumulation."""
+    mesh, state, _, graphdef, rest, _ = build(model_dir, mesh_shape)
+    scfg = step.StepConfig(**{"loss_normalization": "global_tokens", "balance_dp_token": False,
+                              "dp": mesh_shape[0], "chunk_size": 16, **step_kw})
+    fn = jax.jit(lambda p, b: step.accumulate_gradients(graphdef, rest, p, b, scfg)[:2])
+    with jax.set_mesh(mesh):
+        loss, grads = fn(state["params"], {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in batch.items()})
+    return float(loss), hf_params({"params": grads}, model_dir)
+
+
+_REF = {}
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (8, 1), (4, 2), (2, 4)])
+def test_global_tokens_invariant_to_split_and_mesh(model_dir, mesh_shape):
+    """The same 8 samples as 1×8, 2×4 and 8×1 micro-batches on every mesh give the loss and the
+    gradients of one device with one micro-batch, to float32 summation-order error: loss ≤ 1e-6
+    relative, gradients max |Δg| / max |g| ≤ 2e-6 per tensor (measured ≤ 8.7e-7)."""
+    base = padded_batch(3, 1, 8, 32)
+    if "ref" not in _REF:
+        _REF["ref"] = gradients(model_dir, (1, 1), base)
+    ref_loss, ref_grads = _REF["ref"]
+    worst = 0.0
+    for k in (1, 2, 8):
+        if (8 // k) % mesh_shape[0]:
+            continue  # the rows of a micro-batch must divide over dp
+        loss, grads = gradients(model_dir, mesh_shape, {n: v.reshape(k, 8 // k, 32) for n, v in base.items()})
+        assert rel(loss, ref_loss) <= 1e-6, (mesh_shape, k, loss, ref_loss)
+        for n in grads:
+            worst = max(worst, rel(grads[n], ref_grads[n]))
+            assert rel(grads[n], ref_grads[n]) <= 2e-6, (mesh_shape, k, n, rel(grads[n], ref_grads[n]))
+    print(f"mesh {mesh_shape}: worst gradient rel {worst:.2e}")
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_verl_normalisation_formulas(model_dir, balance):
+    """verl mode equals the hand-computed formulas (semantics §3.2) with unequal token counts per
+    micro-batch and per rank: checked on the loss, which is the objective whose gradient is taken."""
+    dp, b, K, T = 4, 2, 2, 24
+    batch = padded_batch(5, K, dp * b, T)
+    mesh, state, run, graphdef, rest, _ = build(model_dir, (dp, 2), loss_normalization="verl",
+                                                balance_dp_token=balance)
+    with jax.set_mesh(mesh):
+        rows = jax.jit(lambda p, mb: step.row_losses(graphdef, p, rest, mb, 16))
+        cells = [[None] * dp for _ in range(K)]
+        for k in range(K):
+            s, n = jax.device_get(rows(state["params"], {x: jnp.asarray(v[k]) for x, v in batch.items()}))
+            for r in range(dp):
+                cells[k][r] = (float(s[r * b:(r + 1) * b].sum()), float(n[r * b:(r + 1) * b].sum()))
+    counts = [[c[1] for c in row] for row in cells]
+    assert len({c for row in counts for c in row}) > 1, "test needs unequal token counts"
+    if balance:
+        expect = sum(sum(s for s, _ in cells[k]) / (sum(n for _, n in cells[k]) + 1e-8) for k in range(K)) / K
+    else:
+        expect = sum(s / (n + 1e-8) for k in range(K) for s, n in cells[k]) / (dp * K)
+    _, m = run(state, batch)
+    assert rel(m["loss"], expect) <= 1e-6, (float(m["loss"]), expect)
+
+
+def test_nan_batch_skips_update_but_advances_lr(model_dir):
+    """A non-finite gradient leaves parameters, moments and the Adam count unchanged; the step
+    counter (and so the lr schedule) advances."""
+    _, state, run, *_, schedule = build(model_dir, (4, 2))
+    before = jax.device_get(state)
+    # Poison one parameter so the loss (and every gradient) is NaN for this batch.
+    params = jax.tree.map(lambda x: x, state["params"])
+    leaves, treedef = jax.tree.flatten(params)
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+    poisoned = {**state, "params": jax.tree.unflatten(treedef, leaves)}
+    poisoned_host = jax.device_get(poisoned)
+    new_state, m = run(poisoned, padded_batch(7, 1, 8, 16))
+    assert not math.isfinite(float(m["grad_norm"]))
+    after = jax.device_get(new_state)
+    for a, b in zip(jax.tree.leaves(poisoned_host["params"]), jax.tree.leaves(after["params"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(poisoned_host["opt_state"]), jax.tree.leaves(after["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+    assert int(after["step"]) == int(before["step"]) + 1
+    _, m2 = run(new_state, padded_batch(8, 1, 8, 16))
+    assert float(m2["lr"]) == pytest.approx(float(schedule(1)), rel=1e-6)
+
+
+def test_packed_equals_padded(model_dir):
+    """The same samples padded one per row, or packed several per row: same loss and update."""
+    padded = padded_batch(9, 1, 8, 16)
+    packed = {k: np.zeros((1, 4, 32), np.int32) for k in padded}
+    for r in range(8):
+        n = int(padded["segment_ids"][0, r].sum())
+        row, off = r // 2, (r % 2) * 16
+        for k in ("input_ids", "positions", "loss_mask"):
+            packed[k][0, row, off:off + n] = padded[k][0, r, :n]
+        packed["segment_ids"][0, row, off:off + n] = 1 + r % 2
+    loss_a, grads_a = gradients(model_dir, (4, 2), padded)
+    loss_b, grads_b = gradients(model_dir, (4, 2), packed)
+    assert rel(loss_a, loss_b) <= 1e-6, (loss_a, loss_b)
+    for n in grads_a:
+        assert rel(grads_b[n], grads_a[n]) <= 1e-6, (n, rel(grads_b[n], grads_a[n]))
