@@ -11,9 +11,9 @@ def get_config():
     c.data.train_files = str(bundled.path("humaneval_chat", "train.parquet"))
     c.data.val_files = str(bundled.path("humaneval_chat", "val.parquet"))
     c.data.multiturn.enable = True
-    c.data.max_length = 512
+    c.data.max_length = 1280  # the longest bundled chat has 1151 tokens: nothing is cut
     c.data.truncation = "right"
-    c.data.train_batch_size = 8
+    c.data.train_batch_size = 16
     c.data.micro_batch_size_per_gpu = 4
     c.data.packing = "first_fit"
     c.model.partial_pretrain = "runs/smoke/base_model"

@@ -150,7 +150,7 @@ def main(argv) -> None:
                 jax.block_until_ready(m)
                 compile_s = time.perf_counter() - t0
                 logger.log(global_step, {"perf/compile_and_first_step(s)": compile_s})
-                compile_done, t_last = True, time.perf_counter()
+                compile_done, t_last = True, t0  # step 1's time includes the compilation
                 report((global_step, m, host))
             else:
                 if pending is not None:
