@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ def main(argv) -> None:
 
     from jaxsft import checkpoint, config, data, distributed, hf, metrics, optim, parallel, step, tiny
     from jaxsft.model.qwen2 import ModelSettings
+    from jaxsft.model.ulysses import check_ulysses
 
     # ---- configuration, devices, mesh ---------------------------------------------------------
     cfg = config.normalise(_CONFIG.value)
@@ -69,6 +72,7 @@ def main(argv) -> None:
                              scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat_policy,
                              attn_implementation=cfg.model.attn_implementation)
     model_config = hf.read_config(model_dir)
+    check_ulysses(model_config.num_attention_heads, model_config.num_key_value_heads, sp)
     tx, lr_schedule = optim.make_optimizer(cfg.optim, total_steps, cfg.model.param_dtype)
     with jax.set_mesh(mesh):
         graphdef, rest, state, state_shardings = step.init_train_state(
@@ -169,6 +173,7 @@ def main(argv) -> None:
                 ckpt.save(global_step, state, data_state=loader.get_state(), meta={**meta, "epoch": epoch},
                           export=lambda s=state: hf.export_tensors(s["params"], model_config))
                 t_last = time.perf_counter()
+            _test_hook(global_step, ckpt, preempted, say)
             ckpt.poll()  # finish a completed background save (tracker, retention) without blocking
             if stop:
                 ckpt.wait()
@@ -180,6 +185,23 @@ def main(argv) -> None:
     logger.close()
     preempted.restore()
     say(f"[jaxsft] done at step {global_step}; run directory {run_dir}")
+
+
+def _test_hook(step: int, ckpt, preempted, say) -> None:
+    """Deterministic kill points for tests/test_resume.py, off unless JAXSFT_TEST_HOOK is set:
+    `kill_mid_save:N` SIGKILLs this process as soon as step N's save has started (Orbax still
+    writing, tracker not yet moved); `pause:N` completes step N's save, prints a line and waits
+    for a signal (then goes on to the next step), so a test can kill or preempt it at a known step."""
+    hook = os.environ.get("JAXSFT_TEST_HOOK", "")
+    if not hook or hook.rsplit(":", 1)[1] != str(step):
+        return
+    if hook.startswith("kill_mid_save:"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if hook.startswith("pause:"):
+        ckpt.wait()
+        say(f"[jaxsft] test hook: paused after step {step}", flush=True)
+        while not preempted.is_set():
+            time.sleep(0.02)
 
 
 def run() -> None:

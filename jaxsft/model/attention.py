@@ -43,21 +43,88 @@ def xla_attention(q, k, v, segment_ids):
 
 
 BACKENDS: dict[str, AttentionFn] = {"xla": xla_attention}
-# `auto` takes the first backend listed for the running platform that is registered.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
+# Backends that are custom kernels: XLA cannot partition them, so on a mesh they always run
+# inside the Ulysses shard_map (which, at sp = 1, is just a per-device call).
+KERNELS: set[str] = set()
+# `auto` takes the first backend listed for the running platform that is registered and verified.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("flash", "xla"), "tpu": ("xla",)}
+
+
+def _register_flash() -> None:
+    from jaxsft.model import flash
+
+    BACKENDS["flash"] = flash.flash_attention
+    KERNELS.add("flash")
+
+
+_register_flash()
+_verified: dict[str, bool] = {}
+
+
+def _verified_on_device(name: str) -> bool:
+    """A kernel is taken by `auto` only after it equals the XLA reference on a packed row on this
+    device (once per process); a failure falls back to xla with a warning instead of a bad run."""
+    if name not in KERNELS:
+        return True
+    if name not in _verified:
+        from jaxsft.model import flash
+
+        ok, why = flash.self_check() if name == "flash" else (False, "no self-check")
+        if not ok:
+            import warnings
+
+            warnings.warn(f"attention backend {name!r} failed its self-check on {jax.devices()[0].device_kind} "
+                          f"({why}); using xla")
+        _verified[name] = ok
+    return _verified[name]
 
 
 def resolve(implementation: str) -> str:
     """The backend name `implementation` stands for (`auto` picks by platform)."""
     if implementation == "auto":
         platform = jax.default_backend()
-        return next(n for n in AUTO_ORDER.get(platform, ("xla",)) + ("xla",) if n in BACKENDS)
+        for name in AUTO_ORDER.get(platform, ("xla",)):
+            if name in BACKENDS and _available(name) and _verified_on_device(name):
+                return name
+        return "xla"
     if implementation not in BACKENDS:
         raise ValueError(f"model.attn_implementation={implementation!r} is not available; choose auto or one of: "
                          f"{', '.join(BACKENDS)}")
     return implementation
 
 
+def _available(name: str) -> bool:
+    if name == "flash":
+        from jaxsft.model import flash
+
+        return flash.available()
+    return True
+
+
 def attention(q, k, v, segment_ids, *, implementation: str = "xla"):
-    """q [B,T,Hq,D], k/v [B,T,Hkv,D], segment_ids [B,T] (0 = padding) -> [B,T,Hq,D] in q's dtype."""
-    return BACKENDS[resolve(implementation)](q, k, v, segment_ids).astype(q.dtype)
+    """q [B,T,Hq,D], k/v [B,T,Hkv,D], segment_ids [B,T] (0 = padding) -> [B,T,Hq,D] in q's dtype.
+
+    On a (dp, sp) mesh with sp > 1 — or for a custom kernel on any mesh — attention runs as
+    Ulysses: all-to-all from token-sharded to head-sharded, local attention on whole rows, back.
+    """
+    from jaxsft import parallel
+    from jaxsft.model.ulysses import check_ulysses, ulysses_attention
+
+    name = resolve(implementation)
+    fn = BACKENDS[name]
+    mesh = parallel.active_mesh()
+    if mesh is not None and (mesh.shape["sp"] > 1 or name in KERNELS):
+        (b, t), dp, sp = segment_ids.shape, mesh.shape["dp"], mesh.shape["sp"]
+        try:
+            check_ulysses(q.shape[2], k.shape[2], sp)
+            splits = b % dp == 0 and t % sp == 0
+        except ValueError:
+            splits = False
+        if splits:
+            return ulysses_attention(q, k, v, segment_ids, mesh=mesh, inner=fn).astype(q.dtype)
+        if name in KERNELS:
+            raise ValueError(f"model.attn_implementation={name} on a (dp={dp}, sp={sp}) mesh needs rows divisible by "
+                             f"dp, tokens by sp and heads ({q.shape[2]} q / {k.shape[2]} kv) split over sp")
+        # The XLA reference is partitioned by XLA itself (sequence gathered): correct, not Ulysses.
+        # Training checks the Ulysses constraints at start-up, so this serves odd shapes in tests.
+    return fn(q, k, v, segment_ids).astype(q.dtype)
