@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--append-md", default=None, help="append a row to this file's results table")
+    p.add_argument("--compile-only", action="store_true",
+                   help="jaxsft only: compile the train step for abstract (unallocated) state and report the "
+                        "compile time and XLA's memory plan; no torch, no steps. For real shapes on a CPU.")
     p.add_argument("--torch-inprocess", action="store_true",
                    help="run the baseline in this process, not a child (CPU only: on a GPU JAX would find "
                         "its memory taken)")
@@ -94,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.compute_dtype = "bfloat16" if _has_accelerator() else "float32"
     if min(args.seq_len, args.micro_batch, args.steps) < 1 or args.warmup < 0:
         p.error("--seq-len, --micro-batch and --steps must be positive and --warmup non-negative")
+    if args.compile_only and args.append_md:
+        p.error("--compile-only measures no throughput, so there is no results row to --append-md")
     return args
 
 
@@ -456,6 +461,40 @@ def _memory_analysis(compiled) -> dict:
     return {f: int(getattr(ma, f)) for f in fields if ma is not None and hasattr(ma, f)}
 
 
+def compile_only(args, model_cfg: dict, lengths: np.ndarray) -> dict:
+    """Compile time and memory plan of the train step on one device, for state that is never
+    allocated (jax.ShapeDtypeStruct leaves), so a 7B plan can be read on a small machine."""
+    import jax
+    import ml_collections
+    from flax import nnx
+
+    from jaxsft import config as jconfig, optim, step
+    from jaxsft.model.config import Qwen2Config
+    from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM
+
+    settings = ModelSettings(param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
+                             scan_layers=not args.no_scan, remat_policy=args.remat, attn_implementation=args.attn)
+    config = Qwen2Config.from_hf_dict(model_cfg)
+    tx, schedule = optim.make_optimizer(ml_collections.ConfigDict(jconfig.default_config().optim.to_dict()),
+                                        total_steps=1000, param_dtype=args.param_dtype)
+    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, settings, rngs=nnx.Rngs(args.seed)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+             "step": jax.ShapeDtypeStruct((), np.int32)}
+    shape = jaxsft_batches(lengths[:1], args.seq_len, 1, args.micro_batch, args.packing, model_cfg["vocab_size"],
+                           args.seed)[0]["input_ids"].shape
+    batch = {k: jax.ShapeDtypeStruct(shape, np.int32) for k in ("input_ids", "positions", "segment_ids", "loss_mask")}
+    step_cfg = step.StepConfig(loss_normalization="global_tokens", balance_dp_token=False, dp=1,
+                               chunk_size=args.chunk_size)
+    fn = jax.jit(step.make_train_step(graphdef, rest, tx, schedule, step_cfg), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    device = jax.devices()[0]
+    return {"device": device.device_kind, "platform": device.platform, "devices": 1, "jax_version": jax.__version__,
+            "settings": dataclasses.asdict(settings), "batch_shape": list(shape),
+            "compile_s": time.perf_counter() - t0, "compiled_memory": _memory_analysis(compiled)}
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 
@@ -467,6 +506,13 @@ def _num(x, fmt="{:.1f}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
+NOISY_SPREAD = 1.5  # slowest / fastest timed step above this: something else was using the machine
+
+
+def step_spreads(r: dict) -> list[tuple[str, float]]:
+    return [(name, max(r[name]["step_times_s"]) / r[name]["step_s_min"]) for name in ("jaxsft", "torch") if r.get(name)]
+
+
 def markdown_row(r: dict) -> str:
     j, t = r["jaxsft"], r.get("torch")
     mfu = (f"{_num(j['mfu_maxtext'], '{:.1%}')} / {_num(j['mfu_segments'], '{:.1%}')}" if j["mfu_maxtext"] is not None
@@ -474,11 +520,14 @@ def markdown_row(r: dict) -> str:
     mem = f"{_gib(j['peak_memory_bytes'])} / {_gib(t['peak_memory_bytes']) if t else '—'}"
     if "RSS" in j["peak_memory_kind"]:
         mem += " (RSS)"
+    noisy = [f"{name} steps vary {spread:.1f}×" for name, spread in step_spreads(r) if spread > NOISY_SPREAD]
     cells = [r["date"][:10], r["machine"], f"`{r['command']}`", r["shape"], str(r["seq_len"]),
              f"{r['global_batch']} ({r['lengths']['kind']}, {r['packing']})",
              _num(j["tokens_per_s_per_device"]), _num(t["tokens_per_s"]) if t else "—",
-             _num(r["ratios"]["tokens_per_s"], "{:.2f}"), _num(r["ratios"]["loss_tokens_per_s"], "{:.2f}"),
-             mfu, mem, _num(j["compile_s"])]
+             _num(r["ratios"]["tokens_per_s"], "{:.2f}") + (f" (noisy: {', '.join(noisy)})" if noisy else ""),
+             _num(r["ratios"]["loss_tokens_per_s"], "{:.2f}"),
+             mfu, mem, _num(j["compile_s"]),
+             f"{r['load_avg_1min']['start']:.1f} → {r['load_avg_1min']['end']:.1f} ({r['load_avg_1min']['cpus']} CPUs)"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -511,6 +560,10 @@ def print_summary(r: dict) -> None:
               f"loss-tokens/s/device, {f['tflops_per_device_maxtext']:.3g} / {f['tflops_per_device_segments']:.3g} "
               f"TFLOP/s/device (MaxText / segments), {mfu}, peak memory {_gib(f['peak_memory_bytes'])} "
               f"[{f['peak_memory_kind']}]")
+    for name, spread in step_spreads(r):
+        if spread > NOISY_SPREAD:
+            print(f"[bench] warning: {name} step times vary {spread:.1f}-fold; "
+                  f"is the machine shared? Repeat the run before trusting the ratio.")
     ratios = r["ratios"]
     if t is None:
         print("loss-tokens/s jaxsft/torch = n/a (--no-torch)")
@@ -523,6 +576,7 @@ def print_summary(r: dict) -> None:
 def main(argv=None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    load_start = os.getloadavg()[0]  # other jobs on the machine skew every figure; keep the evidence
     model_cfg = SHAPES[args.shape]
     if args.packing != "none" and args.lengths == "fixed":
         print("[bench] note: --lengths fixed fills every row, so packing changes nothing", flush=True)
@@ -536,6 +590,20 @@ def main(argv=None) -> dict | None:
         Path(args.torch_child).write_text(json.dumps(run_torch(args, model_cfg, lengths)))
         return None
 
+    if args.compile_only:
+        figures = compile_only(args, model_cfg, lengths)
+        result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "machine": machine_name(figures["platform"], figures["device"]),
+                  "command": "python -m bench.throughput " + shlex.join(argv), "shape": args.shape,
+                  "seq_len": args.seq_len, "compile_only": figures}
+        mem = figures["compiled_memory"]
+        print(f"[bench] compile-only {args.shape} T={args.seq_len} batch {figures['batch_shape']} "
+              f"{figures['settings']}: compile {figures['compile_s']:.1f} s, temp {_gib(mem.get('temp_size_in_bytes'))}, "
+              f"arguments {_gib(mem.get('argument_size_in_bytes'))}, outputs {_gib(mem.get('output_size_in_bytes'))}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return result
+
     # The baseline first: it must have the GPU to itself and has finished before JAX starts.
     if args.no_torch:
         torch_figures = None
@@ -544,6 +612,9 @@ def main(argv=None) -> dict | None:
     else:
         child_argv = argv + ["--compute-dtype", args.compute_dtype]  # resolved here, so both sides agree
         torch_figures = torch_in_child(child_argv)
+    if torch_figures and torch_figures["device"] == "cpu" and _has_accelerator():
+        raise SystemExit("the torch baseline ran on the CPU but JAX will use the GPU: install a CUDA build of torch "
+                         "(or pass --no-torch)")
 
     import jax
 
@@ -566,6 +637,7 @@ def main(argv=None) -> dict | None:
               "lengths": {"kind": args.lengths, "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
                           "mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max()),
                           "scale": args.seq_len / SEED_MAX_LENGTH if args.lengths == "seed" else None},
+              "load_avg_1min": {"start": load_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()},
               "jaxsft": jax_figures, "torch": torch_figures, "ratios": ratios}
     print_summary(result)
     if args.json:

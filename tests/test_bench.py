@@ -94,3 +94,13 @@ def test_batches_hold_every_sample_once(packing):
     for step, b in enumerate(batches):
         assert sorted(segment_lengths(b)) == sorted(lengths[step])
         assert np.count_nonzero(b["loss_mask"]) == sum(round(0.6 * n) for n in lengths[step])
+
+
+def test_compile_only_reports_the_memory_plan(tmp_path):
+    out = tmp_path / "c.json"
+    r = bt.main(["--shape", "tiny", "--seq-len", "64", "--global-batch", "2", "--micro-batch", "1", "--compile-only",
+                 "--remat", "full", "--json", str(out)])
+    mem = r["compile_only"]["compiled_memory"]
+    assert json.loads(out.read_text())["compile_only"]["batch_shape"] == [2, 1, 64]
+    assert mem["temp_size_in_bytes"] > 0 and mem["argument_size_in_bytes"] > 0
+    assert _positive(r["compile_only"]["compile_s"])
