@@ -83,8 +83,8 @@ def init_train_state(model, tx, mesh):
 
 
 def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig):
-    """Σ over the K micro-batches of the normalised loss and its float32 gradients:
-    returns (loss, grads, loss-token count)."""
+    """Σ over the K micro-batches of the normalised loss and its gradients, summed in float32
+    (with K = 1 the gradients stay in the parameter dtype): returns (loss, grads, loss-token count)."""
     num_micro = batch["input_ids"].shape[0]
     _, all_w = shift_targets(batch["input_ids"], batch["segment_ids"], batch["loss_mask"])
     total_weight = jnp.sum(all_w)
@@ -94,6 +94,9 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig):
         return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
 
     grad_fn = jax.value_and_grad(objective)
+    if num_micro == 1:  # nothing to sum: skip the float32 accumulator (28 GiB for a 7B)
+        loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        return loss, grads, total_weight
 
     def accumulate(carry, mb):
         loss_sum, grad_sum = carry
