@@ -48,9 +48,10 @@ def main(argv) -> None:
 
     # ---- data ---------------------------------------------------------------------------------
     model_dir = Path(cfg.model.partial_pretrain)
-    if cfg.model.build_tiny_from and not (model_dir / "config.json").exists():
-        if main_process:
+    if cfg.model.build_tiny_from:
+        if main_process and not (model_dir / "config.json").exists():
             tiny.ensure_tiny_model(model_dir, cfg.model.build_tiny_from, seed=cfg.trainer.seed, **cfg.model.tiny)
+        # Unconditional: a process that already sees process 0's model must still meet it here.
         distributed.barrier("tiny-model")
     tokenizer = data.load_tokenizer(model_dir)
     train_set = data.build_dataset(cfg.data.train_files, cfg.data, tokenizer, split="train")
