@@ -146,8 +146,8 @@ def main(argv) -> None:
     with jax.set_mesh(mesh):
         while global_step < last_step:
             epoch, batch = next(loader)
-            host = {"epoch": epoch, "tokens": float(np.count_nonzero(batch["segment_ids"])) * jax.process_count(),
-                    "segment_lengths": data.segment_lengths(batch)}
+            lengths = loader.step_lengths(loader.next_step - 1)  # every process's rows, not only ours
+            host = {"epoch": epoch, "tokens": float(lengths.sum()), "segment_lengths": lengths}
             t0 = time.perf_counter()
             state, m = train_step(state, put(batch, batch_sharding))
             global_step += 1

@@ -121,6 +121,11 @@ class TrainLoader:
         perm = epoch_permutation(len(self.dataset), self.seed, epoch)
         return perm[s * self.train_batch_size:(s + 1) * self.train_batch_size]
 
+    def step_lengths(self, step: int) -> np.ndarray:
+        """Token counts of all samples of step `step`, whichever process holds their rows: the
+        same on every process (throughput and MFU count the whole job's work)."""
+        return self.dataset.lengths[self.step_samples(step)]
+
     def rank_rows(self, share: np.ndarray) -> list[list[int]]:
         """One rank's rows (lists of dataset indices) for its share of a step, in row order."""
         if self.packing == "none":
@@ -177,6 +182,11 @@ class TrainLoader:
 
     def __iter__(self) -> "TrainLoader":
         return self
+
+    @property
+    def next_step(self) -> int:
+        """The step (0-based over the run) that `next()` yields next."""
+        return self._next
 
     def __next__(self) -> tuple[int, dict[str, np.ndarray]]:
         epoch, batch = next(self._iter)
