@@ -4,14 +4,16 @@ process's rows of a global batch into one global array.
 A job runs one process per host. It initialises the distributed runtime when the configuration or
 the environment asks for it: `trainer.coordinator_address` / `trainer.num_processes` /
 `trainer.process_id`, or `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`, or a
-cluster JAX detects by itself (a SLURM or Open MPI job of more than one task). A process that dies
-is noticed by the others through the coordination service's heartbeat
-(`JAXSFT_HEARTBEAT_TIMEOUT_S`, default 100 s), which ends them with an error instead of a hang.
+cluster JAX detects by itself (an srun step or Open MPI job of more than one task; a single task on
+a node keeps all its GPUs). When a process dies, the others' next collective fails and they exit;
+one that hangs is noticed through the coordination service's heartbeat
+(`JAXSFT_HEARTBEAT_TIMEOUT_S`, default 100 s), which ends the others with an error instead of a hang.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -26,6 +28,29 @@ def _setting(trainer_cfg, key: str, env: str, cast):
     return cast(value) if value is not None else None
 
 
+def one_process_per_host_devices() -> list[int] | None:
+    """The local GPU ids to keep when SLURM or Open MPI runs one task on this node, else None.
+
+    Under those launchers JAX gives each task the single GPU of its local rank (it assumes a task
+    per GPU); jaxsft runs one process per host, which must keep every GPU it can see. Counted
+    without initialising CUDA: CUDA_VISIBLE_DEVICES, else the driver's list. JAX_LOCAL_DEVICE_IDS,
+    which JAX reads itself, wins.
+    """
+    if os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
+    slurm_single = ("SLURM_STEP_NODELIST" in os.environ
+                    and os.environ.get("SLURM_NTASKS") == os.environ.get("SLURM_STEP_NUM_NODES"))
+    if not (slurm_single or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == "1"):
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = len([v for v in visible.split(",") if v.strip()])
+    else:
+        driver = Path("/proc/driver/nvidia/gpus")
+        count = len(list(driver.iterdir())) if driver.is_dir() else 0
+    return list(range(count)) or None  # no GPUs: JAX's choice only affects GPU visibility
+
+
 def maybe_initialize(trainer_cfg=None) -> bool:
     """Start `jax.distributed` if asked to; returns whether this is a multi-process job."""
     global _initialised
@@ -34,7 +59,9 @@ def maybe_initialize(trainer_cfg=None) -> bool:
     address = _setting(trainer_cfg, "coordinator_address", "JAX_COORDINATOR_ADDRESS", str)
     num = _setting(trainer_cfg, "num_processes", "JAX_NUM_PROCESSES", int)
     pid = _setting(trainer_cfg, "process_id", "JAX_PROCESS_ID", int)
-    auto_cluster = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    # SLURM only inside an srun step (SLURM_STEP_NODELIST): a batch script's own python runs alone.
+    auto_cluster = (int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in os.environ
+                    or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
     if address is None and not auto_cluster:
         return False
     if address is not None and (num is None or pid is None):
@@ -44,12 +71,33 @@ def maybe_initialize(trainer_cfg=None) -> bool:
               "heartbeat_timeout_seconds": int(os.environ.get("JAXSFT_HEARTBEAT_TIMEOUT_S", "100"))}
     if address is not None:
         kwargs.update(coordinator_address=address, num_processes=num, process_id=pid)
+    local_ids = one_process_per_host_devices()
+    if local_ids is not None:
+        kwargs["local_device_ids"] = local_ids
     # Collectives between CPU devices of different processes (tests, CPU clusters) need gloo;
     # the setting does not affect GPU backends.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     _initialised = True
     return jax.process_count() > 1
+
+
+def check_process_rows(mesh: jax.sharding.Mesh) -> None:
+    """The data loader gives process p the rows of the p-th block of dp ranks, and
+    `global_array` puts them on p's devices; so the mesh must place exactly p's devices there
+    (true of jax.make_mesh on CPU and GPU, whose device ids run process by process)."""
+    n = jax.process_count()
+    dp = mesh.shape["dp"]
+    if n == 1 or dp % n:
+        return  # one process, or a dp the loader refuses with its own message
+    per = dp // n
+    rows = mesh.devices.reshape(dp, -1)  # [dp, sp]
+    for r in range(dp):
+        owners = sorted({d.process_index for d in rows[r]})
+        if owners != [r // per]:
+            raise RuntimeError(f"the device mesh puts dp rank {r} on the devices of process(es) {owners}, but the data "
+                               f"loader gives its rows to process {r // per} (each process holds {per} consecutive dp "
+                               f"ranks on its own devices)")
 
 
 def barrier(name: str) -> None:

@@ -39,6 +39,7 @@ def main(argv) -> None:
     sp = cfg.ulysses_sequence_parallel_size
     dp = n_dev // sp
     mesh = parallel.make_mesh(dp, sp)
+    distributed.check_process_rows(mesh)
     main_process = jax.process_index() == 0
     run_dir = Path(cfg.trainer.default_local_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
