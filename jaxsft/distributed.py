@@ -82,6 +82,11 @@ def maybe_initialize(trainer_cfg=None) -> bool:
     return jax.process_count() > 1
 
 
+def is_multiprocess() -> bool:
+    """Whether this process started `jax.distributed` with others (never initialises a backend)."""
+    return _initialised and jax.process_count() > 1
+
+
 def check_process_rows(mesh: jax.sharding.Mesh) -> None:
     """The data loader gives process p the rows of the p-th block of dp ranks, and
     `global_array` puts them on p's devices; so the mesh must place exactly p's devices there

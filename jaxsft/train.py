@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from absl import app, flags, logging as absl_logging
@@ -206,12 +207,34 @@ def _test_hook(step: int, ckpt, preempted, say) -> None:
             time.sleep(0.02)
 
 
+def _main_or_exit(argv) -> None:
+    """`main`; in a multi-process job an error ends this process at once with its cause in one
+    line. Otherwise jax's exit hook would wait at a shutdown barrier for processes that may be
+    gone, then abort with a C++ trace that buries the cause."""
+    try:
+        main(argv)
+    except Exception as e:
+        from jaxsft import distributed
+
+        if not distributed.is_multiprocess():
+            raise
+        import jax
+
+        traceback.print_exc()
+        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"[jaxsft] process {jax.process_index()} of {jax.process_count()} stopped: {type(e).__name__}: {cause}\n"
+              f"[jaxsft] a failed collective usually means another process died (its log has the cause); "
+              f"relaunch every process to resume from the last checkpoint", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+
 def run() -> None:
     """Console entry point: default to the smoke recipe when no --config is given."""
     if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
         sys.argv[1:1] = [f"--config={_DEFAULT_RECIPE}"]
     absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(main)
+    app.run(_main_or_exit)
 
 
 if __name__ == "__main__":
