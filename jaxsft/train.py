@@ -192,13 +192,18 @@ def main(argv) -> None:
 
 def _test_hook(step: int, ckpt, preempted, say) -> None:
     """Deterministic kill points for tests/test_resume.py, off unless JAXSFT_TEST_HOOK is set:
-    `kill_mid_save:N` SIGKILLs this process as soon as step N's save has started (Orbax still
-    writing, tracker not yet moved); `pause:N` completes step N's save, prints a line and waits
-    for a signal (then goes on to the next step), so a test can kill or preempt it at a known step."""
+    `kill_mid_save:N` SIGKILLs this process once step N's save has put its temporary directory
+    on disk (Orbax still writing, tracker not yet moved); `pause:N` completes step N's save, prints
+    a line and waits for a signal (then goes on to the next step), so a test can kill or preempt it
+    at a known step."""
     hook = os.environ.get("JAXSFT_TEST_HOOK", "")
     if not hook or hook.rsplit(":", 1)[1] != str(step):
         return
     if hook.startswith("kill_mid_save:"):
+        # Orbax may create the directory in its background thread: wait for it (or for the commit).
+        while not (list(ckpt.root.glob(f"{ckpt.step_dir(step).name}.orbax-checkpoint-tmp*"))
+                   or ckpt.step_dir(step).exists()):
+            time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGKILL)
     if hook.startswith("pause:"):
         ckpt.wait()

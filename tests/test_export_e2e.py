@@ -3,8 +3,9 @@ and its logits equal jaxsft's on the trained parameters; `bin/convert_to_hf` wri
 tensors; `convert.from_hf` → `bin/convert_to_hf` gives an HF model back bit for bit (peak host
 memory measured), and training from a converted checkpoint equals training from the HF directory.
 
-The trained model is the smoke recipe's tiny tied Qwen2 (0.76 MB; vocabulary 1,600). HF → jaxsft → HF round trips of tied, untied, single-file and sharded models
-through `jaxsft.hf` are in tests/test_hf_loading.py.
+The trained model is the smoke recipe's tiny tied Qwen2 (0.76 MB; vocabulary 1,600). HF → jaxsft
+→ HF round trips of tied, untied, single-file and sharded models through `jaxsft.hf` are in
+tests/test_hf_loading.py.
 """
 
 from __future__ import annotations

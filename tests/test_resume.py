@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from pathlib import Path
+import time
 
+import jax
+import numpy as np
 import pytest
 from e2e import losses, metrics, run_train, start_train
 
-from jaxsft import bundled, checkpoint, tiny
-from jaxsft.checkpoint import TRACKER
+from jaxsft import bundled, checkpoint, config, hf, optim, parallel, step, tiny
+from jaxsft.checkpoint import TRACKER, Checkpointer
+from jaxsft.model.qwen2 import ModelSettings
 
 FAST = ("--config.data.max_length=256", "--config.data.train_batch_size=8", "--config.data.micro_batch_size_per_gpu=1",
         "--config.data.packing=none", "--config.data.train_max_samples=24", "--config.data.val_files=None",
@@ -124,5 +127,61 @@ def test_resume_on_another_mesh(base_model, reference, tmp_path, devices, sp):
     assert sorted(rows) == [4]
     (loss, lr, _), (ref_loss, ref_lr, _) = rows[4], train_rows(reference)[4]
     assert lr == ref_lr
-    print(f"\nresumed on {devices} devices, sp={sp}: step-4 loss relative difference {abs(loss - ref_loss) / abs(ref_loss):.1e}")
+    rel = abs(loss - ref_loss) / abs(ref_loss)
+    print(f"\nresumed on {devices} devices, sp={sp}: step-4 loss relative difference {rel:.1e}")
     assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (loss, ref_loss)
+
+
+def test_save_cost_async_vs_sync(base_model, tmp_path):
+    """What a save costs the train loop, async vs sync, on the smoke model's train state (parameters
+    and Adam moments), in-process, saving every 3rd of 9 steps: printed for the record, since CPU
+    timings on a shared machine are too noisy to assert on."""
+    cfg = config.default_config()
+    settings = ModelSettings(param_dtype="float32", compute_dtype="float32", remat_policy="none",
+                             attn_implementation="xla")
+    mesh = parallel.make_mesh(8, 1)
+    tx, schedule = optim.make_optimizer(cfg.optim, 100, "float32")
+    rng = np.random.default_rng(0)
+    shape = (1, 8, 256)
+    batch = {"input_ids": rng.integers(0, 1500, shape), "positions": np.broadcast_to(np.arange(256), shape),
+             "segment_ids": np.ones(shape), "loss_mask": np.ones(shape)}
+    with jax.set_mesh(mesh):
+        graphdef, rest, state, _ = step.init_train_state(hf.load_model(base_model, mesh, settings), tx, mesh)
+        batch = jax.device_put({k: v.astype(np.int32) for k, v in batch.items()}, parallel.batch_sharding(mesh))
+        train_step = jax.jit(step.make_train_step(graphdef, rest, tx, schedule,
+                                                  step.StepConfig("global_tokens", False, 8, 512)), donate_argnums=0)
+        state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
+
+        def loop(mode: str, round_: int, steps: int = 9, every: int = 3) -> tuple[float, float]:
+            """(loop seconds, seconds blocked in save) for `steps` steps after a warm-up step and save."""
+            nonlocal state
+            ckpt = None
+            if mode != "none":
+                cfg.trainer.default_local_dir = str(tmp_path / f"{mode}{round_}")
+                cfg.trainer.checkpoint.async_save = mode == "async"
+                ckpt = Checkpointer(cfg)
+            blocked = 0.0
+            for s in range(steps + 1):
+                if s == 1:  # the first step and save are warm-up (compilation, directory layout)
+                    t0, blocked = time.perf_counter(), 0.0
+                state, m = train_step(state, batch)
+                if ckpt is not None and s % every == 0:
+                    jax.block_until_ready(state)  # time the save, not the step it waits for
+                    t = time.perf_counter()
+                    ckpt.save(s + 1, state, data_state={"next_step": s + 1})
+                    blocked += time.perf_counter() - t
+                if ckpt is not None:
+                    ckpt.poll()
+                jax.block_until_ready(m)
+            if ckpt is not None:
+                ckpt.close()  # the last background write counts too
+                assert checkpoint.is_complete(tmp_path / f"{mode}{round_}" / f"global_step_{steps + 1}")
+            return time.perf_counter() - t0, blocked
+
+        # Two interleaved rounds, the faster of each: other jobs share the CPU.
+        runs = [(mode, loop(mode, r)) for r in range(2) for mode in ("none", "async", "sync")]
+    best = {mode: tuple(min(t[i] for m, t in runs if m == mode) for i in (0, 1)) for mode in ("none", "async", "sync")}
+    saves, steps = 3, 9
+    print(f"\nsmoke model train state {state_mb:.1f} MB, a step takes {best['none'][0] / steps * 1e3:.0f} ms; per save: "
+          + "; ".join(f"{mode} blocks the loop {b / saves * 1e3:.0f} ms and adds {(t - best['none'][0]) / saves * 1e3:.0f} "
+                      f"ms to the run" for mode, (t, b) in best.items() if mode != "none"))
