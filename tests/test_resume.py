@@ -1,8 +1,8 @@
 """Exact resume, end to end (issue 5): `python -m jaxsft.train` in a subprocess on 8 emulated CPU
 devices, killed with SIGKILL after a complete save and in the middle of an asynchronous one, or
 preempted with SIGTERM, then restarted with the same command: every later step logs the same
-train/loss (and lr and grad norm) as an unbroken run, bit for bit. Also retention across the two
-launches and resuming on another mesh.
+train/loss (and lr, grad norm, loss-token count, epoch) as an unbroken run, bit for bit. Also
+retention across the two launches, resuming on another mesh, and what a save costs the loop.
 
 The run: 24 samples, 8 per step → 3 steps per epoch, 2 epochs, 6 steps (step 3 ends epoch 0).
 Kill points are made deterministic by the trainer's JAXSFT_TEST_HOOK (see jaxsft/train.py).
@@ -30,10 +30,12 @@ FAST = ("--config.data.max_length=256", "--config.data.train_batch_size=8", "--c
 LAST_STEP = 6
 
 
-def train_rows(run_dir) -> dict[int, tuple[float, float, float]]:
-    """step → (loss, lr, grad_norm) as logged; a step repeated after a resume keeps the later row."""
-    return {m["step"]: (m["data"]["train/loss"], m["data"]["train/lr"], m["data"]["train/grad_norm"])
-            for m in metrics(run_dir) if "train/loss" in m["data"]}
+EXACT = ("train/loss", "train/lr", "train/grad_norm", "train/loss_tokens", "train/epoch")  # not timings
+
+
+def train_rows(run_dir) -> dict[int, tuple[float, ...]]:
+    """step → the EXACT values as logged; a step repeated after a resume keeps the later row."""
+    return {m["step"]: tuple(m["data"][k] for k in EXACT) for m in metrics(run_dir) if "train/loss" in m["data"]}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def test_resume_on_another_mesh(base_model, reference, tmp_path, devices, sp):
               "--config.trainer.total_training_steps=4", devices=devices)
     rows = train_rows(tmp_path)
     assert sorted(rows) == [4]
-    (loss, lr, _), (ref_loss, ref_lr, _) = rows[4], train_rows(reference)[4]
+    (loss, lr, *_), (ref_loss, ref_lr, *_) = rows[4], train_rows(reference)[4]
     assert lr == ref_lr
     rel = abs(loss - ref_loss) / abs(ref_loss)
     print(f"\nresumed on {devices} devices, sp={sp}: step-4 loss relative difference {rel:.1e}")
@@ -181,7 +183,7 @@ def test_save_cost_async_vs_sync(base_model, tmp_path):
         # Two interleaved rounds, the faster of each: other jobs share the CPU.
         runs = [(mode, loop(mode, r)) for r in range(2) for mode in ("none", "async", "sync")]
     best = {mode: tuple(min(t[i] for m, t in runs if m == mode) for i in (0, 1)) for mode in ("none", "async", "sync")}
-    saves, steps = 3, 9
-    print(f"\nsmoke model train state {state_mb:.1f} MB, a step takes {best['none'][0] / steps * 1e3:.0f} ms; per save: "
-          + "; ".join(f"{mode} blocks the loop {b / saves * 1e3:.0f} ms and adds {(t - best['none'][0]) / saves * 1e3:.0f} "
-                      f"ms to the run" for mode, (t, b) in best.items() if mode != "none"))
+    saves, steps, alone = 3, 9, best["none"][0]
+    print(f"\nsmoke model train state {state_mb:.1f} MB, a step takes {alone / steps * 1e3:.0f} ms; per save: "
+          + "; ".join(f"{mode} blocks the loop {b / saves * 1e3:.0f} ms and adds {(t - alone) / saves * 1e3:.0f} ms "
+                      f"to the run" for mode, (t, b) in best.items() if mode != "none"))
