@@ -7,7 +7,6 @@ With no --config the smoke recipe runs.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
@@ -16,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from absl import app, flags, logging as absl_logging
+from absl import app, logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/NAME.py).", lock_config=True)
@@ -71,11 +70,14 @@ def main(argv) -> None:
         f"running to step {last_step}")
 
     # ---- model, optimizer, train state --------------------------------------------------------
-    settings = ModelSettings(param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
-                             scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat_policy,
-                             attn_implementation=cfg.model.attn_implementation)
     model_config = hf.read_config(model_dir)
-    check_ulysses(model_config.num_attention_heads, model_config.num_key_value_heads, sp)
+    try:  # both name the offending key (model.* or ulysses_sequence_parallel_size)
+        settings = ModelSettings(param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
+                                 scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat_policy,
+                                 attn_implementation=cfg.model.attn_implementation)
+        check_ulysses(model_config.num_attention_heads, model_config.num_key_value_heads, sp)
+    except ValueError as e:
+        raise config.ConfigError(str(e)) from None
     tx, lr_schedule = optim.make_optimizer(cfg.optim, total_steps, cfg.model.param_dtype)
     with jax.set_mesh(mesh):
         graphdef, rest, state, state_shardings = step.init_train_state(
@@ -212,12 +214,27 @@ def _test_hook(step: int, ckpt, preempted, say) -> None:
             time.sleep(0.02)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors about the user's input (config keys, data rows, checkpoints, model files): their
+    message already names the key, file or row, so a traceback would only bury it."""
+    from jaxsft.checkpoint import CheckpointError
+    from jaxsft.config import ConfigError
+    from jaxsft.data import DataError
+    from jaxsft.model.config import UnsupportedConfigError
+
+    return ConfigError, DataError, CheckpointError, UnsupportedConfigError
+
+
 def _main_or_exit(argv) -> None:
-    """`main`; in a multi-process job an error ends this process at once with its cause in one
-    line. Otherwise jax's exit hook would wait at a shutdown barrier for processes that may be
-    gone, then abort with a C++ trace that buries the cause."""
+    """`main`; a user-input error prints one line and exits 2. In a multi-process job any error
+    ends this process at once with its cause in one line: otherwise jax's exit hook would wait at
+    a shutdown barrier for processes that may be gone, then abort with a C++ trace."""
     try:
         main(argv)
+    except _user_errors() as e:
+        print(f"jaxsft: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except Exception as e:
         from jaxsft import distributed
 
