@@ -6,25 +6,12 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsft.model.flash import available, flash_attention
+from naive_attention import naive_attention
 from jaxsft.model.ulysses import ulysses_attention
 
 # max |err| / max |reference|, float32. Interpret mode measured ~1e-6 here; the margin covers a
 # different summation order of the blockwise (online) softmax.
 TOL = 2e-5
-
-
-def naive_attention(q, k, v, segment_ids):
-    """float32 reference: causal, same segment, padding keys masked, padding query rows zero."""
-    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    _, t, hq, d = q.shape
-    kv_of = jnp.arange(hq) // (hq // k.shape[2])  # GQA: query head h uses KV head h // group
-    k, v = k[:, :, kv_of], v[:, :, kv_of]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
-    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
-    mask = jnp.tril(jnp.ones((t, t), bool)) & (seg_q == seg_k) & (seg_k > 0)
-    logits = jnp.where(mask[:, None], logits, -1e30)
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-    return jnp.where(segment_ids[:, :, None, None] > 0, out, 0.0)
 
 
 def packed_segments(rng, rows, t):
