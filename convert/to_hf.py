@@ -60,8 +60,9 @@ def convert(checkpoint_path: str, out: str, *, dtype: str | None = None, max_sha
     export_dtype = dtype or cfg.get("trainer", {}).get("checkpoint", {}).get("hf_dtype") \
         or cfg.get("model", {}).get("param_dtype", "float32")
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    params = _unwrap_variables(checkpoint.restore_entry(step_dir, "params", cpu))
-    tensors = hf.export_tensors(params, hf.read_config(base))
+    # One stacked parameter at a time from disk, never the whole model in host memory.
+    fetch = lambda path: _unwrap_variables(checkpoint.restore_entry(step_dir, ("params", *path), cpu))  # noqa: E731
+    tensors = hf.export_tensors(None, hf.read_config(base), fetch=fetch)
     print(f"[convert_to_hf] {step_dir} → {out} ({export_dtype})")
     return write_hf_directory(tensors, out, base_model_dir=base, dtype=export_dtype, max_shard_size=max_shard_size,
                               min_max_position_embeddings=cfg.get("data", {}).get("max_length"))

@@ -181,19 +181,29 @@ def _restore_state(step_dir: Path, target: dict, restore_args) -> dict:
     return ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args)
 
 
-def restore_entry(step_dir: str | os.PathLike, key: str = "params", sharding: jax.sharding.Sharding | None = None):
-    """One top-level entry of a step's train state, whatever mesh saved it (for offline tools):
-    numpy arrays, or jax arrays in `sharding`. nnx variables come back as {'value': array} dicts."""
+def restore_entry(step_dir: str | os.PathLike, key: str | tuple[str, ...] = "params",
+                  sharding: jax.sharding.Sharding | None = None):
+    """One entry of a step's train state — a top-level key, or a key path down to one parameter —
+    whatever mesh saved it (for offline tools): numpy arrays, or jax arrays in `sharding`. Only
+    that entry is read (a partial restore). nnx variables come back as {'value': array} dicts."""
     step_dir = Path(step_dir)
-    tree = _state_tree_metadata(step_dir)
-    if key not in tree:
-        raise CheckpointError(f"{step_dir} holds no '{key}' (see trainer.checkpoint.save_contents)")
-    target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree[key])}
+    keys = (key,) if isinstance(key, str) else tuple(key)
+    node = _state_tree_metadata(step_dir)
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            raise CheckpointError(f"{step_dir} holds no '{'/'.join(keys)}' (see trainer.checkpoint.save_contents)")
+        node = node[k]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), node)
+    for k in reversed(keys):
+        target = {k: target}
     if sharding is None:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     else:
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    return _restore_state(step_dir, target, restore_args)[key]
+    restored = _restore_state(step_dir, target, restore_args)
+    for k in keys:
+        restored = restored[k]
+    return restored
 
 
 class Checkpointer:

@@ -186,12 +186,25 @@ def _param_arrays(model_or_params) -> dict:
                         is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def export_tensors(model_or_params, config: Qwen2Config) -> Iterator[tuple[str, jax.Array]]:
-    """(HF name, array in HF layout and the parameter dtype), one tensor at a time, HF's order;
-    no lm_head.weight when the embeddings are tied."""
-    params = _param_arrays(model_or_params)
-    for name, path, layer, transposed in _entries(config):
-        array = functools.reduce(lambda d, k: d[k], path, params)
+def export_tensors(model_or_params, config: Qwen2Config, *, fetch=None) -> Iterator[tuple[str, jax.Array]]:
+    """(HF name, array in HF layout and the parameter dtype), one tensor at a time, parameter by
+    parameter (every layer of a stacked parameter together); no lm_head.weight when tied.
+
+    `fetch(path) -> array` (offline conversion) loads one parameter on demand instead of reading
+    `model_or_params`, so only one stacked parameter is ever in host memory."""
+    if fetch is None:
+        params = _param_arrays(model_or_params)
+        fetch = lambda path: functools.reduce(lambda d, k: d[k], path, params)  # noqa: E731
+    entries = list(_entries(config))
+    first_seen = {}
+    for _, path, _, _ in entries:
+        first_seen.setdefault(path, len(first_seen))
+    entries.sort(key=lambda e: first_seen[e[1]])  # stable: layer order kept within a parameter
+    path_loaded, array = None, None
+    for name, path, layer, transposed in entries:
+        if path != path_loaded:
+            array = None  # let the previous parameter go before the next one is loaded
+            path_loaded, array = path, fetch(path)
         if layer is None:
             yield name, (array.T if transposed else array)
         else:
