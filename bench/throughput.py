@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import math
 import os
 import platform
 import resource

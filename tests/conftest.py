@@ -10,3 +10,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory):
+    """A tiny random Qwen2 HF directory built from the bundled tokenizer, shared by the end-to-end
+    tests (made once here, so the processes of a multi-process job never race to create it)."""
+    from jaxsft import bundled, tiny
+
+    return tiny.ensure_tiny_model(tmp_path_factory.mktemp("base") / "model", bundled.path("tokenizer"))

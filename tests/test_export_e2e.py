@@ -51,11 +51,6 @@ def assert_same_tensors(got: dict, expected: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    return tiny.ensure_tiny_model(tmp_path_factory.mktemp("base") / "model", bundled.path("tokenizer"))
-
-
-@pytest.fixture(scope="module")
 def trained(base_model, tmp_path_factory):
     """Two steps of the smoke recipe (which saves hf_model) with 100 KB shards: the run directory."""
     run_dir = tmp_path_factory.mktemp("trained")

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from e2e import ROOT, env_for, free_port, losses, metrics, run_train, train_args
 
-from jaxsft import bundled, tiny
 from jaxsft.checkpoint import TRACKER
 
 pytestmark = pytest.mark.slow
@@ -33,12 +32,6 @@ FAST = ("--config.data.max_length=256", "--config.data.train_batch_size=8", "--c
         "--config.trainer.save_freq=3")
 LAST_STEP = 10
 REL = 1e-6
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    # Made once here: the processes of a job must not race to create it.
-    return tiny.ensure_tiny_model(tmp_path_factory.mktemp("base") / "model", bundled.path("tokenizer"))
 
 
 @pytest.fixture(scope="module")

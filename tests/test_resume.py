@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from e2e import losses, metrics, run_train, start_train
 
-from jaxsft import bundled, checkpoint, config, hf, optim, parallel, step, tiny
+from jaxsft import checkpoint, config, hf, optim, parallel, step
 from jaxsft.checkpoint import TRACKER, Checkpointer
 from jaxsft.model.qwen2 import ModelSettings
 
@@ -36,11 +36,6 @@ EXACT = ("train/loss", "train/lr", "train/grad_norm", "train/loss_tokens", "trai
 def train_rows(run_dir) -> dict[int, tuple[float, ...]]:
     """step → the EXACT values as logged; a step repeated after a resume keeps the later row."""
     return {m["step"]: tuple(m["data"][k] for k in EXACT) for m in metrics(run_dir) if "train/loss" in m["data"]}
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    return tiny.ensure_tiny_model(tmp_path_factory.mktemp("base") / "model", bundled.path("tokenizer"))
 
 
 @pytest.fixture(scope="module")
