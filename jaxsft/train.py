@@ -34,6 +34,7 @@ def main(argv) -> None:
 
     # ---- configuration, devices, mesh ---------------------------------------------------------
     cfg = config.normalise(_CONFIG.value)
+    cfg.data.apply_chat_template_kwargs.update(_template_kwargs)
     distributed.maybe_initialize(cfg.trainer)
     n_dev = jax.device_count()
     config.validate(cfg, num_devices=n_dev)
@@ -308,15 +309,39 @@ def check_override_keys(args: list[str]) -> None:
     for arg in args:
         if arg.startswith("--config.") and "=" in arg:
             key = arg[len("--config."):].split("=", 1)[0]
-            if key not in known:
+            if key not in known and not key.startswith(_TEMPLATE_KWARGS + "."):
                 near = difflib.get_close_matches(key, sorted(known), n=3)
                 _fail(f"unknown setting {key!r}" + (f"; did you mean {', '.join(near)}?" if near else ""))
+
+
+_TEMPLATE_KWARGS = "data.apply_chat_template_kwargs"
+_template_kwargs: dict = {}  # free-form keys for the chat template, applied after the config is read
+
+
+def take_template_kwargs(args: list[str]) -> list[str]:
+    """`--config.data.apply_chat_template_kwargs.NAME=VALUE` adds a key verl's way; the locked
+    config cannot, so these are set aside here and merged in `main`."""
+    import ast
+
+    rest = []
+    for arg in args:
+        prefix = f"--config.{_TEMPLATE_KWARGS}."
+        if arg.startswith(prefix) and "=" in arg:
+            name, value = arg[len(prefix):].split("=", 1)
+            try:
+                _template_kwargs[name] = ast.literal_eval({"true": "True", "false": "False"}.get(value, value))
+            except (ValueError, SyntaxError):
+                _template_kwargs[name] = value
+        else:
+            rest.append(arg)
+    return rest
 
 
 def run() -> None:
     """Console entry point: default to the smoke recipe when no --config is given."""
     sys.argv[1:] = verl_style_overrides(sys.argv[1:])
     check_override_keys(sys.argv[1:])
+    sys.argv[1:] = take_template_kwargs(sys.argv[1:])
     if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
         sys.argv[1:1] = [f"--config={_DEFAULT_RECIPE}"]
     absl_logging.set_verbosity(absl_logging.WARNING)

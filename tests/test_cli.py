@@ -1,9 +1,12 @@
-"""Bad input through the command line: one line naming the key or file, exit code 2, nothing run."""
+"""The command line: bad input stops with one line naming the key or file (exit 2, nothing run);
+verl's Hydra spelling of settings is understood."""
+
+import subprocess
 
 import pytest
 
 from e2e import ROOT, env_for, metrics, train_args
-import subprocess
+from jaxsft.checkpoint import read_meta
 
 
 @pytest.mark.parametrize("devices, override, expect", [
@@ -44,8 +47,13 @@ def test_verl_launch_line_is_understood(tmp_path):
     proc = _run(tmp_path, "data.max_length=256", "data.truncation=right", "+data.ignore_input_ids_mismatch=true",
                 "data.balance_dp_token=True", "optim.betas=[0.9,0.95]", "model.trust_remote_code=true",
                 "optim.lr=2e-5", 'trainer.logger=["console","file"]', "trainer.total_training_steps=1",
-                "trainer.save_freq=-1", "trainer.checkpoint.save_contents=[model,optimizer,extra]")
+                "trainer.save_freq=-1", "trainer.checkpoint.save_contents=[model,optimizer,extra]",
+                "+data.apply_chat_template_kwargs.enable_thinking=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "over data.max_length=256 (truncation=right)" in proc.stdout
     rows = metrics(tmp_path / "run")
     assert [r["data"]["train/lr"] for r in rows if "train/lr" in r["data"]] == [pytest.approx(2e-5)]
+    saved = read_meta(tmp_path / "run" / "global_step_1")["config"]
+    assert saved["data"]["apply_chat_template_kwargs"] == {"enable_thinking": False}
+    assert saved["optim"]["betas"] == [0.9, 0.95] and saved["data"]["balance_dp_token"] is True
+    assert saved["trainer"]["checkpoint"]["save_contents"] == ["model", "optimizer", "extra"]
