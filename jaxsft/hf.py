@@ -54,16 +54,14 @@ NAME_MAP: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 
 
 def _entries(config: Qwen2Config) -> Iterator[tuple[str, tuple[str, ...], int | None, bool]]:
-    """(HF name, parameter path, layer index or None, transposed) in HF's order: embedding, layer by
-    layer, final norm, LM head (skipped when tied)."""
-    per_layer = [e for e in NAME_MAP if "{i}" in e[0]]
-    for entry in NAME_MAP:
-        name, path, transposed = entry
-        if entry == per_layer[0]:
+    """(HF name, parameter path, layer index or None, transposed), parameter by parameter: every
+    layer of a stacked parameter together, so an exporter needs only one in memory at a time.
+    No LM head when the embeddings are tied."""
+    for name, path, transposed in NAME_MAP:
+        if "{i}" in name:
             for i in range(config.num_hidden_layers):
-                for layer_name, layer_path, layer_transposed in per_layer:
-                    yield layer_name.format(i=i), layer_path, i, layer_transposed
-        elif "{i}" not in name and not (path[0] == "lm_head" and config.tie_word_embeddings):
+                yield name.format(i=i), path, i, transposed
+        elif not (path[0] == "lm_head" and config.tie_word_embeddings):
             yield name, path, None, transposed
 
 
@@ -195,13 +193,8 @@ def export_tensors(model_or_params, config: Qwen2Config, *, fetch=None) -> Itera
     if fetch is None:
         params = _param_arrays(model_or_params)
         fetch = lambda path: functools.reduce(lambda d, k: d[k], path, params)  # noqa: E731
-    entries = list(_entries(config))
-    first_seen = {}
-    for _, path, _, _ in entries:
-        first_seen.setdefault(path, len(first_seen))
-    entries.sort(key=lambda e: first_seen[e[1]])  # stable: layer order kept within a parameter
     path_loaded, array = None, None
-    for name, path, layer, transposed in entries:
+    for name, path, layer, transposed in _entries(config):
         if path != path_loaded:
             array = None  # let the previous parameter go before the next one is loaded
             path_loaded, array = path, fetch(path)

@@ -98,15 +98,13 @@ def set_learning_rate(opt_state, lr):
     return clip_state, adam_state._replace(hyperparams=hyper)
 
 
-def apply_update(tx, params, opt_state, grads, lr, step):
+def apply_update(tx, params, opt_state, grads, lr):
     """One AdamW step at `lr` -> (new_params, new_opt_state, grad_norm, finite).
 
     grad_norm is the pre-clip global norm (float32). When it is NaN/Inf the update is skipped as in
     verl: params and the whole opt_state (moments, Adam count) come back unchanged; the caller still
-    advances its global step, so the next lr follows the schedule. `step` (the caller's global
-    step) is not needed here: Adam's own count lives in opt_state.
+    advances its global step, so the next lr follows the schedule.
     """
-    del step
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(grad_norm)
     updates, new_state = tx.update(grads, set_learning_rate(opt_state, lr), params)

@@ -120,8 +120,7 @@ def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig):
         params = state["params"]
         loss, grads, total_weight = accumulate_gradients(graphdef, rest, params, batch, cfg)
         lr = lr_schedule(state["step"])
-        new_params, new_opt_state, grad_norm, _finite = optim.apply_update(
-            tx, params, state["opt_state"], grads, lr, state["step"])
+        new_params, new_opt_state, grad_norm, _ = optim.apply_update(tx, params, state["opt_state"], grads, lr)
         new_state = {"params": new_params, "opt_state": new_opt_state, "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": total_weight}
         return new_state, metrics

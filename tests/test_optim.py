@@ -72,7 +72,7 @@ def test_first_step_lr_zero_with_warmup_updates_adam_state():
     tx, lr_schedule = optim.make_optimizer(optim_cfg(lr_warmup_steps_ratio=0.1), 100, "float32")
     params = {"w": jnp.ones((3,))}
     new_params, state, _, _ = jax.jit(optim.apply_update, static_argnums=0)(
-        tx, params, tx.init(params), {"w": jnp.full((3,), 0.5)}, lr_schedule(0), 0)
+        tx, params, tx.init(params), {"w": jnp.full((3,), 0.5)}, lr_schedule(0))
     assert float(lr_schedule(0)) == 0.0
     np.testing.assert_array_equal(new_params["w"], params["w"])
     assert int(state[1].inner_state[0].count) == 1
@@ -108,7 +108,7 @@ def test_two_adamw_steps_with_clipping_match_torch():
         assert (float(t_norm) > 1.0) == (i == 0)  # first step clipped, second not
         t_opt.param_groups[0]["lr"] = lr
         t_opt.step()
-        params, state, norm, finite = step(tx, params, state, g, jnp.float32(lr), i)
+        params, state, norm, finite = step(tx, params, state, g, jnp.float32(lr))
         assert bool(finite)
         errs[f"grad_norm{i}"] = abs(float(norm) - float(t_norm)) / float(t_norm)
         adam = state[1].inner_state[0]
@@ -133,7 +133,7 @@ def test_bf16_params_path_runs():
     assert state[1].hyperparams["learning_rate"].dtype == jnp.float32
     grads = jax.tree.map(jnp.asarray, random_tree(1))  # float32, as the train step accumulates them
     new_params, state, norm, finite = jax.jit(optim.apply_update, static_argnums=0)(
-        tx, params, state, grads, lr_schedule(0), 0)
+        tx, params, state, grads, lr_schedule(0))
     assert bool(finite)
     for k in SHAPES:
         assert new_params[k].dtype == jnp.bfloat16
@@ -145,14 +145,14 @@ def test_nonfinite_gradient_skips_update():
     tx, _ = optim.make_optimizer(optim_cfg(), 10, "float32")
     step = jax.jit(optim.apply_update, static_argnums=0)
     params = jax.tree.map(jnp.asarray, random_tree(0))
-    params, state, _, _ = step(tx, params, tx.init(params), random_tree(1), jnp.float32(1e-3), 0)
+    params, state, _, _ = step(tx, params, tx.init(params), random_tree(1), jnp.float32(1e-3))
     bad = random_tree(2)
     bad["b"][2] = np.nan
-    new_params, new_state, norm, finite = step(tx, params, state, bad, jnp.float32(1e-3), 1)
+    new_params, new_state, norm, finite = step(tx, params, state, bad, jnp.float32(1e-3))
     assert not bool(finite) and np.isnan(float(norm))
     for got, want in zip(jax.tree.leaves((new_params, new_state)), jax.tree.leaves((params, state))):
         np.testing.assert_array_equal(got, want)
     assert int(new_state[1].inner_state[0].count) == 1
     # the next finite step goes on from the kept state
-    _, later, _, finite = step(tx, new_params, new_state, random_tree(3), jnp.float32(1e-3), 2)
+    _, later, _, finite = step(tx, new_params, new_state, random_tree(3), jnp.float32(1e-3))
     assert bool(finite) and int(later[1].inner_state[0].count) == 2

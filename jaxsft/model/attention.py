@@ -3,16 +3,21 @@
 Every backend has the signature `fn(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], segment_ids [B,T])
 -> [B,T,Hq,D]` and must build its own mask from `segment_ids`: token t attends to token s iff
 s <= t, both are in the same segment and the segment is not 0 (padding). Queries of padding
-tokens get zeros. GPU kernels register themselves in `BACKENDS` and `AUTO_ORDER`; each must pass
-the comparison with `xla` on packed rows.
+tokens get zeros. GPU kernels are listed in `BACKENDS` and `AUTO_ORDER`; each must pass the
+comparison with `xla` on packed rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import warnings
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from jaxsft.model import flash
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -42,63 +47,49 @@ def xla_attention(q, k, v, segment_ids):
     return out.reshape(b, t, hq, d)
 
 
-BACKENDS: dict[str, AttentionFn] = {"xla": xla_attention}
-# Backends that are custom kernels: XLA cannot partition them, so on a mesh they always run
-# inside the Ulysses shard_map (which, at sp = 1, is just a per-device call).
-KERNELS: set[str] = set()
-# `auto` takes the first backend listed for the running platform that is registered and verified.
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    fn: AttentionFn
+    # A custom kernel XLA cannot partition: on a mesh it always runs inside the Ulysses shard_map
+    # (at sp = 1 just a per-device call), and `auto` takes it only after `self_check` passes.
+    kernel: bool = False
+    available: Callable[[], bool] = lambda: True
+    self_check: Callable[[], tuple[bool, str]] | None = None
+
+
+BACKENDS: dict[str, Backend] = {
+    "xla": Backend(xla_attention),
+    "flash": Backend(flash.flash_attention, kernel=True, available=flash.available, self_check=flash.self_check),
+}
+# `auto` takes the first backend listed for the running platform that is available and verified.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("flash", "xla"), "tpu": ("xla",)}
 
 
-def _register_flash() -> None:
-    from jaxsft.model import flash
-
-    BACKENDS["flash"] = flash.flash_attention
-    KERNELS.add("flash")
-
-
-_register_flash()
-_verified: dict[str, bool] = {}
-
-
+@functools.cache
 def _verified_on_device(name: str) -> bool:
-    """A kernel is taken by `auto` only after it equals the XLA reference on a packed row on this
-    device (once per process); a failure falls back to xla with a warning instead of a bad run."""
-    if name not in KERNELS:
+    """A kernel must equal the XLA reference on a packed row on this device (once per process);
+    a failure falls back to xla with a warning instead of a bad run."""
+    backend = BACKENDS[name]
+    if backend.self_check is None:
         return True
-    if name not in _verified:
-        from jaxsft.model import flash
-
-        ok, why = flash.self_check() if name == "flash" else (False, "no self-check")
-        if not ok:
-            import warnings
-
-            warnings.warn(f"attention backend {name!r} failed its self-check on {jax.devices()[0].device_kind} "
-                          f"({why}); using xla")
-        _verified[name] = ok
-    return _verified[name]
+    ok, why = backend.self_check()
+    if not ok:
+        warnings.warn(f"attention backend {name!r} failed its self-check on {jax.devices()[0].device_kind} "
+                      f"({why}); using xla")
+    return ok
 
 
 def resolve(implementation: str) -> str:
     """The backend name `implementation` stands for (`auto` picks by platform)."""
     if implementation == "auto":
-        platform = jax.default_backend()
-        for name in AUTO_ORDER.get(platform, ("xla",)):
-            if name in BACKENDS and _available(name) and _verified_on_device(name):
+        for name in AUTO_ORDER.get(jax.default_backend(), ()):
+            if BACKENDS[name].available() and _verified_on_device(name):
                 return name
         return "xla"
     if implementation not in BACKENDS:
         raise ValueError(f"model.attn_implementation={implementation!r} is not available; choose auto or one of: "
                          f"{', '.join(BACKENDS)}")
     return implementation
-
-
-def _available(name: str) -> bool:
-    if name == "flash":
-        from jaxsft.model import flash
-
-        return flash.available()
-    return True
 
 
 def attention(q, k, v, segment_ids, *, implementation: str = "xla"):
@@ -111,9 +102,9 @@ def attention(q, k, v, segment_ids, *, implementation: str = "xla"):
     from jaxsft.model.ulysses import check_ulysses, ulysses_attention
 
     name = resolve(implementation)
-    fn = BACKENDS[name]
+    backend = BACKENDS[name]
     mesh = parallel.active_mesh()
-    if mesh is not None and (mesh.shape["sp"] > 1 or name in KERNELS):
+    if mesh is not None and (mesh.shape["sp"] > 1 or backend.kernel):
         (b, t), dp, sp = segment_ids.shape, mesh.shape["dp"], mesh.shape["sp"]
         try:
             check_ulysses(q.shape[2], k.shape[2], sp)
@@ -121,10 +112,10 @@ def attention(q, k, v, segment_ids, *, implementation: str = "xla"):
         except ValueError:
             splits = False
         if splits:
-            return ulysses_attention(q, k, v, segment_ids, mesh=mesh, inner=fn).astype(q.dtype)
-        if name in KERNELS:
+            return ulysses_attention(q, k, v, segment_ids, mesh=mesh, inner=backend.fn).astype(q.dtype)
+        if backend.kernel:
             raise ValueError(f"model.attn_implementation={name} on a (dp={dp}, sp={sp}) mesh needs rows divisible by "
                              f"dp, tokens by sp and heads ({q.shape[2]} q / {k.shape[2]} kv) split over sp")
         # The XLA reference is partitioned by XLA itself (sequence gathered): correct, not Ulysses.
         # Training checks the Ulysses constraints at start-up, so this serves odd shapes in tests.
-    return fn(q, k, v, segment_ids).astype(q.dtype)
+    return backend.fn(q, k, v, segment_ids).astype(q.dtype)

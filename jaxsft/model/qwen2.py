@@ -198,7 +198,7 @@ class Qwen2ForCausalLM(nnx.Module):
             step = remat.remat(layer, policy, prevent_cse=False)
             x, _ = jax.lax.scan(lambda h, p: (step(h, p, cos, sin, segment_ids), None), x, stacked)
             return x
-        # lax.split (not indexing) so the backward pass concatenates the L slices' gradients once.
+        # jnp.split (not indexing) so the backward pass concatenates the L slices' gradients once.
         leaves, treedef = jax.tree.flatten(stacked)
         per_leaf = [[s[0] for s in jnp.split(a, a.shape[0])] for a in leaves]
         step = remat.remat(layer, policy)
