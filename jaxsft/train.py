@@ -57,6 +57,9 @@ def main(argv) -> None:
             tiny.ensure_tiny_model(model_dir, cfg.model.build_tiny_from, seed=cfg.trainer.seed, **cfg.model.tiny)
         # Unconditional: a process that already sees process 0's model must still meet it here.
         distributed.barrier("tiny-model")
+    if not (model_dir / "config.json").is_file():  # else transformers would try to download it
+        raise config.ConfigError(f"model.partial_pretrain={str(model_dir)!r} is not a Hugging Face model directory "
+                                 f"(no config.json there); jaxsft reads local directories only")
     tokenizer = data.load_tokenizer(model_dir)
     train_set = data.build_dataset(cfg.data.train_files, cfg.data, tokenizer, split="train")
     val_set = data.build_dataset(cfg.data.val_files, cfg.data, tokenizer, split="val") if cfg.data.val_files else None

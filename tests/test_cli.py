@@ -14,6 +14,7 @@ from jaxsft.checkpoint import read_meta
     (8, "--config.data.train_batch_size=12", "data.train_batch_size=12 is not divisible by the data-parallel size 8"),
     (1, "--config.data.train_files=/nonexistent/train.parquet", "/nonexistent/train.parquet: file not found"),
     (1, "--config.model.remat_policy=sometimes", "model.remat_policy"),
+    (1, "--config.model.build_tiny_from=", "is not a Hugging Face model directory (no config.json there)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, devices, override, expect):
     proc = subprocess.run(train_args(tmp_path / "run", tmp_path / "base", override), cwd=ROOT, env=env_for(devices),
