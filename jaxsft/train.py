@@ -145,10 +145,11 @@ def main(argv) -> None:
         dt, t_last = now - t_last, now
         row = {"train/loss": float(m["loss"]), "train/lr": float(m["lr"]), "train/grad_norm": float(m["grad_norm"]),
                "train/loss_tokens": float(m["loss_tokens"]), "train/time(s)": dt,
-               "train/tokens_per_sec": host["tokens"] / dt, "train/loss_tokens_per_sec": float(m["loss_tokens"]) / dt,
+               "train/tokens_per_sec": float(host["lengths"].sum()) / dt,
+               "train/loss_tokens_per_sec": float(m["loss_tokens"]) / dt,
                "train/epoch": host["epoch"]}
         if peak:
-            row["train/mfu"] = flops_model.step_flops(host["segment_lengths"]) / dt / (peak * n_dev)
+            row["train/mfu"] = flops_model.step_flops(host["lengths"]) / dt / (peak * n_dev)
         if not math.isfinite(row["train/grad_norm"]):
             say(f"[jaxsft] step {g}: non-finite gradient norm; update skipped (lr schedule advanced)")
         logger.log(g, row)
@@ -156,8 +157,8 @@ def main(argv) -> None:
     with jax.set_mesh(mesh):
         while global_step < last_step:
             epoch, batch = next(loader)
-            lengths = loader.step_lengths(loader.next_step - 1)  # every process's rows, not only ours
-            host = {"epoch": epoch, "tokens": float(lengths.sum()), "segment_lengths": lengths}
+            # every sample of the step, on every process (not only this process's rows)
+            host = {"epoch": epoch, "lengths": loader.step_lengths(loader.next_step - 1)}
             t0 = time.perf_counter()
             state, m = train_step(state, put(batch, batch_sharding))
             global_step += 1
