@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxsft import __version__, distributed
+from jaxsft.errors import UserError
 from jaxsft.export import write_hf_directory
 
 STEP_PREFIX = "global_step"
@@ -47,7 +48,7 @@ _GROUP = {"params": "model", "opt_state": "optimizer"}  # every other state key 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one sentence."""
 
 

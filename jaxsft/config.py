@@ -10,6 +10,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from jaxsft.errors import UserError
+
 placeholder = config_dict.placeholder
 
 
@@ -130,7 +132,7 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A setting that cannot work; the message names the key."""
 
 

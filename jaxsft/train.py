@@ -19,6 +19,7 @@ from absl import app, logging as absl_logging
 from ml_collections import config_flags
 
 from jaxsft import cli
+from jaxsft.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/NAME.py).", lock_config=True)
 _DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "smoke.py"
@@ -221,24 +222,13 @@ def _test_hook(step: int, ckpt, preempted, say) -> None:
             time.sleep(0.02)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors about the user's input (config keys, data rows, checkpoints, model files): their
-    message already names the key, file or row, so a traceback would only bury it."""
-    from jaxsft.checkpoint import CheckpointError
-    from jaxsft.config import ConfigError
-    from jaxsft.data import DataError
-    from jaxsft.model.config import UnsupportedConfigError
-
-    return ConfigError, DataError, CheckpointError, UnsupportedConfigError
-
-
 def _main_or_exit(argv) -> None:
     """`main`; a user-input error prints one line and exits 2. In a multi-process job any error
     ends this process at once with its cause in one line: otherwise jax's exit hook would wait at
     a shutdown barrier for processes that may be gone, then abort with a C++ trace."""
     try:
         main(argv)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"jaxsft: error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 
+from jaxsft.errors import UserError
+
 _NEWLINES = re.compile(r"\s*\n\s*")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data or a batching setting that cannot work; one line naming file, row and problem."""
 
 

@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from jaxsft.errors import UserError
+
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(UserError):
     """config.json describes a model jaxsft does not compute exactly like transformers."""
 
 
