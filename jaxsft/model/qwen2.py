@@ -47,7 +47,9 @@ class ModelSettings:
             if value not in DTYPES:
                 raise ValueError(f"{key}={value!r}: choose one of {', '.join(DTYPES)}")
         remat.check_policy(self.remat_policy)
-        attn.resolve(self.attn_implementation)
+        if self.attn_implementation != "auto" and self.attn_implementation not in attn.BACKENDS:
+            raise ValueError(f"model.attn_implementation={self.attn_implementation!r} is not available; choose auto "
+                             f"or one of: {', '.join(attn.BACKENDS)}")
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
