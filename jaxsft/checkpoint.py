@@ -41,7 +41,6 @@ from jaxsft.export import write_hf_directory
 
 STEP_PREFIX = "global_step"
 TRACKER = "latest_checkpointed_iteration.txt"
-CONTENTS = ("model", "optimizer", "extra", "hf_model")
 _STEP_DIR = re.compile(rf"{STEP_PREFIX}_(\d+)")
 _GROUP = {"params": "model", "opt_state": "optimizer"}  # every other state key is "extra"
 
@@ -125,15 +124,14 @@ def latest_complete(root: str | os.PathLike) -> Path | None:
     return None
 
 
-def resolve_resume(trainer_cfg) -> Path | None:
-    """The step directory to resume from, or None to start fresh (verl's resume_mode semantics)."""
-    mode, path = trainer_cfg.resume_mode, trainer_cfg.resume_from_path
+def resolve_resume(ckpt) -> Path | None:
+    """The step directory to resume from, or None to start fresh (verl's resume_mode semantics),
+    for the checkpoint settings `ckpt` (`jaxsft.config.settings.CheckpointSettings`)."""
+    mode, path = ckpt.resume_mode, ckpt.resume_from_path
     if mode == "disable":
         return None
-    if mode not in ("auto", "resume_path"):
-        raise CheckpointError(f"trainer.resume_mode={mode!r} is not one of auto, disable, resume_path")
     if path:
-        p = Path(path)
+        p = Path(path).absolute()  # Orbax reads no metadata through a relative path
         if not p.is_dir():
             raise CheckpointError(f"trainer.resume_from_path={path!r} does not exist")
         if parse_step(p) is None:
@@ -142,18 +140,7 @@ def resolve_resume(trainer_cfg) -> Path | None:
             raise CheckpointError(f"trainer.resume_from_path={path!r} is an incomplete checkpoint (its save never "
                                   f"finished); choose an earlier {STEP_PREFIX}_N")
         return p
-    if mode == "resume_path":
-        raise CheckpointError("trainer.resume_mode=resume_path needs trainer.resume_from_path "
-                              f"(a .../{STEP_PREFIX}_N directory)")
-    return latest_complete(trainer_cfg.default_local_dir)
-
-
-def _contents(value, key: str) -> tuple[str, ...]:
-    items = (value,) if isinstance(value, str) else tuple(value)
-    unknown = [c for c in items if c not in CONTENTS]
-    if unknown:
-        raise CheckpointError(f"{key} has {unknown}: allowed are {', '.join(CONTENTS)}")
-    return items
+    return latest_complete(Path(ckpt.default_local_dir).absolute())
 
 
 def _gather_json(obj) -> list:
@@ -174,7 +161,10 @@ def _gather_json(obj) -> list:
 def _state_tree_metadata(step_dir: Path) -> dict:
     if not (step_dir / "state").is_dir():
         return {}
-    return ocp.PyTreeCheckpointer().metadata(step_dir / "state").item_metadata.tree
+    # The handler's own reader: the checkpointer's would warn about a step-level metadata file.
+    from etils import epath
+
+    return ocp.PyTreeCheckpointHandler().metadata(epath.Path(Path(step_dir).absolute() / "state")).tree
 
 
 def _restore_state(step_dir: Path, target: dict, restore_args) -> dict:
@@ -210,20 +200,21 @@ def restore_entry(step_dir: str | os.PathLike, key: str | tuple[str, ...] = "par
 class Checkpointer:
     """Saves and restores train states under `trainer.default_local_dir` (see the module doc)."""
 
-    def __init__(self, cfg, *, process_index: int | None = None):
-        t = cfg.trainer
-        self.root = Path(t.default_local_dir).absolute()
-        self.contents = _contents(t.checkpoint.save_contents, "trainer.checkpoint.save_contents")
-        self.load_contents = _contents(t.checkpoint.load_contents if t.checkpoint.load_contents is not None
-                                       else t.checkpoint.save_contents, "trainer.checkpoint.load_contents")
-        self.keep = t.max_ckpt_to_keep or 0
+    def __init__(self, ckpt, *, base_model_dir, max_length: int, process_index: int | None = None,
+                 meta: dict | None = None, export=None):
+        """`ckpt`: the checkpoint settings (`jaxsft.config.settings.CheckpointSettings`); the HF
+        export copies config and tokenizer from `base_model_dir` and raises its context to
+        `max_length`. `meta` goes into every step's meta; `export(params)` gives the HF tensors
+        of a state's parameters (`jaxsft.hf.export_tensors`)."""
+        self._meta, self._export_params = dict(meta or {}), export
+        self.root = Path(ckpt.default_local_dir).absolute()
+        self.contents, self.load_contents = ckpt.save_contents, ckpt.load_contents
+        self.keep = ckpt.max_ckpt_to_keep
         self.process_index = jax.process_index() if process_index is None else process_index
         self._primary = jax.process_index() == 0
-        self._async = bool(t.checkpoint.async_save)
-        self._export_args = dict(base_model_dir=cfg.model.partial_pretrain,
-                                 dtype=t.checkpoint.hf_dtype or cfg.model.param_dtype,
-                                 max_shard_size=t.checkpoint.max_shard_size,
-                                 min_max_position_embeddings=cfg.data.max_length)
+        self._async = ckpt.async_save
+        self._export_args = dict(base_model_dir=str(base_model_dir), dtype=ckpt.hf_dtype,
+                                 max_shard_size=ckpt.max_shard_size, min_max_position_embeddings=max_length)
         self._pending: tuple[int, Path | None] | None = None  # (step, its HF export) awaiting commit
         if self._primary:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -242,9 +233,13 @@ class Checkpointer:
         """Start saving `state` ({params, opt_state, step, ...} of jax arrays) as global_step_`step`.
 
         Blocks only for the device→host copy, plus the HF export when `hf_model` is saved: `export()`
-        must return `jaxsft.hf.export_tensors(...)` of the live arrays, which the next (donating)
-        train step invalidates. Every process calls this. Returns the step directory.
+        (default: the constructor's `export` of `state["params"]`) must return
+        `jaxsft.hf.export_tensors(...)` of the live arrays, which the next (donating) train step
+        invalidates. Every process calls this. Returns the step directory.
         """
+        if export is None and self._export_params is not None and "params" in state:
+            export = lambda: self._export_params(state["params"])  # noqa: E731
+        meta = {**self._meta, **(meta or {})}
         self._finalize(block=True)
         self._replace_existing(step)
         tree = {k: v for k, v in state.items() if group_of(k) in self.contents}
@@ -301,6 +296,29 @@ class Checkpointer:
         state = _restore_state(step_dir, target, ocp.checkpoint_utils.construct_restore_args(target)) if target else {}
         data_state = self._restore_data_state(step_dir) if "extra" in self.load_contents else None
         return state, data_state, meta
+
+    def resume(self, ckpt, state: dict, shardings: dict, loader, say=print) -> dict:
+        """The train state to start from: `state` (fresh) unless the checkpoint settings `ckpt`
+        name a step to resume (`resolve_resume`); then that step's contents restored into
+        `shardings`, and the data loader set to its position."""
+        step_dir = resolve_resume(ckpt)
+        if step_dir is None:
+            return state
+        state, data_state = self.restore_state(step_dir, state, shardings)
+        if data_state is not None:
+            loader.set_state(data_state)
+        say(f"[jaxsft] resumed from {step_dir} at step {int(state['step'])}")
+        return state
+
+    def restore_state(self, step_dir: str | os.PathLike, state: dict, shardings: dict) -> tuple[dict, dict | None]:
+        """`state` (a fresh train state) with what `step_dir` holds restored into `shardings`;
+        returns (state, this process's data-iterator state or None)."""
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        restored, data_state, meta = self.restore(step_dir, abstract)
+        state = {**state, **restored}  # entries not saved / not in load_contents start fresh
+        if "step" not in restored:
+            state["step"] = jax.device_put(np.int32(meta["step"]), shardings["step"])
+        return state, data_state
 
     def _restore_data_state(self, step_dir: Path):
         own = step_dir / f"data_process_{self.process_index}"
@@ -383,7 +401,7 @@ class PreemptionFlag:
 
     def _on_signal(self, signum, frame) -> None:
         if self._set and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("interrupted again: not saving")
         self._set = True
 
     def check(self, step: int) -> bool:

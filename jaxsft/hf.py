@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 
 from jaxsft import parallel
+from jaxsft.data.dataset import load_tokenizer  # noqa: F401  (the HF boundary's tokenizer loading)
 from jaxsft.model.config import Qwen2Config
 from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM
 
@@ -75,6 +76,36 @@ def read_config(model_dir) -> Qwen2Config:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: model.partial_pretrain must be a Hugging Face model directory")
     return Qwen2Config.from_hf_dict(json.loads(path.read_text()))
+
+
+def model_directory(spec) -> Path:
+    """The base model directory for the model settings `spec` (`jaxsft.config.settings.ModelSpec`),
+    after importing `model.external_lib`. The smoke recipe's tiny model is written first when
+    missing (only at the recipe's own path, never at one the user gave); every other directory
+    must exist."""
+    if spec.external_lib:  # verl imports it before loading the model (to register custom code)
+        import importlib
+
+        from jaxsft.config import ConfigError
+
+        try:
+            importlib.import_module(spec.external_lib)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's module, in one line
+            raise ConfigError(f"model.external_lib={spec.external_lib!r} cannot be imported ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    model_dir = Path(spec.partial_pretrain)
+    if spec.tiny is not None:
+        from jaxsft import distributed, tiny
+
+        if jax.process_index() == 0 and not (model_dir / CONFIG_FILE).exists():
+            tiny.ensure_tiny_model(model_dir, spec.tiny.tokenizer_dir, seed=spec.tiny.seed, **spec.tiny.shape)
+        distributed.barrier("tiny-model")  # every process meets it, also one that already sees the model
+    if not (model_dir / CONFIG_FILE).is_file():  # else transformers would try to download it
+        from jaxsft.config import ConfigError
+
+        raise ConfigError(f"model.partial_pretrain={spec.partial_pretrain!r} is not a Hugging Face model directory "
+                          f"(no config.json there); jaxsft reads local directories only")
+    return model_dir
 
 
 def _tensor_files(model_dir: Path) -> tuple[Path, dict[str, Path]]:

@@ -46,6 +46,12 @@ class StepConfig:
     dp: int  # data-parallel size (rows of a micro-batch come in dp blocks)
     chunk_size: int  # cross-entropy chunk (tokens)
 
+    @classmethod
+    def of(cls, settings, mesh) -> "StepConfig":
+        t = settings.trainer
+        return cls(loss_normalization=t.loss_normalization, balance_dp_token=t.balance_dp_token, dp=mesh.shape["dp"],
+                   chunk_size=t.loss_chunk_size)
+
 
 def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int):
     """Per-row (Σ masked CE, Σ weights) of one micro-batch [rows, T], in float32."""
@@ -137,3 +143,20 @@ def make_eval_step(graphdef, rest, chunk_size: int):
         return jnp.sum(loss_rows), jnp.sum(w_rows)
 
     return eval_step
+
+
+def compile_steps(graphdef, rest, tx, lr_schedule, cfg: StepConfig, shardings, mesh):
+    """(train_step, eval_step) jitted: the train step donates the state and keeps its shardings."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = jax.jit(make_train_step(graphdef, rest, tx, lr_schedule, cfg), donate_argnums=0,
+                         out_shardings=(shardings, replicated))
+    return train_step, jax.jit(make_eval_step(graphdef, rest, cfg.chunk_size))
+
+
+def evaluate(eval_step, params, batches) -> tuple[float, float]:
+    """(Σ masked CE, Σ loss tokens) over `batches` (global arrays): divide once for the mean."""
+    total = count = 0.0
+    for batch in batches:
+        s, n = eval_step(params, batch)
+        total, count = total + float(s), count + float(n)
+    return total, count

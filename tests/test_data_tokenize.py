@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cfg import settings
 
 from jaxsft import bundled
-from jaxsft.config import default_config, normalise
 from jaxsft.data import DataError, DataWarning, build_dataset, load_tokenizer
 from jaxsft.data.tokenize import ChatEncoder
 
@@ -23,16 +23,8 @@ def tok():
 
 
 def data_cfg(**overrides):
-    c = default_config()
-    c.data.multiturn.enable = True
-    c.data.max_length = 4096
-    for k, v in overrides.items():
-        node = c.data
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return normalise(c).data
+    keys = {"data.multiturn.enable": True, "data.max_length": 4096}
+    return settings({**keys, **{f"data.{k}": v for k, v in overrides.items()}}).data
 
 
 def write(tmp_path, columns, name="d.parquet"):

@@ -6,6 +6,7 @@ See docs/DATA.md for the semantics, the deviations from verl and every error mes
 from jaxsft.data.dataset import TokenizedDataset, build_dataset, load_tokenizer, summary
 from jaxsft.data.errors import DataError, DataWarning
 from jaxsft.data.loader import TrainLoader, segment_lengths, val_batches
+from jaxsft.data.run import RunData
 
-__all__ = ["DataError", "DataWarning", "TokenizedDataset", "TrainLoader", "build_dataset", "load_tokenizer",
+__all__ = ["DataError", "DataWarning", "RunData", "TokenizedDataset", "TrainLoader", "build_dataset", "load_tokenizer",
            "segment_lengths", "summary", "val_batches"]

@@ -61,36 +61,18 @@ class TokenizedDataset:
         return cls(ids, mask, offsets, origins, stats)
 
 
-def _cfg(cfg, dotted: str, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if hasattr(node, "get") else None
-        if node is None:
-            return default
-    return node
-
-
-def build_dataset(files, data_cfg, tokenizer, *, split: str = "train", verbose: bool | None = None) -> TokenizedDataset:
-    """Read, check and tokenise `files` (one path or a list) with the `data.*` settings in
-    `data_cfg`; print the summary once (on process 0 unless `verbose` says otherwise)."""
+def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool | None = None) -> TokenizedDataset:
+    """Read, check and tokenise `files` (one path or a list) with the data settings `data`
+    (`jaxsft.config.settings.DataSettings`); print the summary once (on process 0 unless `verbose`
+    says otherwise)."""
     t0 = time.perf_counter()
     paths = source.file_list(files)
-    max_length = int(_cfg(data_cfg, "max_length", 1024))
-    mode = _cfg(data_cfg, "truncation", "error")
-    if mode not in ("error", "left", "right"):
-        raise DataError(f"data.truncation={mode!r} is not one of error, left, right")
-    max_rows = int(_cfg(data_cfg, f"{split}_max_samples", -1))
-    remaining = max_rows if max_rows > 0 else None
-    template_kwargs = dict(_cfg(data_cfg, "apply_chat_template_kwargs", {}) or {})
-
-    multiturn = bool(_cfg(data_cfg, "multiturn.enable", False))
-    if multiturn:
-        encoder = ChatEncoder(tokenizer, template_kwargs,
-                              enable_thinking_default=_cfg(data_cfg, "enable_thinking_default"),
-                              ignore_mismatch=bool(_cfg(data_cfg, "ignore_input_ids_mismatch", False)))
-        # verl's older spellings under data.multiturn win when given (config.normalise does the same)
-        keys = {k: _cfg(data_cfg, f"multiturn.{k}") or _cfg(data_cfg, k, d) for k, d in
-                (("messages_key", "messages"), ("tools_key", "tools"), ("enable_thinking_key", "enable_thinking"))}
+    max_length, mode = data.max_length, data.truncation
+    remaining = data.max_samples(split)
+    template_kwargs = dict(data.apply_chat_template_kwargs)
+    if data.multiturn:
+        encoder = ChatEncoder(tokenizer, template_kwargs, enable_thinking_default=data.enable_thinking_default,
+                              ignore_mismatch=data.ignore_input_ids_mismatch)
     else:
         encoder = PairEncoder(tokenizer, template_kwargs)
 
@@ -98,13 +80,13 @@ def build_dataset(files, data_cfg, tokenizer, *, split: str = "train", verbose: 
     for path in paths:
         if remaining == 0:
             break
-        if multiturn:
-            rows = source.read_chats(path, limit=remaining, **keys)
+        if data.multiturn:
+            rows = source.read_chats(path, messages_key=data.messages_key, tools_key=data.tools_key,
+                                     enable_thinking_key=data.enable_thinking_key, limit=remaining)
         else:
-            rows = source.read_pairs(path, prompt_key=_cfg(data_cfg, "prompt_key", "question"),
-                                     response_key=_cfg(data_cfg, "response_key", "answer"),
-                                     prompt_dict_keys=_cfg(data_cfg, "prompt_dict_keys"),
-                                     response_dict_keys=_cfg(data_cfg, "response_dict_keys"), limit=remaining)
+            rows = source.read_pairs(path, prompt_key=data.prompt_key, response_key=data.response_key,
+                                     prompt_dict_keys=data.prompt_dict_keys, response_dict_keys=data.response_dict_keys,
+                                     limit=remaining)
         for r, (ids, mask) in enumerate(encoder.encode(rows, path)):
             raw_lengths.append(len(ids))
             truncated += len(ids) > max_length
@@ -112,7 +94,7 @@ def build_dataset(files, data_cfg, tokenizer, *, split: str = "train", verbose: 
             origins.append((path, r))
         if remaining is not None:
             remaining -= len(rows)
-    if multiturn and encoder.mismatched_rows:
+    if data.multiturn and encoder.mismatched_rows:
         warnings.warn(f"{encoder.mismatched_rows} row(s) of {', '.join(paths)} differ from the whole-conversation "
                       f"rendering; trained on the per-message tokens (data.ignore_input_ids_mismatch=true)", DataWarning)
 
