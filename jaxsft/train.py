@@ -58,10 +58,10 @@ def main(argv) -> None:
             tiny.ensure_tiny_model(model_dir, cfg.model.build_tiny_from, seed=cfg.trainer.seed, **cfg.model.tiny)
         # Unconditional: a process that already sees process 0's model must still meet it here.
         distributed.barrier("tiny-model")
-    if not (model_dir / "config.json").is_file():  # else transformers would try to download it
-        raise config.ConfigError(f"model.partial_pretrain={str(model_dir)!r} is not a Hugging Face model directory "
-                                 f"(no config.json there); jaxsft reads local directories only")
-    tokenizer = data.load_tokenizer(model_dir)
+    model_dir = hf.resolve_model_dir(model_dir)  # a local directory, or a hub id found in the local cache
+    model_config = hf.read_config(model_dir)
+    hf.check_weights(model_dir, model_config)  # from the files' headers: before the data work
+    tokenizer = hf.load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     train_set = data.build_dataset(cfg.data.train_files, cfg.data, tokenizer, split="train")
     val_set = data.build_dataset(cfg.data.val_files, cfg.data, tokenizer, split="val") if cfg.data.val_files else None
     loader = data.TrainLoader(
@@ -77,7 +77,6 @@ def main(argv) -> None:
         f"running to step {last_step}")
 
     # ---- model, optimizer, train state --------------------------------------------------------
-    model_config = hf.read_config(model_dir)
     try:  # both name the offending key (model.* or ulysses_sequence_parallel_size)
         settings = ModelSettings(param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
                                  scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat_policy,
