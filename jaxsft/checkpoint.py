@@ -181,7 +181,8 @@ def _check_same_shapes(step_dir: Path, target: dict, saved_tree: dict, meta: dic
     (another base model, or another optimizer): Orbax would fail deep in tensorstore instead."""
     saved = ocp.tree.to_flat_dict(saved_tree)
     differ = []
-    for key, leaf in ocp.tree.to_flat_dict(target).items():
+    flat = ocp.tree.to_flat_dict(target)
+    for key, leaf in sorted(flat.items(), key=lambda item: item[0][0] != "params"):  # parameters first
         if getattr(leaf, "shape", None) is None:
             continue
         name = "/".join(k for k in key if k != "value")  # nnx variables are stored as {'value': ...}
