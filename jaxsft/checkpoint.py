@@ -190,6 +190,9 @@ def _check_same_shapes(step_dir: Path, target: dict, saved_tree: dict, meta: dic
             differ.append(f"{name} is not in it")
         elif tuple(saved[key].shape) != tuple(leaf.shape):
             differ.append(f"{name} has shape {list(saved[key].shape)} there but {list(leaf.shape)} here")
+    for key, leaf in saved.items():  # e.g. an untied LM head that this (tied) model would drop
+        if key[0] in target and key not in flat and getattr(leaf, "shape", None) is not None:
+            differ.append(f"{'/'.join(k for k in key if k != 'value')} is in it but not in this model")
     if differ:
         more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
         raise CheckpointError(

@@ -187,6 +187,12 @@ def test_index_places_a_tensor_in_a_shard_that_does_not_hold_it(base_model, tmp_
     assert f"places tensor model.norm.weight in {wrong}, which does not hold it" in load_error(model_dir)
 
 
+def test_single_file_and_index_together_are_ambiguous(base_model, tmp_path):
+    model_dir = sharded(copy_of(base_model, tmp_path))
+    shutil.copyfile(base_model / hf.SINGLE_FILE, model_dir / hf.SINGLE_FILE)
+    assert f"{model_dir} holds both model.safetensors and model.safetensors.index.json" in load_error(model_dir)
+
+
 def test_index_without_weight_map(base_model, tmp_path):
     model_dir = sharded(copy_of(base_model, tmp_path))
     (model_dir / hf.INDEX_FILE).write_text(json.dumps({"metadata": {}}))
@@ -337,14 +343,17 @@ _RESOLVE = textwrap.dedent("""
 
 
 def fake_cache(hf_home: Path, repo_id: str, source: Path | None, revision: str = "0123abcd") -> Path:
-    """The layout huggingface_hub writes: hub/models--Org--Name/{snapshots/<rev>/, refs/main}."""
+    """The layout huggingface_hub writes: hub/models--Org--Name/ with blobs/<hash>, refs/main naming
+    the revision, and snapshots/<revision>/<file> symlinks to ../../blobs/<hash>."""
     repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / revision
-    if source is not None:
-        shutil.copytree(source, snapshot)
-    else:
-        snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, f in enumerate(sorted(source.iterdir()) if source is not None else []):
+        blob = repo / "blobs" / f"{i:040x}"
+        shutil.copyfile(f, blob)
+        (snapshot / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     return snapshot
 
@@ -454,3 +463,31 @@ def test_resuming_with_another_base_model_is_one_line(base_model, tmp_path):
     assert "params/layers/mlp/down_proj/kernel has shape [2, 160, 64] there but [2, 96, 64] here" in line, line
     assert f"it was trained from {base_model.resolve()}" in line, line
     assert sorted(p.name for p in run_dir.glob("global_step_*")) == ["global_step_1"]  # nothing overwritten
+
+
+def test_resume_refuses_a_checkpoint_with_other_parameters(tmp_path):
+    """Unit level, the other direction: an untied checkpoint's LM head onto a tied model would be
+    dropped without a word by a partial restore."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsft import config
+    from jaxsft.checkpoint import Checkpointer, CheckpointError
+
+    cfg = config.default_config()
+    cfg.trainer.default_local_dir = str(tmp_path)
+    cfg.model.partial_pretrain = str(tmp_path)
+    cfg.trainer.checkpoint.save_contents = ("model",)
+    cfg.trainer.checkpoint.async_save = False
+    untied = {"params": {"embed": jnp.ones((8, 4)), "lm_head": jnp.ones((4, 8))}}
+    ckpt = Checkpointer(cfg)
+    step_dir = ckpt.save(1, untied, meta={"base_model": "/models/untied"})
+    ckpt.close()
+    tied = {"params": {"embed": jax.ShapeDtypeStruct((8, 4), jnp.float32)}}
+    with pytest.raises(CheckpointError, match="params/lm_head is in it but not in this model; it was trained from "
+                                              "/models/untied"):
+        Checkpointer(cfg).restore(step_dir, tied)
+    wider = {"params": {"embed": jax.ShapeDtypeStruct((8, 6), jnp.float32),
+                        "lm_head": jax.ShapeDtypeStruct((4, 8), jnp.float32)}}
+    with pytest.raises(CheckpointError, match=r"params/embed has shape \[8, 4\] there but \[8, 6\] here"):
+        Checkpointer(cfg).restore(step_dir, wider)

@@ -162,6 +162,9 @@ def _no_weights(model_dir: Path) -> ModelDirError:
 def _listing(model_dir: Path) -> tuple[Path, dict[str, TensorInfo]]:
     """(the file that lists the tensors, name → TensorInfo), every header read once."""
     index, single = model_dir / INDEX_FILE, model_dir / SINGLE_FILE
+    if index.is_file() and single.is_file():
+        raise ModelDirError(f"{model_dir} holds both {SINGLE_FILE} and {INDEX_FILE}: transformers would read the "
+                            f"first, other tools the shards; remove the one left over from an earlier save")
     if index.is_file():
         listed = read_json(index)
         weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
