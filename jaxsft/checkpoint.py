@@ -35,9 +35,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxsft import __version__, distributed
+from jaxsft import __version__, distributed, hf
 from jaxsft.errors import UserError
-from jaxsft.export import write_hf_directory
 
 STEP_PREFIX = "global_step"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -167,6 +166,31 @@ def _state_tree_metadata(step_dir: Path) -> dict:
     return ocp.PyTreeCheckpointHandler().metadata(epath.Path(Path(step_dir).absolute() / "state")).tree
 
 
+def _check_same_shapes(step_dir: Path, target: dict, saved_tree: dict, meta: dict) -> None:
+    """Refuse, in one sentence, a checkpoint whose arrays are not those of the state to restore
+    (another base model, or another optimizer): Orbax would fail deep in tensorstore instead."""
+    saved = ocp.tree.to_flat_dict(saved_tree)
+    differ = []
+    flat = ocp.tree.to_flat_dict(target)
+    for key, leaf in sorted(flat.items(), key=lambda item: item[0][0] != "params"):  # parameters first
+        if getattr(leaf, "shape", None) is None:
+            continue
+        name = "/".join(k for k in key if k != "value")  # nnx variables are stored as {'value': ...}
+        if key not in saved:
+            differ.append(f"{name} is not in it")
+        elif tuple(saved[key].shape) != tuple(leaf.shape):
+            differ.append(f"{name} has shape {list(saved[key].shape)} there but {list(leaf.shape)} here")
+    for key, leaf in saved.items():  # e.g. an untied LM head that this (tied) model would drop
+        if key[0] in target and key not in flat and getattr(leaf, "shape", None) is not None:
+            differ.append(f"{'/'.join(k for k in key if k != 'value')} is in it but not in this model")
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise CheckpointError(
+            f"cannot resume from {step_dir}: it holds a different model — {differ[0]}{more}; it was trained from "
+            f"{meta.get('base_model', 'another base model')}: resume with that model.partial_pretrain, or choose "
+            f"another trainer.default_local_dir to start fresh")
+
+
 def _restore_state(step_dir: Path, target: dict, restore_args) -> dict:
     args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
     return ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args)
@@ -201,9 +225,9 @@ class Checkpointer:
     """Saves and restores train states under `trainer.default_local_dir` (see the module doc)."""
 
     def __init__(self, ckpt, *, base_model_dir, max_length: int, process_index: int | None = None,
-                 meta: dict | None = None, export=None):
+                 meta: dict | None = None, export=None, trust_remote_code: bool = False):
         """`ckpt`: the checkpoint settings (`jaxsft.config.settings.CheckpointSettings`); the HF
-        export copies config and tokenizer from `base_model_dir` and raises its context to
+        export takes config and tokenizer from `base_model_dir` and raises its context to
         `max_length`. `meta` goes into every step's meta; `export(params)` gives the HF tensors
         of a state's parameters (`jaxsft.hf.export_tensors`)."""
         self._meta, self._export_params = dict(meta or {}), export
@@ -213,8 +237,14 @@ class Checkpointer:
         self.process_index = jax.process_index() if process_index is None else process_index
         self._primary = jax.process_index() == 0
         self._async = ckpt.async_save
-        self._export_args = dict(base_model_dir=str(base_model_dir), dtype=ckpt.hf_dtype,
-                                 max_shard_size=ckpt.max_shard_size, min_max_position_embeddings=max_length)
+        self._export_args = None
+        if "hf_model" in self.contents:
+            # The base model's config, generation config and tokenizer, read (and so checked) now
+            # rather than at the first save, hours later; only process 0 writes them.
+            self._export_args = dict(
+                base=hf.BaseModelFiles.read(Path(base_model_dir), trust_remote_code=trust_remote_code)
+                if self._primary else None,
+                dtype=ckpt.hf_dtype, max_shard_size=ckpt.max_shard_size, min_max_position_embeddings=max_length)
         self._pending: tuple[int, Path | None] | None = None  # (step, its HF export) awaiting commit
         if self._primary:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -257,7 +287,7 @@ class Checkpointer:
         if "hf_model" in saved:
             # Written beside the step (Orbax renames its own directory on commit) and moved in after.
             hf_tmp = self.root / f".{STEP_PREFIX}_{step}.huggingface.tmp"
-            write_hf_directory(export(), hf_tmp, **self._export_args)
+            hf.write_hf_directory(export(), hf_tmp, **self._export_args)
         self._pending = (step, hf_tmp)
         if not self._async:
             self._finalize(block=True)
@@ -286,13 +316,14 @@ class Checkpointer:
         """
         step_dir = Path(step_dir)
         meta = read_meta(step_dir)
-        saved = set(_state_tree_metadata(step_dir))
+        saved_tree = _state_tree_metadata(step_dir)
         wanted = [k for k in abstract_state if group_of(k) in self.load_contents]
-        missing = [k for k in wanted if k not in saved]
+        missing = [k for k in wanted if k not in saved_tree]
         if missing:
             log.warning("%s holds no %s (saved: %s); those start fresh", step_dir, ", ".join(missing),
                         ", ".join(meta.get("save_contents", ())))
-        target = {k: abstract_state[k] for k in wanted if k in saved}
+        target = {k: abstract_state[k] for k in wanted if k in saved_tree}
+        _check_same_shapes(step_dir, target, saved_tree, meta)
         state = _restore_state(step_dir, target, ocp.checkpoint_utils.construct_restore_args(target)) if target else {}
         data_state = self._restore_data_state(step_dir) if "extra" in self.load_contents else None
         return state, data_state, meta

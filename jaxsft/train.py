@@ -28,6 +28,7 @@ class Trainer:
 
         self.model_dir = hf.model_directory(s.model)
         self.model_config = hf.read_config(self.model_dir)
+        hf.check_weights(self.model_dir, self.model_config)  # from the files' headers: before the data work
         parallel.check_heads(self.model_config, self.mesh)
         tokenizer = hf.load_tokenizer(self.model_dir, trust_remote_code=s.model.trust_remote_code)
         self.data = data.RunData.build(s, tokenizer, dp=self.mesh.shape["dp"], process_index=jax.process_index(),
@@ -39,7 +40,8 @@ class Trainer:
             graphdef, rest, state, shardings = step.init_train_state(model, tx, self.mesh)
         self.ckpt = checkpoint.Checkpointer(s.checkpoint, base_model_dir=self.model_dir, max_length=s.data.max_length,
                                             meta={"config": s.config, "base_model": str(self.model_dir.resolve())},
-                                            export=lambda params: hf.export_tensors(params, self.model_config))
+                                            export=lambda params: hf.export_tensors(params, self.model_config),
+                                            trust_remote_code=s.model.trust_remote_code)
         self.state = self.ckpt.resume(s.checkpoint, state, shardings, self.data.loader, say=self.say)
         self.step = int(self.state["step"])
         self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule,

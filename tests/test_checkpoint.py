@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 
@@ -186,10 +187,11 @@ def test_incomplete_latest_step_is_skipped(tmp_path, caplog):
     assert checkpoint.latest_complete(tmp_path) == tmp_path / "global_step_3"
 
 
-def test_hf_export_lands_inside_the_step_before_the_tracker(tmp_path):
+def test_hf_export_lands_inside_the_step_before_the_tracker(tmp_path, base_model):
     base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 8}))
+    shutil.copytree(base_model, base)
+    (base / "config.json").write_text(json.dumps({**json.loads((base / "config.json").read_text()),
+                                                  "max_position_embeddings": 8}))
     root = tmp_path / "run"
     ckpt = make_ckpt(root, base=base, save_contents=("model", "hf_model"), hf_dtype="bfloat16")
     state = make_state()

@@ -297,7 +297,7 @@ def resolve(c: Composed) -> Settings:
         unknown = [x for x in items if x not in CONTENTS]
         if unknown:
             _fail(f"{name} has {unknown}: allowed are {', '.join(CONTENTS)}")
-    from jaxsft.export import parse_size
+    from jaxsft.hf.save import parse_size
 
     try:
         parse_size(v["trainer.checkpoint.max_shard_size"])

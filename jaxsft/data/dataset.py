@@ -13,16 +13,6 @@ from jaxsft.data.errors import DataError, DataWarning
 from jaxsft.data.tokenize import ChatEncoder, PairEncoder, truncate
 
 
-def load_tokenizer(model_dir, trust_remote_code: bool = False):
-    """The model directory's tokenizer; a missing pad token falls back to eos (as verl does)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 class TokenizedDataset:
     """Samples stored back to back: `input_ids` / `loss_mask` of sample i are
     `[offsets[i], offsets[i + 1])` of the flat arrays. Items are the contract's dicts."""
