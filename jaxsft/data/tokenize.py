@@ -75,6 +75,11 @@ class ChatEncoder:
         self.system_prefix = one[:len(one) - block]
         self.generation_prompt = gen[len(one):]
         self.mismatched_rows = 0
+        # Assistant turns that do not start with the generation prompt (e.g. a Qwen3 template with
+        # enable_thinking=false: the prompt ends in an empty think block, a lone turn has none).
+        # verl masks len(generation_prompt) tokens regardless, and so does this; counted for a warning.
+        self.unprompted_turns = self.untrained_tokens = 0
+        self.unprompted_example: tuple[str, int] | None = None
 
     def _row_kwargs(self, row: ChatRow) -> dict[str, Any]:
         thinking = row.enable_thinking if row.enable_thinking is not None else self.enable_thinking_default
@@ -108,9 +113,12 @@ class ChatEncoder:
                 toks = toks[len(sp):]  # count-based, as verl: the default system block of a lone message
             ids += toks
             if role == "assistant":
-                skip = len(gp)
-                if start == 0 and sp and toks[:len(sp)] == sp:
-                    skip += len(sp)
+                head = len(sp) if start == 0 and sp and toks[:len(sp)] == sp else 0
+                if toks[head:head + len(gp)] != gp:
+                    self._note_unprompted_turn(toks[head:], path, row)
+                # A turn shorter than the generation prompt is all prompt (verl's slice assignment
+                # clamps the same way); never more mask entries than tokens.
+                skip = min(head + len(gp), len(toks))
                 mask += [0] * skip + [1] * (len(toks) - skip)
             else:
                 mask += [0] * len(toks)
@@ -123,6 +131,13 @@ class ChatEncoder:
                                               f"to train on the per-message tokens (verl's behaviour)"))
             self.mismatched_rows += 1
         return np.asarray(ids, np.int32), np.asarray(mask, np.int8)
+
+    def _note_unprompted_turn(self, turn: list[int], path: str, row: int) -> None:
+        gp = self.generation_prompt
+        same = next((k for k, (a, b) in enumerate(zip(turn, gp)) if a != b), min(len(turn), len(gp)))
+        self.unprompted_turns += 1
+        self.untrained_tokens += min(len(gp), len(turn)) - same  # turn tokens masked as if prompt
+        self.unprompted_example = self.unprompted_example or (path, row)
 
 
 class PairEncoder:
