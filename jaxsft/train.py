@@ -62,8 +62,11 @@ def main(argv) -> None:
         raise config.ConfigError(f"model.partial_pretrain={str(model_dir)!r} is not a Hugging Face model directory "
                                  f"(no config.json there); jaxsft reads local directories only")
     tokenizer = data.load_tokenizer(model_dir)
-    train_set = data.build_dataset(cfg.data.train_files, cfg.data, tokenizer, split="train")
-    val_set = data.build_dataset(cfg.data.val_files, cfg.data, tokenizer, split="val") if cfg.data.val_files else None
+    model_config = hf.read_config(model_dir)
+    vocab = model_config.vocab_size  # token ids past the embedding table are refused at data time
+    train_set = data.build_dataset(cfg.data.train_files, cfg.data, tokenizer, split="train", vocab_size=vocab)
+    val_set = (data.build_dataset(cfg.data.val_files, cfg.data, tokenizer, split="val", vocab_size=vocab)
+               if cfg.data.val_files else None)
     loader = data.TrainLoader(
         train_set, train_batch_size=cfg.data.train_batch_size, micro_batch_size_per_gpu=cfg.data.micro_batch_size_per_gpu,
         dp=dp, max_length=cfg.data.max_length, packing=cfg.data.packing, seed=cfg.trainer.seed,
@@ -77,7 +80,6 @@ def main(argv) -> None:
         f"running to step {last_step}")
 
     # ---- model, optimizer, train state --------------------------------------------------------
-    model_config = hf.read_config(model_dir)
     try:  # both name the offending key (model.* or ulysses_sequence_parallel_size)
         settings = ModelSettings(param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
                                  scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat_policy,
