@@ -261,3 +261,16 @@ def test_one_mask_entry_per_token_is_enforced():
     long_mask = (np.arange(3, dtype=np.int32), np.array([0, 0, 0, 1], np.int8))
     with pytest.raises(AssertionError, match=r"^b.parquet row 7: 3 tokens but 4 loss-mask entries"):
         TokenizedDataset.from_samples([ok, long_mask], [("a.parquet", 0), ("b.parquet", 7)])
+
+
+def test_older_verl_per_message_loss_mask_is_named(tok, tmp_path):
+    """verl's Sep-Nov 2025 dataset skipped assistant messages with loss_mask=0; the final one (and
+    jaxsft) train them: say so instead of training them silently."""
+    chat = [{"role": "user", "content": "q", "loss_mask": 0}, {"role": "assistant", "content": "bad", "loss_mask": 0},
+            {"role": "user", "content": "q2", "loss_mask": 0}, {"role": "assistant", "content": "good", "loss_mask": 1}]
+    path = write(tmp_path, {"messages": [chat, OK]})
+    with pytest.warns(DataWarning, match=rf"^{path}: 1 assistant message\(s\) carry loss_mask=0, a per-message field "
+                                         rf"only verl's Sep-Nov 2025 dataset honoured; as in verl since, they are trained$"):
+        ds = build_dataset(path, cfg(), tok, verbose=False)
+    assert tok.decode(ds.tokens(0)[0][ds.tokens(0)[1] == 1]) == "bad<|im_end|>\ngood<|im_end|>\n"
+    refused(tok, path, r"^data.max_length=0 must be positive$", config={"max_length": 0})

@@ -89,6 +89,8 @@ def build_dataset(files, data_cfg, tokenizer, *, split: str = "train", verbose: 
     mode = _cfg(data_cfg, "truncation", "error")
     if mode not in ("error", "left", "right"):
         raise DataError(f"data.truncation={mode!r} is not one of error, left, right")
+    if max_length < 1:
+        raise DataError(f"data.max_length={max_length} must be positive")
     max_rows = int(_cfg(data_cfg, f"{split}_max_samples", -1))
     remaining = max_rows if max_rows > 0 else None
     template_kwargs = dict(_cfg(data_cfg, "apply_chat_template_kwargs", {}) or {})

@@ -165,15 +165,20 @@ def read_chats(path: str, *, messages_key: str, tools_key: str, enable_thinking_
     if enable_thinking_key in table.column_names:
         thinking = _thinking(path, table, enable_thinking_key)
 
-    rows, silent = [], []
+    rows, silent, opted_out = [], [], 0
     for i, messages in enumerate(column_values(path, table, messages_key, keep=("role", "content"))):
         check_messages(messages, path, i)
         if not any(m["role"] == "assistant" for m in messages):
             silent.append(i)
+        opted_out += sum(m["role"] == "assistant" and m.get("loss_mask") == 0 for m in messages)
         rows.append(ChatRow(messages, _tools(tools[i], path, i), thinking[i]))
     if silent:
         shown = ", ".join(map(str, silent[:20])) + (", ..." if len(silent) > 20 else "")
         warnings.warn(at(path, None, f"{len(silent)} row(s) have no assistant turn and train nothing: rows {shown}"),
+                      DataWarning, stacklevel=2)
+    if opted_out:
+        warnings.warn(at(path, None, f"{opted_out} assistant message(s) carry loss_mask=0, a per-message field only verl's "
+                                     f"Sep-Nov 2025 dataset honoured; as in verl since, they are trained"),
                       DataWarning, stacklevel=2)
     return rows
 
