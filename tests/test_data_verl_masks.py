@@ -118,9 +118,17 @@ def arrow_nulls(tok, ids, mask, ref, r, enc, row, verl, c, **_):
         assert ids != ref["input_ids"]
 
 
+def tool_specs_as_json_strings(tok, ids, mask, ref, r, enc, **_):
+    """A list of JSON strings reaches verl's template as strings (transformers refuses them);
+    jaxsft decodes each spec: the row renders as with the spec objects."""
+    assert ref["error"].startswith("ValueError: Tools should either be a JSON schema")
+    (py_ids, py_mask), = enc.encode([ChatRow(r["messages"], [json.loads(t) for t in r["tools"]], None)], "python objects")
+    assert (ids, mask) == (py_ids.tolist(), py_mask.tolist())
+
+
 def prefixes_with_kwargs(tok, ids, mask, ref, enc, verl, **_):
     """jaxsft derives the generation prompt with data.apply_chat_template_kwargs (verl's May-2026
-    fix, in verl >= 0.8), verl 0.7.0 without: here the prompt gains the empty think block, so jaxsft
+    fix, as verl 0.9.1 does), verl 0.7.0 without: here the prompt gains the empty think block, so jaxsft
     masks more of each assistant turn; the ids are the same."""
     assert ids == ref["input_ids"]
     extra = len(enc.generation_prompt) - len(verl["generation_prompt"])
@@ -132,7 +140,8 @@ def prefixes_with_kwargs(tok, ids, mask, ref, enc, verl, **_):
 
 
 CHECKS = {"same": same, "consecutive_tool_messages": consecutive_tool_messages, "assistant_first": assistant_first,
-          "arrow_nulls": arrow_nulls, "prefixes_with_kwargs": prefixes_with_kwargs}
+          "arrow_nulls": arrow_nulls, "prefixes_with_kwargs": prefixes_with_kwargs,
+          "tool_specs_as_json_strings": tool_specs_as_json_strings}
 
 
 def test_every_deviation_is_exercised():
