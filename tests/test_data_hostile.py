@@ -274,3 +274,16 @@ def test_older_verl_per_message_loss_mask_is_named(tok, tmp_path):
         ds = build_dataset(path, cfg(), tok, verbose=False)
     assert tok.decode(ds.tokens(0)[0][ds.tokens(0)[1] == 1]) == "bad<|im_end|>\ngood<|im_end|>\n"
     refused(tok, path, r"^data.max_length=0 must be positive$", config={"max_length": 0})
+
+
+def test_tool_calls_as_a_json_string_are_decoded(tok, tmp_path):
+    """A template iterating a JSON string renders one bogus call per character (or fails)."""
+    calls = [{"type": "function", "function": {"name": "run", "arguments": "{}"}}]
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ok", "tool_calls": json.dumps(calls)},
+            {"role": "tool", "content": "done"}, {"role": "assistant", "content": "fine", "tool_calls": ""}]
+    ds = build(tok, write(tmp_path, {"messages": [chat]}))
+    as_objects = [chat[0], dict(chat[1], tool_calls=calls), chat[2], {"role": "assistant", "content": "fine"}]
+    assert ds.tokens(0)[0].tolist() == rendered(tok, as_objects)[0]
+    bad = [chat[0], dict(chat[1], tool_calls='{"name": "run"}')]
+    path = write(tmp_path, {"messages": [bad]}, "bad.parquet")
+    refused(tok, path, rf"^{path} row 0: message 1 tool_calls must be a list of calls, got dict$")

@@ -167,6 +167,7 @@ def read_chats(path: str, *, messages_key: str, tools_key: str, enable_thinking_
 
     rows, silent, opted_out = [], [], 0
     for i, messages in enumerate(column_values(path, table, messages_key, keep=("role", "content"))):
+        _decode_tool_calls(messages or (), path, i)
         check_messages(messages, path, i)
         if not any(m["role"] == "assistant" for m in messages):
             silent.append(i)
@@ -218,6 +219,22 @@ def check_messages(messages, path: str, row: int) -> None:
         # An assistant turn that only calls tools may have no content (the template skips it).
         if not isinstance(content, str) and not (content is None and role == "assistant" and m.get("tool_calls")):
             raise DataError(at(path, row, f"message {j} ({role}) has non-string content of type {type(content).__name__}"))
+
+
+def _decode_tool_calls(messages: list[dict], path: str, row: int) -> None:
+    """`tool_calls` stored as one JSON string per message (a list of calls) is decoded in place: a
+    template iterating the string would render (and train) one bogus call per character."""
+    for j, m in enumerate(messages):
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(calls, str):
+            continue
+        calls = _json(calls, path, row, f"message {j} tool_calls") if calls.strip() else None
+        if calls is not None and not isinstance(calls, list):
+            raise DataError(at(path, row, f"message {j} tool_calls must be a list of calls, got {type(calls).__name__}"))
+        if calls:
+            m["tool_calls"] = calls
+        else:
+            del m["tool_calls"]
 
 
 def _tools(value, path: str, row: int):
