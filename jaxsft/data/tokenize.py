@@ -13,6 +13,8 @@ verl). Two cases verl gets wrong are handled correctly here:
 - an assistant message first in the conversation does not supervise the default system block the
   template puts in front of it (verl masks only the generation prompt there).
 
+Checked row by row against verl 0.7.0's own MultiTurnSFTDataset: tests/test_data_verl_masks.py.
+
 Rows are rendered to text and then tokenised in batches: the same ids as `apply_chat_template(...,
 tokenize=True)`, which tokenises the rendered text with `add_special_tokens=False`.
 """
