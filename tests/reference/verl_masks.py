@@ -6,6 +6,9 @@
         "tensordict>=0.8,<=0.10,!=0.9.0" codetiming pillow qwen_vl_utils torchvision
     .venv-verl/bin/python tests/reference/verl_masks.py      # writes tests/reference/verl_masks.json
 
+(torchvision lifts torch to its own pin; the JSON records the versions used. Run from a clean venv
+with these lines, the JSON comes out byte-identical.)
+
 verl 0.7.0 is the last release with the FSDP SFT trainer; its MultiTurnSFTDataset needs
 transformers 4 (it imports AutoModelForVision2Seq), so the bundled tokenizer is loaded here as a
 PreTrainedTokenizerFast from the same tokenizer.json and chat template (the CI test checks the ids
