@@ -31,8 +31,8 @@ class Trainer:
         hf.check_weights(self.model_dir, self.model_config)  # from the files' headers: before the data work
         parallel.check_heads(self.model_config, self.mesh)
         tokenizer = hf.load_tokenizer(self.model_dir, trust_remote_code=s.model.trust_remote_code)
-        self.data = data.RunData.build(s, tokenizer, dp=self.mesh.shape["dp"], process_index=jax.process_index(),
-                                       process_count=jax.process_count(), say=self.say)
+        self.data = data.RunData.build(s, tokenizer, vocab_size=self.model_config.vocab_size, dp=self.mesh.shape["dp"],
+                                       process_index=jax.process_index(), process_count=jax.process_count(), say=self.say)
 
         model = hf.load_model(self.model_dir, self.mesh, s.model.compute_settings())
         tx, lr_schedule = optim.make_optimizer(s.optim, self.data.total_steps, s.model.param_dtype)

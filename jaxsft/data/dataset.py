@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from jaxsft.data import source
+from jaxsft.data.checks import check_loss_tokens, check_vocab
 from jaxsft.data.errors import DataError, DataWarning
 from jaxsft.data.tokenize import ChatEncoder, PairEncoder, truncate
 
@@ -45,16 +46,24 @@ class TokenizedDataset:
     def from_samples(cls, samples: list[tuple[np.ndarray, np.ndarray]], origins: list[tuple[str, int]],
                      stats: dict[str, Any] | None = None) -> "TokenizedDataset":
         lengths = np.array([len(ids) for ids, _ in samples], np.int64)
+        # One mask entry per token, checked per row: a longer mask would shift every later
+        # sample's mask in the flat array (training the next sample's prompt).
+        short = np.flatnonzero(lengths != np.array([len(mask) for _, mask in samples], np.int64))
+        if short.size:
+            file, row = origins[short[0]]
+            raise AssertionError(f"{file} row {row}: {lengths[short[0]]} tokens but {len(samples[short[0]][1])} "
+                                 f"loss-mask entries (a bug in jaxsft's tokenisation, not in the data)")
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         ids = np.concatenate([s[0] for s in samples]).astype(np.int32)
         mask = np.concatenate([s[1] for s in samples]).astype(np.int8)
         return cls(ids, mask, offsets, origins, stats)
 
 
-def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool | None = None) -> TokenizedDataset:
+def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool | None = None,
+                  vocab_size: int | None = None) -> TokenizedDataset:
     """Read, check and tokenise `files` (one path or a list) with the data settings `data`
     (`jaxsft.config.settings.DataSettings`); print the summary once (on process 0 unless `verbose`
-    says otherwise)."""
+    says otherwise). `vocab_size` (the model's) refuses token ids the model cannot embed."""
     t0 = time.perf_counter()
     paths = source.file_list(files)
     max_length, mode = data.max_length, data.truncation
@@ -66,7 +75,7 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
     else:
         encoder = PairEncoder(tokenizer, template_kwargs)
 
-    samples, origins, raw_lengths, truncated = [], [], [], 0
+    samples, origins, raw_lengths, raw_loss_tokens = [], [], [], []
     for path in paths:
         if remaining == 0:
             break
@@ -79,7 +88,7 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
                                      limit=remaining)
         for r, (ids, mask) in enumerate(encoder.encode(rows, path)):
             raw_lengths.append(len(ids))
-            truncated += len(ids) > max_length
+            raw_loss_tokens.append(int(mask[1:].sum()))
             samples.append(truncate(ids, mask, max_length, mode, path, r))
             origins.append((path, r))
         if remaining is not None:
@@ -87,11 +96,21 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
     if data.multiturn and encoder.mismatched_rows:
         warnings.warn(f"{encoder.mismatched_rows} row(s) of {', '.join(paths)} differ from the whole-conversation "
                       f"rendering; trained on the per-message tokens (data.ignore_input_ids_mismatch=true)", DataWarning)
+    if data.multiturn and encoder.unprompted_turns:
+        file, row = encoder.unprompted_example
+        warnings.warn(f"{encoder.unprompted_turns} assistant turn(s) of {', '.join(paths)} (first: {file} row {row}) do not "
+                      f"start with the template's generation prompt {tokenizer.decode(encoder.generation_prompt)!r}; as in "
+                      f"verl, the first {len(encoder.generation_prompt)} tokens of each are not targets, so "
+                      f"{encoder.untrained_tokens} of their own tokens are not trained", DataWarning)
 
     seconds = time.perf_counter() - t0
-    stats = {"rows": len(samples), "raw_lengths": np.asarray(raw_lengths, np.int64), "truncated": truncated,
+    raw = np.asarray(raw_lengths, np.int64)
+    stats = {"rows": len(samples), "raw_lengths": raw, "truncated": int((raw > max_length).sum()),
              "seconds": seconds, "files": paths, "split": split, "truncation": mode, "max_length": max_length}
     dataset = TokenizedDataset.from_samples(samples, origins, stats)
+    check_vocab(dataset, tokenizer, vocab_size)
+    check_loss_tokens(dataset, split=split, raw_loss_tokens=np.asarray(raw_loss_tokens, np.int64),
+                      truncated=raw > max_length)
     if _main_process() if verbose is None else verbose:
         print(summary(dataset), flush=True)
     return dataset

@@ -25,10 +25,12 @@ class RunData:
     save_freq: int | str  # trainer.save_freq
 
     @classmethod
-    def build(cls, settings, tokenizer, *, dp: int, process_index: int, process_count: int, say=print) -> "RunData":
+    def build(cls, settings, tokenizer, *, vocab_size: int, dp: int, process_index: int, process_count: int,
+              say=print) -> "RunData":
+        """`vocab_size`: the model's; token ids it cannot embed are refused."""
         d = settings.data
-        train = build_dataset(d.train_files, d, tokenizer, split="train")
-        val = build_dataset(d.val_files, d, tokenizer, split="val") if d.val_files else None
+        train = build_dataset(d.train_files, d, tokenizer, split="train", vocab_size=vocab_size)
+        val = build_dataset(d.val_files, d, tokenizer, split="val", vocab_size=vocab_size) if d.val_files else None
         loader = TrainLoader.for_run(train, settings, dp=dp, pad_token_id=tokenizer.pad_token_id,
                                      process_index=process_index, process_count=process_count)
         total = loader.steps_per_epoch * settings.trainer.total_epochs
