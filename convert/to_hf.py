@@ -26,8 +26,10 @@ def find_step_dir(path: str) -> Path:
     if not p.is_dir():
         raise CheckpointError(f"{path} does not exist")
     if checkpoint.parse_step(p) is not None:
-        if not checkpoint.is_complete(p):
-            raise CheckpointError(f"{p} is an incomplete checkpoint (its save never finished)")
+        problems = checkpoint.step_problems(p)
+        if problems:
+            raise CheckpointError(f"{p} is an incomplete checkpoint ({checkpoint.describe(problems)}); "
+                                  f"convert an earlier {checkpoint.STEP_PREFIX}_N")
         return p
     if not checkpoint.step_dirs(p):
         raise CheckpointError(f"{p} is neither a {checkpoint.STEP_PREFIX}_N directory nor a run directory holding one")
