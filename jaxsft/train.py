@@ -42,6 +42,7 @@ class Trainer:
                                             meta={"config": s.config, "base_model": str(self.model_dir.resolve())},
                                             export=lambda params: hf.export_tensors(params, self.model_config),
                                             trust_remote_code=s.model.trust_remote_code)
+        self.ckpt.warn_if_short_of_space(state, say=self.say)
         self.state = self.ckpt.resume(s.checkpoint, state, shardings, self.data.loader, say=self.say)
         self.step = int(self.state["step"])
         self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule,
