@@ -22,6 +22,7 @@ from pathlib import Path
 
 import jax
 import pytest
+import small_disk
 from test_checkpoint import abstract, assert_identical, host, make_ckpt, make_settings, make_state
 
 from jaxsft import checkpoint
@@ -287,30 +288,19 @@ SMALL_DISK = textwrap.dedent("""
 """)
 
 
-def small_disk_command(size: str, path: Path, script: str) -> list[str]:
-    """`script` run with a tmpfs of `size` mounted at `path`, in a private mount namespace (root:
-    `unshare -m`; else a user namespace, `unshare -rm`), so nothing stays mounted afterwards."""
-    shell = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(path))} && exec {sys.executable} -c {shlex.quote(script)}"
-    return ["unshare", "-m" if os.geteuid() == 0 else "-rm", "sh", "-c", shell]
-
-
-def can_mount_small_disk(tmp_path) -> str | None:
-    probe = subprocess.run(small_disk_command("1m", tmp_path, "print('ok')"), capture_output=True, text=True)
-    return None if probe.stdout.strip() == "ok" else (probe.stderr.strip() or "unshare/mount failed")
-
-
 @pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
 def test_a_real_full_disk(tmp_path, async_save):
     """A 20 MiB tmpfs: step 1 (small) fits, step 2 (~49 MB of arrays) does not. Orbax's
     RESOURCE_EXHAUSTED (in its background thread, or at once) becomes one line; Orbax's
     temporary directory is removed; step 1 stays complete and tracked."""
-    why = can_mount_small_disk(tmp_path)
+    why = small_disk.unavailable(tmp_path)
     if why is not None:
         pytest.skip(f"no private tmpfs can be mounted here ({why}); the ENOSPC path is covered by the fake above")
     root = tmp_path / "run"
     root.mkdir()
     script = SMALL_DISK.format(tests=str(Path(__file__).parent), root=str(root), async_save=async_save)
-    proc = subprocess.run(small_disk_command("20m", root, script), capture_output=True, text=True, timeout=600,
+    shell = f"mount -t tmpfs -o size=20m tmpfs {shlex.quote(str(root))} && exec {sys.executable} -c {shlex.quote(script)}"
+    proc = subprocess.run(small_disk.command(shell), capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["error"] is not None, proc.stderr[-3000:]

@@ -10,6 +10,7 @@ Kill points are made deterministic by a Trainer hook (tests/hooked_train.py).
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from cfg import settings as settings_for_test
 import pyarrow.parquet as pq
+import small_disk
 from e2e import ROOT, env_for, losses, metrics, run_train, start_train, train_args
 
 from jaxsft import bundled
@@ -168,6 +170,33 @@ def test_resuming_onto_rewritten_data_is_refused_unless_accepted(base_model, ref
     accepted = run_train(run, base_model, *args, "--config.trainer.resume_accept_changed_data=true")
     assert "resuming on it (trainer.resume_accept_changed_data=true)" in accepted.stdout
     assert resumed_at(accepted).endswith("at step 3") and max(losses(run)) == 4
+
+
+def test_full_disk_at_a_save_is_one_line_and_the_rerun_resumes_exactly(base_model, reference, tmp_path):
+    """The run directory on a 3.5 MiB tmpfs: step 3's checkpoint (~2.3 MB) fits, step 6's does not.
+    The run stops in one line, exit 2, with no step 6 and no temporary directory left; after the
+    disk grows the same command resumes from step 3 and logs what the unbroken run logged."""
+    why = small_disk.unavailable(tmp_path)
+    if why is not None:
+        pytest.skip(f"no private tmpfs can be mounted here ({why})")
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    out.mkdir()
+    train = shlex.join(train_args(run, base_model, *FAST, "--config.trainer.save_freq=3"))
+    shell = (f"mount -t tmpfs -o size=3500k tmpfs {run}; {train} >{out}/1.out 2>{out}/1.err; echo $? >{out}/1.rc; "
+             f"ls -a {run} >{out}/1.ls; mount -o remount,size=64m {run}; {train} >{out}/2.out 2>{out}/2.err; "
+             f"echo $? >{out}/2.rc; cp -r {run} {out}/run")
+    subprocess.run(small_disk.command(shell), cwd=ROOT, env=env_for(8), timeout=900, check=True)
+    first = (out / "1.err").read_text()
+    assert (out / "1.rc").read_text().strip() == "2" and "Traceback" not in first, first[-3000:]
+    (line,) = [x for x in first.splitlines() if x.startswith("jaxsft: error:")]
+    assert line.startswith(f"jaxsft: error: no space left on the disk of {run} while saving global_step_6: ")
+    assert line.endswith("(global_step_3 is intact and the run resumes from it)") and "one checkpoint needs about" in line
+    assert (out / "1.ls").read_text().split() == [".", "..", ".jaxsft.lock", "config.yaml", "global_step_3",
+                                                  TRACKER, "metrics.jsonl"]
+    assert (out / "2.rc").read_text().strip() == "0", (out / "2.err").read_text()[-3000:]
+    assert "resumed from" in (out / "2.out").read_text() and f"{run / 'global_step_3'} at step 3" in (out / "2.out").read_text()
+    assert train_rows(out / "run") == train_rows(reference)
 
 
 @pytest.mark.parametrize("devices,sp", [(4, 1), (8, 2)], ids=["4dev_dp4", "8dev_dp4_sp2"])
