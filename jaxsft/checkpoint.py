@@ -508,8 +508,9 @@ class Checkpointer:
         """One line when the run directory's disk has less free space than one checkpoint needs."""
         need, free = self.checkpoint_bytes(state), shutil.disk_usage(self.root).free
         if self._primary and free < need:
-            say(f"[jaxsft] warning: {self.root} has {_size(free)} free but one checkpoint needs about {_size(need)}: "
-                f"the first save will fail; free some space or choose another trainer.default_local_dir")
+            say(f"[jaxsft] warning: {self.root} has {_size(free)} free but one checkpoint needs about {_size(need)} "
+                f"(written in full before older ones are deleted), so saving will fail; free some space or choose "
+                f"another trainer.default_local_dir")
 
     @contextlib.contextmanager
     def _full_disk_is_one_line(self, step: int):
