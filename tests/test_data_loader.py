@@ -135,8 +135,12 @@ def test_resume_gives_identical_batches_mid_epoch_and_at_the_epoch_boundary(pack
 
 def test_state_from_another_data_set_is_refused():
     state = loader(synthetic()).get_state()
-    with pytest.raises(DataError, match="the data-loader state was saved for"):
+    with pytest.raises(DataError, match=r"^the data-loader state of this checkpoint does not fit this run: the number "
+                                        r"of training samples \(data\.train_files, data\.train_max_samples\) gives 50 "
+                                        r"here, 45 when it was saved; resuming"):
         loader(synthetic(n=50)).set_state(state)
+    with pytest.raises(DataError, match=r"trainer\.seed gives 4 here, 3 when it was saved; resuming"):
+        loader(synthetic(), seed=4).set_state(state)
 
 
 def test_same_row_count_other_tokens_is_refused_unless_accepted():

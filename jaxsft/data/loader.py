@@ -27,6 +27,9 @@ from jaxsft.data.errors import DataError
 from jaxsft.data.packing import pack
 
 FIELDS = ("input_ids", "positions", "segment_ids", "loss_mask")
+# What the loader state must match on resume, and the settings that decide it.
+_FINGERPRINT_KEYS = {"num_samples": "the number of training samples (data.train_files, data.train_max_samples)",
+                     "train_batch_size": "data.train_batch_size", "seed": "trainer.seed"}
 
 
 @functools.lru_cache(maxsize=4)
@@ -206,10 +209,13 @@ class TrainLoader:
         """Continue from `state` (`get_state` of the run that saved it). Other rows, batch or seed
         are refused; other tokens too (the data's fingerprint) unless `accept_changed_data`
         (trainer.resume_accept_changed_data). States saved before the fingerprint existed lack it."""
-        saved = {k: state.get(k) for k in self._fingerprint()}
-        if saved != self._fingerprint():
-            raise DataError(f"the data-loader state was saved for {saved}, this run has {self._fingerprint()}: "
-                            f"resuming would replay a different sample order")
+        saved, here = {k: state.get(k) for k in self._fingerprint()}, self._fingerprint()
+        differ = [f"{_FINGERPRINT_KEYS[k]} gives {here[k]} here, {saved[k]} when it was saved" for k in here
+                  if saved[k] != here[k]]
+        if differ:
+            raise DataError(f"the data-loader state of this checkpoint does not fit this run: {'; '.join(differ)}; "
+                            f"resuming would replay a different sample order: resume with the settings that saved "
+                            f"it, or choose another trainer.default_local_dir to start fresh")
         theirs = state.get("data_fingerprint")
         if theirs is not None and theirs != self.data_fingerprint:
             what = (f"{', '.join(self.dataset.stats.get('files', ())) or 'the training data'}: the tokenised training "
