@@ -38,10 +38,8 @@ class Trainer:
         tx, lr_schedule = optim.make_optimizer(s.optim, self.data.total_steps, s.model.param_dtype)
         with jax.set_mesh(self.mesh):
             graphdef, rest, state, shardings = step.init_train_state(model, tx, self.mesh)
-        self.ckpt = checkpoint.Checkpointer(s.checkpoint, base_model_dir=self.model_dir, max_length=s.data.max_length,
-                                            meta={"config": s.config, "base_model": str(self.model_dir.resolve())},
-                                            export=lambda params: hf.export_tensors(params, self.model_config),
-                                            trust_remote_code=s.model.trust_remote_code)
+        self.ckpt = checkpoint.Checkpointer.for_run(s, self.model_dir,
+                                                    export=lambda params: hf.export_tensors(params, self.model_config))
         self.state = self.ckpt.resume(s.checkpoint, state, shardings, self.data.loader, say=self.say)
         self.step = int(self.state["step"])
         self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule,
