@@ -44,7 +44,8 @@ def default_config() -> ml_collections.ConfigDict:
     d.apply_chat_template_kwargs = ml_collections.ConfigDict()
     d.ignore_input_ids_mismatch = False
     d.train_batch_size = 256  # global samples per optimizer step
-    d.micro_batch_size_per_gpu = 4
+    # rows per device per micro-batch, or "auto": the largest that fits (jaxsft.plan; global_tokens only)
+    d.micro_batch_size_per_gpu = ml_collections.FieldReference(4, field_type=object)
     d.micro_batch_size = placeholder(int)  # deprecated in verl, ignored
     d.pad_mode = "right"
     d.use_shm = False
@@ -66,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
     # jaxsft's own
     m.param_dtype = "float32"  # master weights and (by default) Adam moments: float32 | bfloat16
     m.compute_dtype = "bfloat16"  # matmul dtype: bfloat16 | float32
-    m.remat_policy = "minimal"  # see jaxsft.model.remat.POLICIES
+    m.remat_policy = "minimal"  # see jaxsft.model.remat.POLICIES, or "auto": the cheapest that fits (jaxsft.plan)
     m.scan_layers = True
     m.attn_implementation = "auto"  # auto | xla | (GPU kernels, see jaxsft.model.attention)
     # smoke / benchmark: a tokenizer directory; when set and model.partial_pretrain holds no
@@ -86,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     o.clip_grad = 1.0
     o.lr_scheduler = "cosine"  # cosine | wsd
     o.mu_dtype = placeholder(str)  # Adam moment dtype; default = model.param_dtype
+    o.grad_accum_dtype = "float32"  # sum of micro-batch gradients: float32 | bfloat16 (verl's with bf16 params)
     # read by verl's engine trainer only; accepted here and ignored with a warning when changed
     o.lr_warmup_steps = -1
     o.total_training_steps = -1
@@ -144,6 +146,7 @@ _CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16"),
     "optim.lr_scheduler": ("cosine", "wsd"),
     "optim.optimizer": ("AdamW",),
+    "optim.grad_accum_dtype": ("float32", "bfloat16"),
     "trainer.resume_mode": ("auto", "disable", "resume_path"),
     "trainer.loss_normalization": ("global_tokens", "verl"),
 }
@@ -167,7 +170,7 @@ def normalise(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if dt is None:
             raise ConfigError(f"{key}={cfg.model.fsdp_config.model_dtype!r}: use fp32 or bf16")
         cfg.model.param_dtype = dt
-    for key in ("model.param_dtype", "model.compute_dtype"):
+    for key in ("model.param_dtype", "model.compute_dtype", "optim.grad_accum_dtype"):
         sec, name = key.split(".")
         val = str(cfg[sec][name]).lower()
         cfg[sec][name] = _DTYPE_ALIASES.get(val, val)
@@ -195,9 +198,17 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         raise ConfigError("data.chat_template must stay null: the tokenizer's own chat template is used (as in verl)")
     if cfg.model.lora_rank:
         raise ConfigError("model.lora_rank > 0: LoRA is not supported by jaxsft; set it to 0")
+    auto_micro = cfg.data.micro_batch_size_per_gpu == "auto"
+    if not auto_micro and (isinstance(cfg.data.micro_batch_size_per_gpu, bool)
+                           or not isinstance(cfg.data.micro_batch_size_per_gpu, int)):
+        raise ConfigError(f"data.micro_batch_size_per_gpu={cfg.data.micro_batch_size_per_gpu!r} must be a positive "
+                          f"integer or auto")
+    if auto_micro and cfg.trainer.loss_normalization != "global_tokens":
+        raise ConfigError("data.micro_batch_size_per_gpu=auto needs trainer.loss_normalization=global_tokens: with "
+                          "verl's per-micro-batch normalisation the micro-batch size changes the loss")
     for key in ("data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu",
                 "trainer.total_epochs", "ulysses_sequence_parallel_size", "trainer.loss_chunk_size"):
-        if int(get(cfg, key)) <= 0:
+        if not (key == "data.micro_batch_size_per_gpu" and auto_micro) and int(get(cfg, key)) <= 0:
             raise ConfigError(f"{key}={get(cfg, key)} must be a positive integer")
     for key in ("trainer.save_freq", "trainer.test_freq"):
         if get(cfg, key) == 0:
@@ -226,7 +237,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
             raise ConfigError(f"data.train_batch_size={cfg.data.train_batch_size} is not divisible by the "
                               f"data-parallel size {dp} (= devices {num_devices} / ulysses_sequence_parallel_size {sp})")
         per_rank = cfg.data.train_batch_size // dp
-        if per_rank % cfg.data.micro_batch_size_per_gpu:
+        if not auto_micro and per_rank % cfg.data.micro_batch_size_per_gpu:
             raise ConfigError(f"data.train_batch_size / dp = {per_rank} is not divisible by "
                               f"data.micro_batch_size_per_gpu={cfg.data.micro_batch_size_per_gpu}")
     if cfg.data.max_length % sp:

@@ -45,6 +45,7 @@ class StepConfig:
     balance_dp_token: bool
     dp: int  # data-parallel size (rows of a micro-batch come in dp blocks)
     chunk_size: int  # cross-entropy chunk (tokens)
+    grad_accum_dtype: str = "float32"  # the sum of micro-batch gradients (K > 1): float32 | bfloat16
 
 
 def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int):
@@ -83,8 +84,9 @@ def init_train_state(model, tx, mesh):
 
 
 def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig):
-    """Σ over the K micro-batches of the normalised loss and its gradients, summed in float32
-    (with K = 1 the gradients stay in the parameter dtype): returns (loss, grads, loss-token count)."""
+    """Σ over the K micro-batches of the normalised loss and its gradients, summed in
+    cfg.grad_accum_dtype (with K = 1 the gradients stay in the parameter dtype): returns (loss,
+    grads, loss-token count)."""
     num_micro = batch["input_ids"].shape[0]
     _, all_w = shift_targets(batch["input_ids"], batch["segment_ids"], batch["loss_mask"])
     total_weight = jnp.sum(all_w)
@@ -94,17 +96,19 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig):
         return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
 
     grad_fn = jax.value_and_grad(objective)
-    if num_micro == 1:  # nothing to sum: skip the float32 accumulator (28 GiB for a 7B)
+    if num_micro == 1:  # nothing to sum: skip the accumulator (28 GiB in float32 for a 7B)
         loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
         return loss, grads, total_weight
+
+    acc_dtype = jnp.dtype(cfg.grad_accum_dtype)
 
     def accumulate(carry, mb):
         loss_sum, grad_sum = carry
         loss, grads = grad_fn(params, mb)
-        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grad_sum, grads)
         return (loss_sum + loss, grad_sum), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params)
     (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
     return loss, grads, total_weight
 

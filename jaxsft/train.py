@@ -15,13 +15,16 @@ import time
 import traceback
 from pathlib import Path
 
-from absl import app, logging as absl_logging
+from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 from jaxsft import cli
 from jaxsft.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/NAME.py).", lock_config=True)
+_DRY_RUN = flags.DEFINE_string("dry_run", None, "Plan the train step for TARGET (cpu, gpu, h100:N, h200:N) and exit "
+                               "without training: memory, FLOPs, collectives (jaxsft.plan).")
+_DRY_RUN_JSON = flags.DEFINE_string("dry_run_json", None, "With --dry_run: also write the plan to this JSON file.")
 _DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "smoke.py"
 
 
@@ -30,26 +33,30 @@ def main(argv) -> None:
     import jax
     import numpy as np
 
-    from jaxsft import checkpoint, config, data, distributed, hf, metrics, optim, parallel, step, tiny
+    from jaxsft import checkpoint, config, data, distributed, hf, metrics, optim, parallel, plan, step, tiny
     from jaxsft.model.qwen2 import ModelSettings
     from jaxsft.model.ulysses import check_ulysses
 
     # ---- configuration, devices, mesh ---------------------------------------------------------
     cfg = config.normalise(_CONFIG.value)
     cfg.data.apply_chat_template_kwargs.update(cli.template_kwargs)
-    distributed.maybe_initialize(cfg.trainer)
-    n_dev = jax.device_count()
+    target = plan.get_target(_DRY_RUN.value) if _DRY_RUN.value else None  # a plan only: nothing trains
+    if target is None:
+        distributed.maybe_initialize(cfg.trainer)
+    n_dev = target.num_devices if target else jax.device_count()
     config.validate(cfg, num_devices=n_dev)
     sp = cfg.ulysses_sequence_parallel_size
     dp = n_dev // sp
-    mesh = parallel.make_mesh(dp, sp)
-    distributed.check_process_rows(mesh)
+    mesh = parallel.make_mesh(dp, sp, target.devices if target else None)
+    if target is None:
+        distributed.check_process_rows(mesh)
     main_process = jax.process_index() == 0
     run_dir = Path(cfg.trainer.default_local_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if target is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
     say = print if main_process else (lambda *a, **k: None)
-    say(f"[jaxsft] {n_dev} device(s) ({jax.devices()[0].device_kind}), {jax.process_count()} process(es), "
-        f"mesh dp={dp} sp={sp}")
+    say(f"[jaxsft] {n_dev} device(s) ({mesh.devices.flat[0].device_kind}), {jax.process_count()} process(es), "
+        f"mesh dp={dp} sp={sp}" + (f"; planning for {target.spec}, nothing runs" if target else ""))
 
     # ---- data ---------------------------------------------------------------------------------
     model_dir = Path(cfg.model.partial_pretrain)
@@ -64,6 +71,8 @@ def main(argv) -> None:
     tokenizer = data.load_tokenizer(model_dir)
     train_set = data.build_dataset(cfg.data.train_files, cfg.data, tokenizer, split="train")
     val_set = data.build_dataset(cfg.data.val_files, cfg.data, tokenizer, split="val") if cfg.data.val_files else None
+    if target or "auto" in (cfg.model.remat_policy, cfg.data.micro_batch_size_per_gpu):
+        choice = _plan(cfg, target, train_set, dp, sp, model_dir, say)  # settles the `auto` settings
     loader = data.TrainLoader(
         train_set, train_batch_size=cfg.data.train_batch_size, micro_batch_size_per_gpu=cfg.data.micro_batch_size_per_gpu,
         dp=dp, max_length=cfg.data.max_length, packing=cfg.data.packing, seed=cfg.trainer.seed,
@@ -75,6 +84,8 @@ def main(argv) -> None:
     last_step = min(cfg.trainer.total_training_steps or total_steps, total_steps)
     say(f"[jaxsft] {len(train_set)} train samples, {steps_per_epoch} steps/epoch, schedule over {total_steps} steps, "
         f"running to step {last_step}")
+    if target:
+        return _report_plan(choice, say)
 
     # ---- model, optimizer, train state --------------------------------------------------------
     model_config = hf.read_config(model_dir)
@@ -107,7 +118,7 @@ def main(argv) -> None:
     # ---- compiled steps -----------------------------------------------------------------------
     step_cfg = step.StepConfig(loss_normalization=cfg.trainer.loss_normalization,
                                balance_dp_token=cfg.data.balance_dp_token, dp=dp,
-                               chunk_size=cfg.trainer.loss_chunk_size)
+                               chunk_size=cfg.trainer.loss_chunk_size, grad_accum_dtype=cfg.optim.grad_accum_dtype)
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(step.make_train_step(graphdef, rest, tx, lr_schedule, step_cfg),
                          donate_argnums=0, out_shardings=(state_shardings, parallel.replicated(mesh)))
@@ -200,6 +211,68 @@ def main(argv) -> None:
     say(f"[jaxsft] done at step {global_step}; run directory {run_dir}")
 
 
+def _plan(cfg, target, train_set, dp: int, sp: int, model_dir, say):
+    """Compile the train step for `target` (or this machine's devices for `auto` settings in a
+    real run) and settle `auto` remat policy / micro-batch size in `cfg` (jaxsft.plan)."""
+    import jax
+
+    from jaxsft import config, data, hf, optim, plan, step
+    from jaxsft.model.ulysses import check_ulysses
+
+    target = target or plan.get_target("gpu" if jax.default_backend() == "gpu" else "cpu")
+    model_config = hf.read_config(model_dir)
+    try:
+        check_ulysses(model_config.num_attention_heads, model_config.num_key_value_heads, sp)
+    except ValueError as e:
+        raise config.ConfigError(str(e)) from None
+    per_rank = cfg.data.train_batch_size // dp
+    rows = per_rank
+    if cfg.data.packing != "none":  # the most packed rows a rank needs in any step of the run
+        rows = data.TrainLoader(train_set, train_batch_size=cfg.data.train_batch_size, micro_batch_size_per_gpu=1,
+                                dp=dp, max_length=cfg.data.max_length, packing=cfg.data.packing,
+                                seed=cfg.trainer.seed, total_epochs=cfg.trainer.total_epochs,
+                                verbose=False).num_micro_batches
+    total_steps = len(train_set) // cfg.data.train_batch_size * cfg.trainer.total_epochs
+    tx, lr_schedule = optim.make_optimizer(cfg.optim, total_steps, cfg.model.param_dtype)
+    step_cfg = step.StepConfig(loss_normalization=cfg.trainer.loss_normalization,
+                               balance_dp_token=cfg.data.balance_dp_token, dp=dp,
+                               chunk_size=cfg.trainer.loss_chunk_size, grad_accum_dtype=cfg.optim.grad_accum_dtype)
+    settings = dict(param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
+                    scan_layers=cfg.model.scan_layers, attn_implementation=cfg.model.attn_implementation)
+    try:
+        choice = plan.plan_run(target, model_config=model_config, settings_kwargs=settings,
+                               remat_policy=cfg.model.remat_policy, micro_batch=cfg.data.micro_batch_size_per_gpu,
+                               samples_per_rank=per_rank, rows_per_rank=rows, dp=dp, sp=sp,
+                               seq_len=cfg.data.max_length, tx=tx, lr_schedule=lr_schedule, step_cfg=step_cfg)
+    except ValueError as e:  # a setting ModelSettings refuses, naming its key
+        raise config.ConfigError(str(e)) from None
+    if "auto" in (cfg.model.remat_policy, cfg.data.micro_batch_size_per_gpu):
+        say(choice.reason)
+    cfg.model.remat_policy, cfg.data.micro_batch_size_per_gpu = choice.remat_policy, choice.micro_batch_size
+    return choice
+
+
+def _report_plan(choice, say) -> None:
+    """--dry_run: print the plan, write --dry_run_json, exit 2 (one line) if it does not fit."""
+    import json
+
+    from jaxsft import plan
+
+    for line in choice.plan.describe():
+        say(line)
+    if _DRY_RUN_JSON.value:
+        out = dict(choice.plan.to_json(), auto={"reason": choice.reason, "tried": [
+            {"remat_policy": p, "micro_batch_size_per_gpu": b, "per_device_peak_bytes": peak}
+            for p, b, peak in choice.tried]})
+        Path(_DRY_RUN_JSON.value).write_text(json.dumps(out, indent=1) + "\n")
+        say(f"[plan] written to {_DRY_RUN_JSON.value}")
+    p = choice.plan
+    if not p.fits:
+        raise plan.PlanError(f"the plan for {p.target} does not fit: {p.per_device_peak_bytes / plan.GiB:.2f} GiB per "
+                             f"device planned, {(1 - plan.FIT_MARGIN) * p.device_memory_bytes / plan.GiB:.2f} GiB "
+                             f"allowed ({1 - plan.FIT_MARGIN:.0%} of {p.device_memory_bytes / plan.GiB:.2f} GiB usable)")
+
+
 def _test_hook(step: int, ckpt, preempted, say) -> None:
     """Deterministic kill points for tests/test_resume.py, off unless JAXSFT_TEST_HOOK is set:
     `kill_mid_save:N` SIGKILLs this process once step N's save has put its temporary directory
@@ -250,7 +323,10 @@ def _main_or_exit(argv) -> None:
 
 def run() -> None:
     """Console entry point: verl-style settings translated, the smoke recipe when no --config."""
+    from jaxsft import plan
+
     sys.argv[1:] = cli.verl_style_overrides(sys.argv[1:])
+    plan.prepare_environment(plan.target_from_argv(sys.argv[1:]))
     cli.check_override_keys(sys.argv[1:])
     sys.argv[1:] = cli.take_template_kwargs(sys.argv[1:])
     if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
