@@ -340,6 +340,7 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
 def _settings_dict(settings, step_cfg) -> dict:
     out = dataclasses.asdict(settings)
     out["grad_accum_dtype"] = getattr(step_cfg, "grad_accum_dtype", "float32")
+    out["accumulate_in_backward"] = getattr(step_cfg, "accumulate_in_backward", False)
     return out
 
 
@@ -443,11 +444,19 @@ def plan_run(target: Target, *, model_config, settings_kwargs: dict, remat_polic
     sizes = divisors_descending(samples_per_rank) if micro_batch == "auto" else [int(micro_batch)]
 
     def make(policy: str, b: int) -> Plan:
-        return make_plan(model_config, ModelSettings(**kwargs, remat_policy=policy), target, dp=dp, sp=sp,
+        settings = ModelSettings(**kwargs, remat_policy=policy)
+        cfg = dataclasses.replace(step_cfg, accumulate_in_backward=accumulates_in_backward(settings))
+        return make_plan(model_config, settings, target, dp=dp, sp=sp,
                          batch_shape=micro_batch_shape(rows_per_rank, b, dp, seq_len), tx=tx,
-                         lr_schedule=lr_schedule, step_cfg=step_cfg)
+                         lr_schedule=lr_schedule, step_cfg=cfg)
 
     return choose(make, policies=policies, micro_batches=sizes)
+
+
+def accumulates_in_backward(settings) -> bool:
+    """Whether the train step can add layer gradients into the running sum during the backward
+    pass (jaxsft.model.sink_scan): scanned layers under the `full` policy."""
+    return settings.scan_layers and settings.remat_policy == "full"
 
 
 def target_from_argv(argv: Sequence[str]) -> str | None:

@@ -46,12 +46,15 @@ class StepConfig:
     dp: int  # data-parallel size (rows of a micro-batch come in dp blocks)
     chunk_size: int  # cross-entropy chunk (tokens)
     grad_accum_dtype: str = "float32"  # the sum of micro-batch gradients (K > 1): float32 | bfloat16
+    # K > 1: the backward pass adds the layer gradients into the running sum in place (one
+    # weight-sized buffer fewer); needs scan_layers and remat `full` (jaxsft.model.sink_scan)
+    accumulate_in_backward: bool = False
 
 
-def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int):
+def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, grad_sink=None):
     """Per-row (Σ masked CE, Σ weights) of one micro-batch [rows, T], in float32."""
     model = nnx.merge(graphdef, params, rest)
-    hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"])
+    hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"], grad_sink=grad_sink)
     targets, weights = shift_targets(mb["input_ids"], mb["segment_ids"], mb["loss_mask"])
     return masked_ce_per_row(hidden, model.lm_head_kernel(), targets, weights, chunk_size)
 
@@ -102,10 +105,20 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig):
 
     acc_dtype = jnp.dtype(cfg.grad_accum_dtype)
 
+    def sink_objective(p, sink, mb):
+        loss_rows, w_rows = row_losses(graphdef, p, rest, mb, cfg.chunk_size, grad_sink=sink)
+        return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
+
     def accumulate(carry, mb):
         loss_sum, grad_sum = carry
-        loss, grads = grad_fn(params, mb)
+        if cfg.accumulate_in_backward:  # the layers' "gradient" of the sink is the new running sum
+            loss, (grads, layers_sum) = jax.value_and_grad(sink_objective, argnums=(0, 1))(
+                params, grad_sum["layers"], mb)
+        else:
+            loss, grads = grad_fn(params, mb)
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grad_sum, grads)
+        if cfg.accumulate_in_backward:
+            grad_sum["layers"] = layers_sum
         return (loss_sum + loss, grad_sum), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params)

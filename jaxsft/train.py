@@ -118,7 +118,8 @@ def main(argv) -> None:
     # ---- compiled steps -----------------------------------------------------------------------
     step_cfg = step.StepConfig(loss_normalization=cfg.trainer.loss_normalization,
                                balance_dp_token=cfg.data.balance_dp_token, dp=dp,
-                               chunk_size=cfg.trainer.loss_chunk_size, grad_accum_dtype=cfg.optim.grad_accum_dtype)
+                               chunk_size=cfg.trainer.loss_chunk_size, grad_accum_dtype=cfg.optim.grad_accum_dtype,
+                               accumulate_in_backward=plan.accumulates_in_backward(settings))
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(step.make_train_step(graphdef, rest, tx, lr_schedule, step_cfg),
                          donate_argnums=0, out_shardings=(state_shardings, parallel.replicated(mesh)))
@@ -248,7 +249,8 @@ def _plan(cfg, target, train_set, dp: int, sp: int, model_dir, say):
         raise config.ConfigError(str(e)) from None
     if "auto" in (cfg.model.remat_policy, cfg.data.micro_batch_size_per_gpu):
         say(choice.reason)
-    cfg.model.remat_policy, cfg.data.micro_batch_size_per_gpu = choice.remat_policy, choice.micro_batch_size
+    with cfg.ignore_type():  # "auto" (str) becomes an int
+        cfg.model.remat_policy, cfg.data.micro_batch_size_per_gpu = choice.remat_policy, choice.micro_batch_size
     return choice
 
 
