@@ -118,13 +118,13 @@ def get_target(spec: str, *, config_path=None) -> Target:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # host RAM, shared by all
         return Target(spec, kind, devices, "cpu", devices[0].device_kind, memory, memory, None, None)
     if kind == "gpu":
-        try:
-            devices = tuple(jax.local_devices(backend="gpu"))
+        try:  # every process's GPUs (the mesh spans them); memory from this process's first
+            devices = tuple(jax.devices("gpu"))
         except RuntimeError:
             devices = ()
         if not devices:
             raise PlanError("--dry_run=gpu: this machine has no GPU that jax can use; plan for h100:N or h200:N")
-        stats = devices[0].memory_stats() or {}
+        stats = jax.local_devices(backend="gpu")[0].memory_stats() or {}
         limit = int(stats.get("bytes_limit", 0))
         total = int(stats.get("bytes_reservable_limit", 0)) or limit
         return Target(spec, kind, devices, "cuda", devices[0].device_kind, total, limit,

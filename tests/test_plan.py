@@ -88,6 +88,28 @@ def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path):
     print(choice.reason)
 
 
+def test_abstract_state_gives_adam_moments_their_parameters_sharding():
+    """jax.eval_shape(tx.init) drops shardings; the plan must not show replicated moments."""
+    from jaxsft import parallel
+    from jaxsft.model.qwen2 import ModelSettings
+
+    mesh = parallel.make_mesh(4, 2)
+    tx, _ = _tx()
+    _, _, state, shardings = plan.abstract_train_state(Qwen2Config.from_hf_dict(TINY), ModelSettings(), mesh, tx)
+    params = {plan._path_key(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+    moments = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]:
+        key = plan._path_key(path)
+        match = [s for k, s in params.items() if key[-len(k):] == k]
+        if leaf.ndim:
+            assert match and leaf.sharding == match[0], key
+            moments += 1
+        else:
+            assert leaf.sharding.spec == jax.sharding.PartitionSpec(), key  # counts, lr: replicated
+    assert moments == 2 * len(params)  # mu and nu of every parameter
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in params.values())
+
+
 def test_choose_takes_largest_fitting_micro_batch_of_cheapest_policy():
     """choose() on synthetic plans: memory grows with the micro-batch and falls with remat."""
     cost = {"none": 25, "minimal": 4, "full": 2}
@@ -204,6 +226,20 @@ def test_dry_run_command_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("jaxsft: error:")]
     assert len(errors) == 1 and "does not fit" in errors[0] and "Traceback" not in proc.stderr
     assert "DOES NOT FIT" in proc.stdout
+
+
+def test_auto_settings_in_a_real_run(tmp_path, base_model):
+    """A real (CPU) run with remat and micro-batch `auto`: planned on this machine at start-up,
+    chosen, said in one line, then trained with the chosen values."""
+    proc = subprocess.run(train_args(tmp_path / "run", base_model, "model.remat_policy=auto",
+                                     "data.micro_batch_size_per_gpu=auto", "trainer.total_training_steps=1",
+                                     "trainer.save_freq=-1", "trainer.test_freq=-1"),
+                          cwd=ROOT, env=env_for(2), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("[plan] auto:"))
+    m = re.search(r"model.remat_policy=(\w+), data.micro_batch_size_per_gpu=(\d+)", line)
+    assert m and m.group(1) == "none" and int(m.group(2)) == 8  # host RAM: the cheapest, largest fits
+    assert "[1 micro-batches, 16 rows, 1280 tokens]" in proc.stdout  # the loader uses the choice
 
 
 def test_cpu_target_plans_this_machine():
