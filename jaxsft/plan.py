@@ -255,12 +255,11 @@ class Plan:
         ]
         scores = [b for b in self.tt_buffers if b["score_like"]]
         t = self.batch_shape[-1]
-        if scores:
-            lines.append(f"[plan] float32 [.., T, T]-like buffers (T={t}): " + ", ".join(
-                f"{b['shape']} × {b['count']} ({_gib(b['bytes'])} each)" for b in scores))
-        else:
-            lines.append(f"[plan] no float32 [.., T, T]-like buffer (T={t}); largest float32 buffers of >= T² elements: "
-                         + (", ".join(f"{b['shape']}" for b in self.tt_buffers[:3]) or "none"))
+        lines.append(f"[plan] float32 buffers of >= T×T elements (T={t}): {len(self.tt_buffers)} shape(s); "
+                     + ("[.., T, T] score-like: " + ", ".join(f"{b['shape']} × {b['count']} ({_gib(b['bytes'])} each)"
+                                                              for b in scores) if scores else
+                        "none score-like [.., T, T]" + (f"; largest {', '.join(str(b['shape']) for b in self.tt_buffers[:3])}"
+                                                        if self.tt_buffers else "")))
         if self.cuda_binaries is not None:
             lines.append(f"[plan] CUDA machine code: {self.cuda_binaries} cubin(s) in the executable")
         return lines
@@ -270,7 +269,10 @@ class Plan:
 
 
 def _collectives(counts: dict) -> str:
-    return ", ".join(f"{k} {v['async']}/{v['sync']}" for k, v in counts.items() if v["async"] or v["sync"]) or "none"
+    """The four FSDP/Ulysses collectives always, others when present."""
+    always = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
+    return ", ".join(f"{k} {v['async']}/{v['sync']}" for k, v in counts.items()
+                     if k in always or v["async"] or v["sync"])
 
 
 def _gib(n: float) -> str:

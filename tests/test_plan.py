@@ -186,6 +186,23 @@ ENTRY %main (x: f32[8]) -> f32[8] {
     assert s.collectives_per_step["all-reduce"] == {"async": 0, "sync": 5}
 
 
+def test_cuda_binaries_needs_cuda_elf():
+    """A CUDA plan fails loudly without cubins: the count is 0 for PTX-only or non-CUDA ELF blobs."""
+    class Fake:
+        def __init__(self, blob):
+            self.blob = blob
+
+        def runtime_executable(self):
+            return self
+
+        def serialize(self):
+            return self.blob
+
+    assert hlo_stats.cuda_binaries(Fake(b"xx\x7fELF....nv.info..\x7fELF..")) == 2
+    assert hlo_stats.cuda_binaries(Fake(b"xx\x7fELF..text..")) == 0  # an ELF, but not a cubin
+    assert hlo_stats.cuda_binaries(Fake(b".version 8.8\n.target sm_90a")) == 0  # PTX only
+
+
 def test_targets_and_config_errors():
     assert plan.parse_target("h100:8") == ("h100", 8) and plan.parse_target("cpu") == ("cpu", None)
     for bad in ("h100", "h100:0", "a100:2", "cpu:2"):
