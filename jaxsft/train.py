@@ -40,6 +40,8 @@ def main(argv) -> None:
     # ---- configuration, devices, mesh ---------------------------------------------------------
     cfg = config.normalise(_CONFIG.value)
     cfg.data.apply_chat_template_kwargs.update(cli.template_kwargs)
+    if _DRY_RUN_JSON.value and not _DRY_RUN.value:
+        raise plan.PlanError("--dry_run_json needs --dry_run=TARGET (cpu, gpu, h100:N or h200:N)")
     target = plan.get_target(_DRY_RUN.value) if _DRY_RUN.value else None  # a plan only: nothing trains
     if target is None:
         distributed.maybe_initialize(cfg.trainer)
