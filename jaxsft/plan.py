@@ -115,7 +115,8 @@ def get_target(spec: str, *, config_path=None) -> Target:
     kind, count = parse_target(spec)
     if kind == "cpu":
         devices = tuple(jax.devices("cpu"))
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # host RAM, shared by all
+        # host RAM, shared by every CPU device: each device's share is what its plan must fit
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
         return Target(spec, kind, devices, "cpu", devices[0].device_kind, memory, memory, None, None)
     if kind == "gpu":
         try:  # every process's GPUs (the mesh spans them); memory from this process's first
