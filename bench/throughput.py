@@ -105,13 +105,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _has_accelerator() -> bool:
     """Whether JAX will run on a GPU, decided without initialising any backend (torch must get the
-    GPU first): JAX_PLATFORMS, else whether jaxlib's CUDA plugin is installed."""
+    GPU first): JAX_PLATFORMS, else whether jaxlib's CUDA plugin is installed *and* an NVIDIA
+    driver is loaded (the test extra installs the plugin on CPU machines too, for deviceless plans)."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return any(p in platforms for p in ("cuda", "gpu", "rocm"))
     import importlib.util
 
-    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    plugin = any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    return plugin and (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists())
 
 
 # ---- synthetic data -------------------------------------------------------------------------------
