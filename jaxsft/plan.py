@@ -59,8 +59,11 @@ def parse_target(spec: str) -> tuple[str, int | None]:
 
 def prepare_environment(spec: str | None) -> None:
     """Before jax starts: a deviceless CUDA target needs jax on the CPU platform (else the CUDA
-    plugin's start-up check fails on a machine without a GPU and the plugin is not registered)."""
-    if spec and parse_target(spec)[0] in TARGET_CONFIGS:
+    plugin's start-up check fails on a machine without a GPU and the plugin is not registered).
+    Without an NVIDIA driver the same holds for any run: CUDA cannot work there, and jax would
+    print the plugin's failed check before falling back to the CPU."""
+    no_driver = not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists())
+    if no_driver or (spec and parse_target(spec)[0] in TARGET_CONFIGS):
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
