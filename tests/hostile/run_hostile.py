@@ -864,6 +864,7 @@ def main() -> int:
     chosen = [c for c in CASES if not a.only or any(o in c[1] for o in a.only)]
     print(f"{len(chosen)} cases against {TREE}; work directory {root}", flush=True)
     t0 = time.time()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this driver's own jax (the tiny model) needs no GPU
     setup(root)
     results = []
     for group, name, promise, fn in chosen:
