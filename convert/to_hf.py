@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from jaxsft import checkpoint, hf
+from jaxsft import checkpoint, hf, plan
 from jaxsft.checkpoint import CheckpointError
 
 
@@ -26,8 +26,10 @@ def find_step_dir(path: str) -> Path:
     if not p.is_dir():
         raise CheckpointError(f"{path} does not exist")
     if checkpoint.parse_step(p) is not None:
-        if not checkpoint.is_complete(p):
-            raise CheckpointError(f"{p} is an incomplete checkpoint (its save never finished)")
+        problems = checkpoint.step_problems(p)
+        if problems:
+            raise CheckpointError(f"{p} is an incomplete checkpoint ({checkpoint.describe(problems)}); "
+                                  f"convert an earlier {checkpoint.STEP_PREFIX}_N")
         return p
     if not checkpoint.step_dirs(p):
         raise CheckpointError(f"{p} is neither a {checkpoint.STEP_PREFIX}_N directory nor a run directory holding one")
@@ -76,6 +78,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
     ap.add_argument("--base-model", help="base model directory, when the one recorded in the checkpoint has moved")
     args = ap.parse_args(argv)
+    plan.prepare_environment(None)  # the CPU is all it needs: no failed CUDA check printed on a machine without a GPU
     try:
         out = convert(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                       base_model=args.base_model)

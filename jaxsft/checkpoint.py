@@ -9,8 +9,15 @@ A run root (`trainer.default_local_dir`) holds
         data_process_{i}/          JSON data-iterator state of process i (extra)
         meta/                      JSON: config, epoch, base_model, step, save_contents, versions
         huggingface/               transformers directory (hf_model)
+        jaxsft_files.json          every file above with its size, written once the step is
+                                   finished (the listing that completeness is checked against)
     latest_checkpointed_iteration.txt
                                    N of the newest complete step, written last (tmp + rename)
+
+A step directory is complete only when Orbax committed it, every item and file its metadata and
+listing name is there at the listed size, and (hf_model) its export is in place — checked from
+metadata and file sizes, no array data read. Resuming never uses an incomplete step: `auto` falls
+back to the newest complete one and says which part was missing; a named step is refused.
 
 An exact resume needs model, optimizer and extra: the lr is a function of `step`, and the data
 order a function of (seed, epoch) and the iterator state; SFT draws no other random numbers.
@@ -23,12 +30,15 @@ in place; then the tracker is written and old steps are deleted. That happens at
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import jax
@@ -40,6 +50,7 @@ from jaxsft.errors import UserError
 
 STEP_PREFIX = "global_step"
 TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "jaxsft_files.json"  # in each step: every file and its size, written when the save finished
 _STEP_DIR = re.compile(rf"{STEP_PREFIX}_(\d+)")
 _GROUP = {"params": "model", "opt_state": "optimizer"}  # every other state key is "extra"
 
@@ -76,17 +87,100 @@ def read_meta(step_dir: str | os.PathLike) -> dict:
     return read_json_item(Path(step_dir) / "meta")
 
 
-def is_complete(step_dir: str | os.PathLike) -> bool:
-    """Committed by Orbax (step metadata and commit marker present, meta readable) and, when the
-    step was to carry an HF export, with its `huggingface/` directory in place."""
+def step_problems(step_dir: str | os.PathLike) -> list[str]:
+    """What keeps `step_dir` from being a complete checkpoint, as short phrases; [] when complete.
+
+    Cheap (metadata and file sizes, no array data): Orbax's commit marker; the meta item; every
+    item Orbax recorded (`_CHECKPOINT_METADATA`) and every data_process_i of the meta's
+    process_count; the state's tree metadata holding the top-level keys that were saved; and every
+    file of the `MANIFEST` written when the save finished, at its size (so one deleted or truncated
+    array file counts). Steps saved before the manifest existed are checked without it.
+    """
     p = Path(step_dir)
     if not ((p / "_CHECKPOINT_METADATA").is_file() and (p / "commit_success.txt").is_file()):
-        return False
+        return ["its save never finished: no Orbax commit marker"]
     try:
         meta = read_meta(p)
     except Exception:  # noqa: BLE001 - any unreadable meta means the step cannot be used
-        return False
-    return "hf_model" not in meta.get("save_contents", ()) or (p / "huggingface" / "config.json").is_file()
+        return ["meta/ cannot be read"]
+    problems = _item_problems(p, meta)
+    if meta.get("files_manifest"):
+        problems += [q for q in _manifest_problems(p) if q not in problems]
+    elif "hf_model" in meta.get("save_contents", ()) and not (p / "huggingface" / "config.json").is_file():
+        problems.append("huggingface/config.json is missing")
+    return problems
+
+
+def is_complete(step_dir: str | os.PathLike) -> bool:
+    return not step_problems(step_dir)
+
+
+def describe(problems: list[str]) -> str:
+    """The first problem, and how many more: one clause for a one-line message."""
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def _item_problems(p: Path, meta: dict) -> list[str]:
+    try:
+        items = set(json.loads((p / "_CHECKPOINT_METADATA").read_text())["item_handlers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["_CHECKPOINT_METADATA cannot be read"]
+    if any(i.startswith("data_process_") for i in items):  # every process's iterator state, or none
+        items |= {f"data_process_{i}" for i in range(int(meta.get("process_count", 1)))}
+    problems = [f"{i}/ is missing" for i in sorted(items) if not (p / i).is_dir()]
+    keys = meta.get("state_keys", ())
+    if "state" in items and (p / "state").is_dir():
+        if not (p / "state" / "_METADATA").is_file():
+            return problems + ["state/_METADATA is missing"]
+        try:
+            tree = _state_tree_metadata(p)  # state/_METADATA and each array's own metadata
+        except Exception as e:  # noqa: BLE001 - any failure of Orbax's metadata reader: unreadable
+            return problems + [_read_failure(e, p) or "state/_METADATA cannot be read"]
+        problems += [f"state/ holds no {k}" for k in keys if k not in tree]
+    elif keys and "state" not in items:
+        problems.append("state/ was not recorded by Orbax")
+    return problems
+
+
+def _manifest_problems(p: Path) -> list[str]:
+    try:
+        listed = json.loads((p / MANIFEST).read_text())
+    except FileNotFoundError:
+        return [f"its save never finished: no {MANIFEST}"]
+    except (OSError, ValueError):
+        return [f"{MANIFEST} cannot be read"]
+    problems = []
+    for rel, size in listed.items():
+        top = rel.split("/")[0]
+        if "/" in rel and not (p / top).is_dir():
+            problem = f"{top}/ is missing"  # once for the directory, not for each of its files
+        else:
+            try:
+                got = (p / rel).stat().st_size
+            except OSError:
+                got = None
+            problem = (f"{rel} is missing" if got is None else
+                       f"{rel} holds {got} bytes, {size} were written" if got != size else None)
+        if problem and problem not in problems:
+            problems.append(problem)
+    return problems
+
+
+def write_manifest(step_dir: Path) -> None:
+    """List every file of a finished step with its size (tmp + fsync + rename): what
+    `step_problems` checks the step against later."""
+    files = {f.relative_to(step_dir).as_posix(): f.stat().st_size
+             for f in sorted(step_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    _write_atomically(step_dir / MANIFEST, json.dumps(files, indent=0))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_tracker(root: str | os.PathLike) -> int | None:
@@ -100,30 +194,45 @@ def read_tracker(root: str | os.PathLike) -> int | None:
     return int(text)
 
 
-def latest_complete(root: str | os.PathLike) -> Path | None:
+def latest_complete(root: str | os.PathLike, warn=log.warning) -> Path | None:
     """The step directory to resume from: the tracker's step, or the newest complete step before
     it when that one is missing or incomplete. Steps newer than the tracker are unfinished saves
     or leftovers of an abandoned run and are ignored. Without a tracker (killed before the first
-    save was finalised) the newest complete step is used."""
+    save was finalised) the newest complete step is used. Skipping an incomplete step is said in
+    one line through `warn`, naming what it lacks.
+
+    A CheckpointError when no complete step is left but one of the skipped steps had been finished
+    (tracked, or with its file listing): its damage would otherwise restart training from the base
+    model unnoticed. Unfinished saves alone (killed during the first save) mean starting fresh."""
+    root = Path(root)
     dirs = step_dirs(root)
     tracked = read_tracker(root)
     candidates = sorted(dirs, reverse=True)
     if tracked is not None:
         newer = [dirs[s].name for s in sorted(dirs) if s > tracked]
         if newer:
-            log.warning("ignoring %s: newer than %s (step %d), so not known to be complete",
-                        ", ".join(newer), TRACKER, tracked)
+            warn(f"ignoring {', '.join(newer)}: newer than {TRACKER} (step {tracked}), so not known to be complete")
         if tracked not in dirs:
-            log.warning("%s names step %d but %s is missing", TRACKER, tracked, f"{STEP_PREFIX}_{tracked}")
+            warn(f"{TRACKER} names step {tracked} but {STEP_PREFIX}_{tracked} is missing")
         candidates = [s for s in candidates if s <= tracked]
+    skipped, damaged = [], False
     for s in candidates:
-        if is_complete(dirs[s]):
+        problems = step_problems(dirs[s])
+        if not problems:
+            if skipped:
+                warn(f"{'; '.join(skipped)}; resuming from {dirs[s].name} instead")
             return dirs[s]
-        log.warning("skipping incomplete checkpoint %s (killed while saving?); trying the previous one", dirs[s])
+        skipped.append(f"{dirs[s].name} is incomplete ({describe(problems)})")
+        damaged = damaged or s == tracked or (dirs[s] / MANIFEST).is_file()
+    if damaged:
+        raise CheckpointError(f"{root} holds no complete checkpoint to resume from ({'; '.join(skipped)}); restore "
+                              f"the missing files, or delete the damaged {STEP_PREFIX}_N directories to start fresh")
+    if skipped:
+        warn(f"{'; '.join(skipped)}; starting from the base model")
     return None
 
 
-def resolve_resume(ckpt) -> Path | None:
+def resolve_resume(ckpt, warn=log.warning) -> Path | None:
     """The step directory to resume from, or None to start fresh (verl's resume_mode semantics),
     for the checkpoint settings `ckpt` (`jaxsft.config.settings.CheckpointSettings`)."""
     mode, path = ckpt.resume_mode, ckpt.resume_from_path
@@ -135,11 +244,12 @@ def resolve_resume(ckpt) -> Path | None:
             raise CheckpointError(f"trainer.resume_from_path={path!r} does not exist")
         if parse_step(p) is None:
             raise CheckpointError(f"trainer.resume_from_path={path!r} is not a {STEP_PREFIX}_N directory")
-        if not is_complete(p):
-            raise CheckpointError(f"trainer.resume_from_path={path!r} is an incomplete checkpoint (its save never "
-                                  f"finished); choose an earlier {STEP_PREFIX}_N")
+        problems = step_problems(p)
+        if problems:
+            raise CheckpointError(f"trainer.resume_from_path={path!r} is an incomplete checkpoint "
+                                  f"({describe(problems)}); choose an earlier {STEP_PREFIX}_N")
         return p
-    return latest_complete(Path(ckpt.default_local_dir).absolute())
+    return latest_complete(Path(ckpt.default_local_dir).absolute(), warn=warn)
 
 
 def _gather_json(obj) -> list:
@@ -193,7 +303,88 @@ def _check_same_shapes(step_dir: Path, target: dict, saved_tree: dict, meta: dic
 
 def _restore_state(step_dir: Path, target: dict, restore_args) -> dict:
     args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-    return ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args)
+    try:
+        return ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args)
+    except Exception as e:  # Orbax wraps tensorstore's errors in a bare Exception
+        reason = _read_failure(e, step_dir)
+        if reason is None:
+            raise
+        # Files that passed the completeness check but cannot be read: damaged after the save.
+        raise CheckpointError(f"cannot read {step_dir}: {reason}, so the checkpoint is damaged; resume from an "
+                              f"earlier {STEP_PREFIX}_N (trainer.resume_from_path) or restore its files") from None
+
+
+# tensorstore reports storage failures as ValueError("CODE: ..."); other codes are not the disk's.
+_STORAGE_CODES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "PERMISSION_DENIED", "FAILED_PRECONDITION")
+_LOCAL_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def _read_failure(e: BaseException | None, step_dir: Path) -> str | None:
+    """One clause naming what of `step_dir` could not be read, when `e` (or an exception it was
+    raised from) is a failure to read the files themselves — an OSError, or one of tensorstore's
+    storage codes; else None (a bug keeps its traceback)."""
+    while e is not None and not isinstance(e, OSError) and str(e).split(":", 1)[0] not in _STORAGE_CODES:
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return None
+    root = f"{step_dir}/"
+    if isinstance(e, OSError):
+        path, why = e.filename, e.strerror or str(e)
+    else:
+        why = str(e).split(" [tensorstore_spec=")[0].splitlines()[0].replace(root, "")
+        files = _LOCAL_FILE.findall(str(e).split(" [tensorstore_spec=")[0])
+        path = files[-1] if files else None
+    if path is None:
+        return f"a file under it cannot be read ({why})"
+    shown = str(path).replace(root, "")
+    return f"{shown} is missing" if not Path(path).exists() else f"{shown} cannot be read ({why})"
+
+
+_FULL_DISK = ("No space left on device", "Disk quota exceeded")
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT, as Python's OSError or as tensorstore's RESOURCE_EXHAUSTED text."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e) for t in _FULL_DISK):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _QuietFullDisk(logging.Filter):
+    """Orbax logs a failed background write (with tracebacks) from each of its threads; a full disk
+    is reported once, as one line, by the Checkpointer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (_disk_full(exc) or any(t in record.getMessage() for t in _FULL_DISK))
+
+
+_QUIET_FULL_DISK = _QuietFullDisk()
+
+
+def _hush_closed_loop_callbacks() -> None:
+    """When a write or read fails, tensorstore's callbacks for the operations still in flight find
+    Orbax's event loop already closed and each prints an "Event loop is closed" traceback (dozens
+    for one full disk); the failure itself surfaces as one exception, so those are dropped. Every
+    other unraisable exception still prints."""
+    previous = sys.unraisablehook
+    if getattr(previous, "jaxsft_hush", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.jaxsft_hush = True
+    sys.unraisablehook = hook
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def restore_entry(step_dir: str | os.PathLike, key: str | tuple[str, ...] = "params",
@@ -246,6 +437,9 @@ class Checkpointer:
                 if self._primary else None,
                 dtype=ckpt.hf_dtype, max_shard_size=ckpt.max_shard_size, min_max_position_embeddings=max_length)
         self._pending: tuple[int, Path | None] | None = None  # (step, its HF export) awaiting commit
+        self._bytes_needed = 0  # the size estimate of the last save, for a full disk's message
+        logging.getLogger("absl").addFilter(_QUIET_FULL_DISK)
+        _hush_closed_loop_callbacks()
         if self._primary:
             self.root.mkdir(parents=True, exist_ok=True)
             for leftover in self.root.glob(f".{STEP_PREFIX}_*.huggingface.tmp"):
@@ -272,7 +466,9 @@ class Checkpointer:
         Blocks only for the device→host copy, plus the HF export when `hf_model` is saved: `export()`
         (default: the constructor's `export` of `state["params"]`) must return
         `jaxsft.hf.export_tensors(...)` of the live arrays, which the next (donating) train step
-        invalidates. Every process calls this. Returns the step directory.
+        invalidates. Every process calls this. Returns the step directory. A full disk, here or
+        when the background write ends, is a CheckpointError naming the space needed; the
+        unfinished step is deleted and the previous one stays as it was.
         """
         if export is None and self._export_params is not None and "params" in state:
             export = lambda: self._export_params(state["params"])  # noqa: E731
@@ -281,24 +477,79 @@ class Checkpointer:
         self._replace_existing(step)
         tree = {k: v for k, v in state.items() if group_of(k) in self.contents}
         saved = [c for c in self.contents if c != "hf_model" or export is not None]
-        items = {"meta": ocp.args.JsonSave({**(meta or {}), "step": step, "save_contents": saved,
-                                            "jaxsft_version": __version__, "process_count": jax.process_count()})}
+        items = {"meta": ocp.args.JsonSave({**meta, "step": step, "save_contents": saved, "state_keys": sorted(tree),
+                                            "files_manifest": MANIFEST, "jaxsft_version": __version__,
+                                            "process_count": jax.process_count()})}
         if tree:
             items["state"] = ocp.args.StandardSave(tree)
         if "extra" in self.contents and data_state is not None:
             for i, s in enumerate(_gather_json(data_state)):
                 items[f"data_process_{i}"] = ocp.args.JsonSave(s)
-        # force: the trainer decides when to save; Orbax would refuse a step below one on disk.
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._bytes_needed = self.checkpoint_bytes(state)
         hf_tmp = None
-        if "hf_model" in saved:
-            # Written beside the step (Orbax renames its own directory on commit) and moved in after.
-            hf_tmp = self.root / f".{STEP_PREFIX}_{step}.huggingface.tmp"
-            hf.write_hf_directory(export(), hf_tmp, **self._export_args)
+        with self._full_disk_is_one_line(step):
+            # force: the trainer decides when to save; Orbax would refuse a step below one on disk.
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            if "hf_model" in saved:
+                # Written beside the step (Orbax renames its own directory on commit) and moved in after.
+                hf_tmp = self.root / f".{STEP_PREFIX}_{step}.huggingface.tmp"
+                hf.write_hf_directory(export(), hf_tmp, **self._export_args)
         self._pending = (step, hf_tmp)
         if not self._async:
             self._finalize(block=True)
         return self.step_dir(step)
+
+    def checkpoint_bytes(self, state: dict) -> int:
+        """About what one checkpoint of `state` takes on disk: the saved arrays at their dtypes,
+        plus (hf_model) the parameters at the export dtype."""
+        def size(tree, itemsize=None) -> int:
+            leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and hasattr(x, "size")]
+            return sum(int(x.size) * (itemsize or np.dtype(x.dtype).itemsize) for x in leaves)
+
+        n = size([v for k, v in state.items() if group_of(k) in self.contents])
+        if self._export_args is not None and "params" in state:
+            n += size(state["params"], np.dtype(jax.numpy.dtype(self._export_args["dtype"])).itemsize)
+        return n
+
+    def warn_if_short_of_space(self, state: dict, say=print) -> None:
+        """One line when the run directory's disk has less free space than one checkpoint needs."""
+        need, free = self.checkpoint_bytes(state), shutil.disk_usage(self.root).free
+        if self._primary and free < need:
+            say(f"[jaxsft] warning: {self.root} has {_size(free)} free but one checkpoint needs about {_size(need)} "
+                f"(written in full before older ones are deleted), so saving will fail; free some space or choose "
+                f"another trainer.default_local_dir")
+
+    @contextlib.contextmanager
+    def _full_disk_is_one_line(self, step: int):
+        try:
+            yield
+        except Exception as e:
+            if not _disk_full(e):
+                raise
+            self._pending = None
+            try:
+                self._manager.wait_until_finished()  # a background write may still be going
+            except Exception:  # noqa: BLE001 - it fails the same way; its files are discarded next
+                pass
+            if self._primary:
+                self._discard(step)
+            tracked = read_tracker(self.root)
+            kept = (f"{STEP_PREFIX}_{tracked} is intact and the run resumes from it" if tracked is not None else
+                    "nothing was saved before")
+            raise CheckpointError(
+                f"no space left on the disk of {self.root} while saving {STEP_PREFIX}_{step}: "
+                f"{_size(shutil.disk_usage(self.root).free)} free, one checkpoint needs about "
+                f"{_size(self._bytes_needed)}; free some space (or lower trainer.max_ckpt_to_keep) and run again "
+                f"({kept})") from None
+
+    def _discard(self, step: int) -> None:
+        """Delete what an unfinished save of `step` left: nothing half-written may look complete."""
+        doomed = [self.step_dir(step), self.root / f".{STEP_PREFIX}_{step}.huggingface.tmp",
+                  *self.root.glob(f"{STEP_PREFIX}_{step}.orbax-checkpoint-tmp*")]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+        for tmp in (self.root / f"{TRACKER}.tmp", self.step_dir(step) / f"{MANIFEST}.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def poll(self) -> bool:
         """Finalise a save whose background write has finished, without blocking; True when
@@ -322,13 +573,16 @@ class Checkpointer:
         iterator state or None.
         """
         step_dir = Path(step_dir)
+        problems = step_problems(step_dir)
+        if problems:
+            raise CheckpointError(f"cannot resume from {step_dir}: it is an incomplete checkpoint ({describe(problems)})")
         meta = read_meta(step_dir)
         saved_tree = _state_tree_metadata(step_dir)
         wanted = [k for k in abstract_state if group_of(k) in self.load_contents]
         missing = [k for k in wanted if k not in saved_tree]
-        if missing:
-            log.warning("%s holds no %s (saved: %s); those start fresh", step_dir, ", ".join(missing),
-                        ", ".join(meta.get("save_contents", ())))
+        if missing:  # complete, so these were never saved (trainer.checkpoint.save_contents)
+            log.warning("%s was saved without %s (save_contents: %s); those start fresh", step_dir,
+                        ", ".join(missing), ", ".join(meta.get("save_contents", ())))
         target = {k: abstract_state[k] for k in wanted if k in saved_tree}
         _check_same_shapes(step_dir, target, saved_tree, meta)
         state = _restore_state(step_dir, target, ocp.checkpoint_utils.construct_restore_args(target)) if target else {}
@@ -339,12 +593,12 @@ class Checkpointer:
         """The train state to start from: `state` (fresh) unless the checkpoint settings `ckpt`
         name a step to resume (`resolve_resume`); then that step's contents restored into
         `shardings`, and the data loader set to its position."""
-        step_dir = resolve_resume(ckpt)
+        step_dir = resolve_resume(ckpt, warn=lambda message: say(f"[jaxsft] warning: {message}"))
         if step_dir is None:
             return state
         state, data_state = self.restore_state(step_dir, state, shardings)
         if data_state is not None:
-            loader.set_state(data_state)
+            loader.set_state(data_state, accept_changed_data=ckpt.resume_accept_changed_data, say=say)
         say(f"[jaxsft] resumed from {step_dir} at step {int(state['step'])}")
         return state
 
@@ -366,7 +620,7 @@ class Checkpointer:
         if first.is_dir():  # saved with fewer processes; iterator states are process-independent
             log.warning("%s has no %s; using data_process_0", step_dir, own.name)
             return read_json_item(first)
-        log.warning("%s holds no data-iterator state; the data order restarts", step_dir)
+        log.warning("%s was saved without a data-iterator state; the data order restarts", step_dir)
         return None
 
     # ---- completion, tracker, retention -------------------------------------------------------
@@ -376,23 +630,21 @@ class Checkpointer:
             return True
         if not block and self._manager.is_saving_in_progress():
             return False
-        self._manager.wait_until_finished()  # also raises a failed background write
         step, hf_tmp = self._pending
-        self._pending = None
+        with self._full_disk_is_one_line(step):
+            self._manager.wait_until_finished()  # also raises a failed background write
+            self._pending = None
+            if self._primary:
+                if hf_tmp is not None:
+                    os.replace(hf_tmp, self.step_dir(step) / "huggingface")
+                write_manifest(self.step_dir(step))  # the step is complete from here on
+                self._write_tracker(step)
         if self._primary:
-            if hf_tmp is not None:
-                os.replace(hf_tmp, self.step_dir(step) / "huggingface")
-            self._write_tracker(step)
             self._apply_retention(step)
         return True
 
     def _write_tracker(self, step: int) -> None:
-        tmp = self.root / f"{TRACKER}.tmp"
-        with open(tmp, "w") as f:
-            f.write(str(step))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / TRACKER)
+        _write_atomically(self.root / TRACKER, str(step))
 
     def _apply_retention(self, newest: int) -> None:
         """Keep `max_ckpt_to_keep` step directories in all, counting those of earlier launches

@@ -54,9 +54,28 @@ def mesh_for(settings) -> Mesh:
     from jaxsft.config import check_devices
 
     dp, sp = check_devices(settings, jax.device_count())
+    check_attention(settings.model.attn_implementation)
     mesh = make_mesh(dp, sp)
     distributed.check_process_rows(mesh)
     return mesh
+
+
+_BACKEND_NEEDS = {"flash": "a CUDA GPU of compute capability 8.0 (sm80) or newer"}
+
+
+def check_attention(implementation: str) -> None:
+    """A backend named in model.attn_implementation must run on these devices; otherwise one
+    ConfigError now, instead of a kernel failing (or crawling in interpret mode) at the first step."""
+    from jaxsft.config import ConfigError
+    from jaxsft.model.attention import BACKENDS
+
+    backend = BACKENDS.get(implementation)  # unknown names were refused with the settings
+    if backend is None or backend.available():
+        return
+    needs = _BACKEND_NEEDS.get(implementation, "other devices")
+    raise ConfigError(f"model.attn_implementation={implementation} needs {needs}; this machine's devices are "
+                      f"{jax.default_backend()} ({jax.devices()[0].device_kind}): use model.attn_implementation=auto "
+                      f"(picks what runs here) or xla")
 
 
 def check_heads(model_config, mesh: Mesh) -> None:

@@ -42,6 +42,7 @@ class Trainer:
             graphdef, rest, state, shardings = step.init_train_state(model, tx, self.mesh)
         self.ckpt = checkpoint.Checkpointer.for_run(s, self.model_dir,
                                                     export=lambda params: hf.export_tensors(params, self.model_config))
+        self.ckpt.warn_if_short_of_space(state, say=self.say)
         self.state = self.ckpt.resume(s.checkpoint, state, shardings, self.data.loader, say=self.say)
         self.step = int(self.state["step"])
         self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule,

@@ -4,7 +4,9 @@ deterministic kill point installed as a Trainer hook (tests/test_resume.py):
 - `kill_mid_save:N` SIGKILLs the process once step N's save has put its temporary directory on
   disk (Orbax still writing, tracker not yet moved);
 - `pause:N` completes step N's save, prints a line and waits for a signal (then goes on), so a
-  test can kill or preempt the run at a known step.
+  test can kill or preempt the run at a known step;
+- `hold:N` pauses the same way, but once the signal has set the stop flag it says so and keeps
+  waiting, as a slow step or save would: a second Ctrl-C then meets a run that is stopping.
 """
 
 import os
@@ -26,11 +28,15 @@ def hook_for(spec: str):
             while not (list(ckpt.root.glob(f"{ckpt.step_dir(at).name}.orbax-checkpoint-tmp*")) or ckpt.step_dir(at).exists()):
                 time.sleep(0.001)
             os.kill(os.getpid(), signal.SIGKILL)
-        elif kind == "pause":
+        elif kind in ("pause", "hold"):
             ckpt.wait()
             print(f"[jaxsft] test hook: paused after step {at}", flush=True)
             while not trainer.preempted.is_set():
                 time.sleep(0.02)
+            if kind == "hold":
+                print(f"[jaxsft] test hook: stop requested; holding step {at}", flush=True)
+                while True:
+                    time.sleep(0.02)
         else:
             raise ValueError(f"unknown test hook {spec!r}")
 

@@ -158,9 +158,12 @@ def test_incomplete_latest_step_is_skipped(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="jaxsft.checkpoint")
 
     # Killed mid-save after the tracker moved on: commit marker missing.
-    (tmp_path / "global_step_2" / "commit_success.txt").unlink()
+    marker = tmp_path / "global_step_2" / "commit_success.txt"
+    marker_text = marker.read_text()
+    marker.unlink()
     assert checkpoint.latest_complete(tmp_path) == tmp_path / "global_step_1"
-    assert "skipping incomplete checkpoint" in caplog.text and "global_step_2" in caplog.text
+    assert ("global_step_2 is incomplete (its save never finished: no Orbax commit marker); resuming from "
+            "global_step_1 instead") in caplog.text
 
     # A bare directory newer than the tracker, and Orbax's temporary directory, are ignored.
     caplog.clear()
@@ -173,7 +176,7 @@ def test_incomplete_latest_step_is_skipped(tmp_path, caplog):
     # Tracker naming a missing step: the newest complete one before it.
     caplog.clear()
     (tmp_path / TRACKER).write_text("9")
-    (tmp_path / "global_step_2" / "commit_success.txt").write_text("")
+    marker.write_text(marker_text)
     assert checkpoint.latest_complete(tmp_path) == tmp_path / "global_step_2"
     assert "global_step_9 is missing" in caplog.text
 

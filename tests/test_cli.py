@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 from e2e import ROOT, env_for, metrics, start_train, train_args
+from unprivileged import bound
 
 from jaxsft import bundled
 from jaxsft.checkpoint import read_meta
@@ -40,6 +41,8 @@ def one_error_line(proc) -> str:
     (1, "--config.optim.lrr=1", "unknown setting 'optim.lrr'; did you mean optim.lr"),
     (1, "--bogus", "unknown flag '--bogus'"),
     (1, "model.build_tiny_from=/tmp/x", "model.build_tiny_from is set by the smoke recipe only"),
+    (1, "--config.model.attn_implementation=flash", "model.attn_implementation=flash needs a CUDA GPU of compute "
+     "capability 8.0 (sm80) or newer; this machine's devices are cpu (cpu): use model.attn_implementation=auto"),
 ])
 def test_bad_input_is_one_line_and_exit_2(base_model, tmp_path, devices, override, expect):
     proc = subprocess.run(train_args(tmp_path / "run", base_model, override), cwd=ROOT, env=env_for(devices),
@@ -133,3 +136,29 @@ def test_one_run_per_directory_and_the_lock_does_not_outlive_its_run(base_model,
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
     steps = [m["step"] for m in metrics(tmp_path) if "train/loss" in m["data"]]
     assert steps == [1, 2]  # no step logged twice
+
+
+def test_recipe_file_missing_or_broken(tmp_path):
+    broken = tmp_path / "recipe.py"
+    broken.write_text("def get_config(:\n")
+    line = one_error_line(jaxsft(f"--config={tmp_path / 'nope.py'}", cwd=tmp_path))
+    assert line == (f"jaxsft: error: --config '{tmp_path / 'nope.py'}': no such recipe file; give a path or one of: "
+                    "qwen05b, qwen7b, smoke")
+    line = one_error_line(jaxsft(f"--config={broken}", cwd=tmp_path))
+    assert line == f"jaxsft: error: --config {broken}: the recipe failed to load (SyntaxError: invalid syntax (recipe.py, line 1))"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.py"]
+
+
+def test_read_only_run_directory_before_any_heavy_work(base_model, tmp_path):
+    """Run as a user whom permissions bind (tests/unprivileged.py: root with its file overrides
+    dropped): one line, exit 2, and neither the model nor the data was touched."""
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    try:
+        proc = subprocess.run(bound(train_args(run, base_model)), cwd=ROOT, env=env_for(1), capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        run.chmod(0o755)
+    assert one_error_line(proc) == f"jaxsft: error: trainer.default_local_dir='{run}' is not writable (Permission denied)"
+    assert "train data:" not in proc.stdout and not list(run.iterdir())

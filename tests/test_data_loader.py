@@ -135,8 +135,45 @@ def test_resume_gives_identical_batches_mid_epoch_and_at_the_epoch_boundary(pack
 
 def test_state_from_another_data_set_is_refused():
     state = loader(synthetic()).get_state()
-    with pytest.raises(DataError, match="the data-loader state was saved for"):
+    with pytest.raises(DataError, match=r"^the data-loader state of this checkpoint does not fit this run: the number "
+                                        r"of training samples \(data\.train_files, data\.train_max_samples\) gives 50 "
+                                        r"here, 45 when it was saved; resuming"):
         loader(synthetic(n=50)).set_state(state)
+    with pytest.raises(DataError, match=r"trainer\.seed gives 4 here, 3 when it was saved; resuming"):
+        loader(synthetic(), seed=4).set_state(state)
+
+
+def test_same_row_count_other_tokens_is_refused_unless_accepted():
+    """A rewritten file with the same rows, batch and seed: the (rows, batch, seed) check passes,
+    the data fingerprint does not; trainer.resume_accept_changed_data lets it through, said once."""
+    ds = synthetic()
+    first = loader(ds)
+    next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    assert state["data_fingerprint"] == ds.fingerprint == synthetic().fingerprint  # a function of content only
+
+    ids, mask = ds.input_ids.copy(), ds.loss_mask.copy()
+    ids[5] += 1  # one token of one row
+    one_token = TokenizedDataset(ids, ds.loss_mask, ds.offsets, ds.origins)
+    mask[ds.offsets[3]:ds.offsets[4]] = 0  # one row's loss mask
+    one_mask = TokenizedDataset(ds.input_ids, mask, ds.offsets, ds.origins)
+    offsets = ds.offsets.copy()
+    offsets[1] += 1  # the same tokens cut into rows differently
+    other_cut = TokenizedDataset(ds.input_ids, ds.loss_mask, offsets, ds.origins)
+    for changed in (one_token, one_mask, other_cut):
+        assert changed.fingerprint != ds.fingerprint
+        with pytest.raises(DataError, match=r"the tokenised training data differs from the data this checkpoint was "
+                                            r"trained on \(same 45 rows.*set trainer\.resume_accept_changed_data=true") as e:
+            loader(changed).set_state(state)
+        assert "\n" not in str(e.value)
+
+    said = []
+    again = loader(one_token)
+    again.set_state(state, accept_changed_data=True, say=said.append)
+    assert again.next_step == 1 and len(said) == 1 and "resuming on it (trainer.resume_accept_changed_data=true)" in said[0]
+
+    older = {k: v for k, v in state.items() if k != "data_fingerprint"}  # saved before the fingerprint existed
+    loader(one_token).set_state(older)
 
 
 @pytest.mark.parametrize("packing", ["none", "best_fit"])

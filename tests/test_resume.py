@@ -10,6 +10,8 @@ Kill points are made deterministic by a Trainer hook (tests/hooked_train.py).
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -18,7 +20,11 @@ import jax
 import numpy as np
 import pytest
 from cfg import settings as settings_for_test
-from e2e import losses, metrics, run_train, start_train
+import pyarrow.parquet as pq
+import small_disk
+from e2e import ROOT, env_for, losses, metrics, run_train, start_train, train_args
+
+from jaxsft import bundled
 
 from jaxsft import checkpoint, hf, optim, parallel, step
 from jaxsft.checkpoint import TRACKER, Checkpointer
@@ -48,14 +54,14 @@ def reference(base_model, tmp_path_factory):
     return run_dir
 
 
-def wait_for_pause(proc: subprocess.Popen, step: int) -> None:
-    """Read the trainer's output until the hook pause:`step` says it is waiting."""
+def wait_for_pause(proc: subprocess.Popen, step: int, said: str = "paused after step") -> None:
+    """Read the trainer's output until the hook pause:`step` (or hold:`step`) says `said`."""
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if f"test hook: paused after step {step}" in line:
+        if f"test hook: {said} {step}" in line:
             return
-    raise AssertionError(f"exited {proc.wait()} before pausing at step {step}:\n{''.join(seen[-40:])}")
+    raise AssertionError(f"exited {proc.wait()} before the hook said {said!r} at step {step}:\n{''.join(seen[-40:])}")
 
 
 def resumed_at(proc: subprocess.CompletedProcess) -> str:
@@ -112,6 +118,85 @@ def test_sigterm_saves_the_current_step_and_exits_0(base_model, reference, tmp_p
     restart = run_train(tmp_path, base_model, *args)
     assert resumed_at(restart).endswith("at step 4")
     assert train_rows(tmp_path) == train_rows(reference)
+
+
+def test_second_ctrl_c_stops_at_once_without_saving(base_model, tmp_path):
+    """Ctrl-C asks the run to finish its step and save; a second Ctrl-C while it is still at that
+    step stops it at once: one line, exit 130, no traceback, nothing saved (step 2 stays the last)."""
+    proc = start_train(tmp_path, base_model, *FAST, "--config.trainer.save_freq=1", hook="hold:2")
+    wait_for_pause(proc, 2)
+    proc.send_signal(signal.SIGINT)
+    wait_for_pause(proc, 2, said="stop requested; holding step")
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert out.splitlines()[-1] == "jaxsft: interrupted again: not saving" and "Traceback" not in out, out[-3000:]
+    assert (tmp_path / TRACKER).read_text() == "2" and sorted(checkpoint.step_dirs(tmp_path)) == [1, 2]
+
+
+def test_damaged_newest_checkpoint_is_skipped_and_resume_stays_exact(base_model, reference, tmp_path):
+    """The reference run's global_step_6 loses its state/: the same command falls back to step 3,
+    says so in one line, and trains steps 4-6 exactly as the unbroken run (issue 11: it used to
+    resume "from global_step_6" with the base weights and a fresh optimizer)."""
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "global_step_6" / "state")
+    restart = run_train(tmp_path, base_model, *FAST, "--config.trainer.save_freq=3")
+    said = [line for line in restart.stdout.splitlines() if "incomplete" in line]
+    assert said == ["[jaxsft] warning: global_step_6 is incomplete (state/ is missing); resuming from global_step_3 "
+                    "instead"], restart.stdout[-3000:]
+    assert resumed_at(restart).endswith(f"{tmp_path / 'global_step_3'} at step 3")
+    assert train_rows(tmp_path) == train_rows(reference)
+    assert checkpoint.is_complete(tmp_path / "global_step_6")
+
+
+def test_resuming_onto_rewritten_data_is_refused_unless_accepted(base_model, reference, tmp_path):
+    """The training file rewritten with the same 24 rows in another order (rows, batch and seed
+    unchanged): the resume is one line, exit 2; with trainer.resume_accept_changed_data=true it
+    goes on and says so."""
+    rewritten = tmp_path / "train.parquet"
+    table = pq.read_table(bundled.path("humaneval_chat", "train.parquet")).slice(0, 24)
+    pq.write_table(table.take(list(range(23, -1, -1))), rewritten)
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    args = (*FAST, f"--config.data.train_files={rewritten}", "--config.trainer.resume_mode=resume_path",
+            f"--config.trainer.resume_from_path={run / 'global_step_3'}", "--config.trainer.total_training_steps=4")
+    refused = subprocess.run(train_args(run, base_model, *args), cwd=ROOT, env=env_for(8), capture_output=True,
+                             text=True, timeout=600)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    (line,) = [x for x in refused.stderr.splitlines() if x.startswith("jaxsft: error:")]
+    assert line.startswith(f"jaxsft: error: {rewritten}: the tokenised training data differs from the data this "
+                           f"checkpoint was trained on (same 24 rows") and "trainer.resume_accept_changed_data=true" in line
+
+    accepted = run_train(run, base_model, *args, "--config.trainer.resume_accept_changed_data=true")
+    assert "resuming on it (trainer.resume_accept_changed_data=true)" in accepted.stdout
+    assert resumed_at(accepted).endswith("at step 3") and max(losses(run)) == 4
+
+
+def test_full_disk_at_a_save_is_one_line_and_the_rerun_resumes_exactly(base_model, reference, tmp_path):
+    """The run directory on a 3.5 MiB tmpfs: step 3's checkpoint (~2.3 MB) fits, step 6's does not.
+    The run stops in one line, exit 2, with no step 6 and no temporary directory left; after the
+    disk grows the same command resumes from step 3 and logs what the unbroken run logged."""
+    why = small_disk.unavailable(tmp_path)
+    if why is not None:
+        pytest.skip(f"no private tmpfs can be mounted here ({why})")
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    out.mkdir()
+    train = shlex.join(train_args(run, base_model, *FAST, "--config.trainer.save_freq=3"))
+    shell = (f"mount -t tmpfs -o size=3500k tmpfs {run}; {train} >{out}/1.out 2>{out}/1.err; echo $? >{out}/1.rc; "
+             f"ls -a {run} >{out}/1.ls; mount -o remount,size=64m {run}; {train} >{out}/2.out 2>{out}/2.err; "
+             f"echo $? >{out}/2.rc; cp -r {run} {out}/run")
+    subprocess.run(small_disk.command(shell), cwd=ROOT, env=env_for(8), timeout=900, check=True)
+    first = (out / "1.err").read_text()
+    assert (out / "1.rc").read_text().strip() == "2" and "Traceback" not in first, first[-3000:]
+    (line,) = [x for x in first.splitlines() if x.startswith("jaxsft: error:")]
+    assert line.startswith(f"jaxsft: error: no space left on the disk of {run} while saving global_step_6: ")
+    assert line.endswith("(global_step_3 is intact and the run resumes from it)") and "one checkpoint needs about" in line
+    assert (out / "1.ls").read_text().split() == [".", "..", ".jaxsft.lock", "config.yaml", "global_step_3",
+                                                  TRACKER, "metrics.jsonl"]
+    assert (out / "2.rc").read_text().strip() == "0", (out / "2.err").read_text()[-3000:]
+    assert "resumed from" in (out / "2.out").read_text() and f"{run / 'global_step_3'} at step 3" in (out / "2.out").read_text()
+    assert train_rows(out / "run") == train_rows(reference)
 
 
 @pytest.mark.parametrize("devices,sp", [(4, 1), (8, 2)], ids=["4dev_dp4", "8dev_dp4_sp2"])

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import yaml
+from unprivileged import run_python
 
 from jaxsft.config import ConfigError
 from jaxsft.run_dir import CONFIG_FILE, RunDirectory
@@ -35,3 +36,35 @@ def test_one_holder_at_a_time_and_the_lock_dies_with_its_process(tmp_path):
     run.close()
     RunDirectory(tmp_path).close()  # released by close() too
     RunDirectory(tmp_path, primary=False)  # other processes of a job take no lock
+
+
+REFUSAL = """
+from jaxsft.config import ConfigError
+from jaxsft.run_dir import RunDirectory
+try:
+    RunDirectory({path!r})
+    print("accepted")
+except ConfigError as e:
+    print(e)
+"""
+
+
+def test_read_only_directory_and_unwritable_parent(tmp_path):
+    """As a user whom permissions bind (root with its file overrides dropped): a read-only run
+    directory, and a missing one under a read-only parent, are each one sentence."""
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    read_only.chmod(0o555)
+    parent.chmod(0o555)
+    try:
+        refused = run_python(REFUSAL.format(path=str(read_only))).stdout.strip()
+        assert refused == f"trainer.default_local_dir={str(read_only)!r} is not writable (Permission denied)"
+        refused = run_python(REFUSAL.format(path=str(parent / "run"))).stdout.strip()
+        assert refused == f"trainer.default_local_dir={str(parent / 'run')!r} cannot be created (Permission denied)"
+    finally:
+        read_only.chmod(0o755)
+        parent.chmod(0o755)
+    assert run_python(REFUSAL.format(path=str(parent / "run"))).stdout.strip() == "accepted"
+    assert not list(read_only.iterdir())

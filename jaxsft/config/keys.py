@@ -179,6 +179,8 @@ KEYS: tuple[Key, ...] = (
        optional=True, choices=("float32", "bfloat16", "fp32", "bf16")),
     _j("trainer.checkpoint.async_save", True, "bool", "write checkpoints in the background"),
     _j("trainer.checkpoint.max_shard_size", "5GB", "str", "largest safetensors file of the export"),
+    _j("trainer.resume_accept_changed_data", False, "bool",
+       "resume even when the training data's tokens differ from those the checkpoint was trained on"),
     _j("trainer.loss_normalization", "global_tokens", "str",
        "global_tokens = Σ token losses ÷ the step's loss tokens; verl = verl's per-micro-batch means",
        choices=("global_tokens", "verl")),

@@ -106,6 +106,7 @@ class CheckpointSettings:
     save_freq: int | str  # -1 = only at the end; or after_each_epoch
     resume_mode: str
     resume_from_path: str | None
+    resume_accept_changed_data: bool  # resume onto other tokens (same rows, batch and seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +344,8 @@ def resolve(c: Composed) -> Settings:
         hf_dtype=hf_dtype, async_save=v["trainer.checkpoint.async_save"],
         max_shard_size=v["trainer.checkpoint.max_shard_size"], max_ckpt_to_keep=v["trainer.max_ckpt_to_keep"] or 0,
         save_freq=v["trainer.save_freq"], resume_mode=v["trainer.resume_mode"],
-        resume_from_path=v["trainer.resume_from_path"])
+        resume_from_path=v["trainer.resume_from_path"],
+        resume_accept_changed_data=v["trainer.resume_accept_changed_data"])
     trainer = TrainerSettings(
         default_local_dir=v["trainer.default_local_dir"], project_name=v["trainer.project_name"],
         experiment_name=v["trainer.experiment_name"], total_epochs=v["trainer.total_epochs"],

@@ -27,6 +27,9 @@ from jaxsft.data.errors import DataError
 from jaxsft.data.packing import pack
 
 FIELDS = ("input_ids", "positions", "segment_ids", "loss_mask")
+# What the loader state must match on resume, and the settings that decide it.
+_FINGERPRINT_KEYS = {"num_samples": "the number of training samples (data.train_files, data.train_max_samples)",
+                     "train_batch_size": "data.train_batch_size", "seed": "trainer.seed"}
 
 
 @functools.lru_cache(maxsize=4)
@@ -99,6 +102,7 @@ class TrainLoader:
         if process_index == 0 if verbose is None else verbose:
             print(self.describe(), flush=True)
 
+        self.data_fingerprint = dataset.fingerprint  # hashed once, here at build
         self._next = 0
         steps = grain.MapDataset.range(self.total_steps).map(self._step)
         self._iter = iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
@@ -199,13 +203,29 @@ class TrainLoader:
         """JSON-able. After the last step of epoch e it reads "epoch e+1, step 0" (verl #7401)."""
         epoch, s = divmod(self._next, self.steps_per_epoch)
         return {"next_step": self._next, "epoch": epoch, "step_in_epoch": s, **self._fingerprint(),
-                "grain": self._iter.get_state()}
+                "data_fingerprint": self.data_fingerprint, "grain": self._iter.get_state()}
 
-    def set_state(self, state: dict) -> None:
-        saved = {k: state.get(k) for k in self._fingerprint()}
-        if saved != self._fingerprint():
-            raise DataError(f"the data-loader state was saved for {saved}, this run has {self._fingerprint()}: "
-                            f"resuming would replay a different sample order")
+    def set_state(self, state: dict, *, accept_changed_data: bool = False, say=print) -> None:
+        """Continue from `state` (`get_state` of the run that saved it). Other rows, batch or seed
+        are refused; other tokens too (the data's fingerprint) unless `accept_changed_data`
+        (trainer.resume_accept_changed_data). States saved before the fingerprint existed lack it."""
+        saved, here = {k: state.get(k) for k in self._fingerprint()}, self._fingerprint()
+        differ = [f"{_FINGERPRINT_KEYS[k]} gives {here[k]} here, {saved[k]} when it was saved" for k in here
+                  if saved[k] != here[k]]
+        if differ:
+            raise DataError(f"the data-loader state of this checkpoint does not fit this run: {'; '.join(differ)}; "
+                            f"resuming would replay a different sample order: resume with the settings that saved "
+                            f"it, or choose another trainer.default_local_dir to start fresh")
+        theirs = state.get("data_fingerprint")
+        if theirs is not None and theirs != self.data_fingerprint:
+            what = (f"{', '.join(self.dataset.stats.get('files', ())) or 'the training data'}: the tokenised training "
+                    f"data differs from the data this checkpoint was trained on (same {len(self.dataset)} rows, other "
+                    f"tokens or loss masks; fingerprint {theirs[:12]} there, {self.data_fingerprint[:12]} here)")
+            if not accept_changed_data:
+                raise DataError(f"{what}; resuming would continue its sample order over other samples: set "
+                                f"trainer.resume_accept_changed_data=true if that is meant, or choose another "
+                                f"trainer.default_local_dir to start fresh")
+            say(f"[jaxsft] note: {what}; resuming on it (trainer.resume_accept_changed_data=true)")
         self._iter.set_state(state["grain"])
         self._next = int(state["next_step"])
 
