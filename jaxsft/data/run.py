@@ -29,8 +29,13 @@ class RunData:
               say=print) -> "RunData":
         """`vocab_size`: the model's; token ids it cannot embed are refused."""
         d = settings.data
-        train = build_dataset(d.train_files, d, tokenizer, split="train", vocab_size=vocab_size)
-        val = build_dataset(d.val_files, d, tokenizer, split="val", vocab_size=vocab_size) if d.val_files else None
+
+        def build(files, split):
+            return _build_once(files, d, tokenizer, split=split, vocab_size=vocab_size, process_index=process_index,
+                               process_count=process_count)
+
+        train = build(d.train_files, "train")
+        val = build(d.val_files, "val") if d.val_files else None
         loader = TrainLoader.for_run(train, settings, dp=dp, pad_token_id=tokenizer.pad_token_id,
                                      process_index=process_index, process_count=process_count)
         total = loader.steps_per_epoch * settings.trainer.total_epochs
@@ -64,3 +69,22 @@ class RunData:
                                  pad_token_id=self.loader.pad_token_id, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
             yield distributed.global_batch(batch, parallel.eval_batch_sharding(mesh))
+
+
+def _build_once(files, data, tokenizer, *, split: str, vocab_size: int, process_index: int, process_count: int):
+    """`build_dataset` with the data cache; in a job of several processes, process 0 looks up or
+    builds the cache entry while the others wait, then they read it (a shared filesystem) or, if
+    they do not see it (each host its own disk), build their own. A data error stops process 0
+    first; the others then find no entry and stop with the same error."""
+    kwargs = dict(split=split, vocab_size=vocab_size, cache_dir=data.cache_dir)
+    if data.cache_dir is None or process_count == 1:
+        return build_dataset(files, data, tokenizer, **kwargs)
+    from jaxsft import distributed
+
+    if process_index == 0:
+        try:
+            return build_dataset(files, data, tokenizer, **kwargs)
+        finally:
+            distributed.barrier(f"jaxsft-data-cache-{split}")
+    distributed.barrier(f"jaxsft-data-cache-{split}")
+    return build_dataset(files, data, tokenizer, **kwargs)
