@@ -123,7 +123,7 @@ class DataCache:
         settings = {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if f.name not in NOT_TOKENISATION}
         inputs = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "split": split, "files": files,
                   "tokenizer": tok, "data": settings, "max_samples": data.max_samples(split)}
-        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=list).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=repr).encode()).hexdigest()
         return CacheKey(f"{split}-{digest[:24]}", digest, inputs)
 
     def entry(self, key: CacheKey) -> Path:
@@ -218,13 +218,13 @@ class DataCache:
         s = dataset.stats
         meta = {"format": FORMAT, "key": key.digest, "inputs": key.inputs, "max_id": dataset.max_id(),
                 "stats": {k: s[k] for k in ("rows", "truncated", "seconds", "split", "truncation", "max_length",
-                                            "file_rows", "warnings")}, "arrays": {}}
+                                            "file_rows", "warnings", "processes")}, "arrays": {}}
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             for name, dtype in {**TOKENS, **SMALL}.items():
                 meta["arrays"][name] = _write_array(tmp / f"{name}.bin", np.asarray(arrays[name]).astype(dtype, copy=False))
-            _write_file(tmp / "meta.json", json.dumps(meta, indent=1, default=list).encode())
+            _write_file(tmp / "meta.json", json.dumps(meta, indent=1, default=repr).encode())
             _fsync_dir(tmp)
             try:
                 os.rename(tmp, entry)

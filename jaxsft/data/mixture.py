@@ -8,8 +8,10 @@ learning-rate schedule, of the same files concatenated. Source i contributes
 Each source is read as an endless stream of its own shuffles (cycle c of source i is a
 permutation of its rows seeded by (seed, i, c)); epoch e takes positions `[e·quota_i,
 (e+1)·quota_i)` of that stream. So a source weighted below its size is down-sampled without
-repeats until all its rows were seen (a different part each epoch), and one weighted above its
-size is repeated evenly (every row k or k+1 times). The epoch's samples of all sources are then
+repeats until all its rows were seen (a different part each epoch; the epoch that reaches the end
+of a shuffle continues with the next, and may hold a row twice), and one weighted above its size
+is repeated evenly (each shuffle is used whole before the next, so up to any step every row of it
+was drawn k or k+1 times). The epoch's samples of all sources are then
 shuffled together (seeded by (seed, e)) and the steps take them in that order.
 
 Nothing here depends on the position of an iterator: step s of the run holds the same samples in

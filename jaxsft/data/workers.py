@@ -51,6 +51,7 @@ class SliceResult:
     unprompted_turns: int = 0
     untrained_tokens: int = 0
     unprompted_example: tuple[str, int] | None = None
+    pid: int = 0  # the process that tokenised it
 
 
 def make_encoder(tokenizer, data):
@@ -101,7 +102,7 @@ class SliceTokenizer:
             lengths[r] = len(i)
         result = SliceResult(np.concatenate(ids).astype(np.int32, copy=False) if ids else np.zeros(0, np.int32),
                              np.concatenate(masks).astype(np.int8, copy=False) if masks else np.zeros(0, np.int8),
-                             lengths, raw_lengths, raw_loss, [first_row + i for i in silent], opted_out)
+                             lengths, raw_lengths, raw_loss, [first_row + i for i in silent], opted_out, pid=os.getpid())
         if d.multiturn:
             result.mismatched_rows, result.unprompted_turns, result.untrained_tokens = (
                 a - b for a, b in zip((enc.mismatched_rows, enc.unprompted_turns, enc.untrained_tokens), before))
@@ -129,6 +130,9 @@ _worker: SliceTokenizer | None = None
 
 def _init_worker(tokenizer_bytes: bytes, data) -> None:
     global _worker
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker
     _worker = SliceTokenizer(pickle.loads(tokenizer_bytes), data)
 
@@ -254,6 +258,7 @@ def tokenize_files(paths: list[str], data, tokenizer, encoder, *, limit: int | N
     processes tokenise a file of at least PARALLEL_MIN_ROWS rows; smaller files are done here."""
     file_rows = [0] * len(paths)
     counters = {"mismatched_rows": 0, "unprompted_turns": 0, "untrained_tokens": 0, "unprompted_example": None}
+    pids = set()
     pool = Workers(tokenizer, data, workers, SliceTokenizer(tokenizer, data, encoder))
     try:
         for f, path in enumerate(paths):
@@ -280,10 +285,11 @@ def tokenize_files(paths: list[str], data, tokenizer, encoder, *, limit: int | N
                 for k in ("mismatched_rows", "unprompted_turns", "untrained_tokens"):
                     counters[k] += getattr(result, k)
                 counters["unprompted_example"] = counters["unprompted_example"] or result.unprompted_example
+                pids.add(result.pid)
             for message in (source.row_warnings(path, silent, opted_out) if data.multiturn else ()):
                 warn(message)
             if limit is not None:
                 limit -= file_rows[f]
     finally:
         pool.close()
-    return {"file_rows": file_rows, **counters}
+    return {"file_rows": file_rows, "processes": len(pids), **counters}
