@@ -222,7 +222,7 @@ def _tokenize(paths, data, tokenizer, encoder, split, t0, workers) -> TokenizedD
     raw = collected.column("raw_lengths", np.int64)
     stats = {"rows": int(sum(counts["file_rows"])), "raw_lengths": raw, "truncated": int((raw > data.max_length).sum()),
              "seconds": time.perf_counter() - t0, "files": paths, "split": split, "truncation": data.truncation,
-             "max_length": data.max_length, "file_rows": counts["file_rows"],
+             "max_length": data.max_length, "file_rows": counts["file_rows"], "processes": counts["processes"],
              "raw_loss_tokens": collected.column("raw_loss_tokens", np.int64), "warnings": said, "cache": None}
     return collected.to_dataset(stats)
 

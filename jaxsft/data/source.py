@@ -37,8 +37,10 @@ def open_table(path: str, required: dict[str, str], optional: tuple[str, ...] = 
     return _read_row_groups(pf, path, columns, limit)
 
 
-def open_parquet(path: str, required: dict[str, str], optional: tuple[str, ...] = ()) -> tuple[pq.ParquetFile, list[str]]:
-    """The file-level checks of `open_table`: the opened file and the columns to read."""
+def open_parquet(path: str, required: dict[str, str], optional: tuple[str, ...] = (),
+                 **reader) -> tuple[pq.ParquetFile, list[str]]:
+    """The file-level checks of `open_table`: the opened file (`reader`: more ParquetFile options)
+    and the columns to read."""
     if not os.path.exists(path):
         raise DataError(at(path, None, "file not found"))
     if os.path.isdir(path):
@@ -49,7 +51,7 @@ def open_parquet(path: str, required: dict[str, str], optional: tuple[str, ...] 
         raise DataError(at(path, None, f"cannot be read ({e.strerror})")) from None
     try:
         # Page checksums are verified where the writer stored them (pyarrow: write_page_checksum=True).
-        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        pf = pq.ParquetFile(path, page_checksum_verification=True, **reader)
     except (pa.ArrowException, OSError) as e:
         raise DataError(at(path, None, f"not a parquet file ({e})")) from None
     names = pf.schema_arrow.names

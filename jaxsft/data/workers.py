@@ -240,7 +240,8 @@ def file_slices(pf, columns_: list[str], limit: int, size: int = SLICE_ROWS):
 
 def _file_results(path: str, data, limit: int | None, workers: Workers):
     """(first row, result) of each slice of the file's first `limit` rows (all if None)."""
-    pf, cols = source.open_parquet(path, *columns(data))
+    # Streamed a page at a time (buffer_size), not a whole column chunk of a row group in memory.
+    pf, cols = source.open_parquet(path, *columns(data), buffer_size=1 << 20, pre_buffer=False)
     n = pf.metadata.num_rows if limit is None else min(limit, pf.metadata.num_rows)
     done = 0
     size = slice_rows(n, workers.count if n >= PARALLEL_MIN_ROWS else 1)
