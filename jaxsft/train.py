@@ -12,7 +12,7 @@ import time
 
 import jax
 
-from jaxsft import checkpoint, cli, compile_cache, data, distributed, hf, metrics, optim, parallel, reporting, run_dir, step
+from jaxsft import checkpoint, cli, compile_cache, data, distributed, hf, metrics, optim, parallel, plan, reporting, run_dir, step
 
 
 class Trainer:
@@ -32,17 +32,17 @@ class Trainer:
         hf.check_weights(self.model_dir, self.model_config)  # from the files' headers: before the data work
         parallel.check_heads(self.model_config, self.mesh)
         tokenizer = hf.load_tokenizer(self.model_dir, trust_remote_code=s.model.trust_remote_code)
-        self.data = data.RunData.build(s, tokenizer, vocab_size=self.model_config.vocab_size, dp=self.mesh.shape["dp"],
+        train, val = data.build_datasets(s.data, tokenizer, vocab_size=self.model_config.vocab_size)
+        s = self.settings = plan.settle_auto(s, train, self.model_config, self.mesh, say=self.say)  # `auto` settings
+        self.data = data.RunData.build(s, train, val, pad_token_id=tokenizer.pad_token_id, dp=self.mesh.shape["dp"],
                                        process_index=jax.process_index(), process_count=jax.process_count(), say=self.say)
 
         model = hf.load_model(self.model_dir, self.mesh, s.model.compute_settings())
         tx, lr_schedule = optim.make_optimizer(s.optim, self.data.total_steps, s.model.param_dtype)
         with jax.set_mesh(self.mesh):
             graphdef, rest, state, shardings = step.init_train_state(model, tx, self.mesh)
-        self.ckpt = checkpoint.Checkpointer(s.checkpoint, base_model_dir=self.model_dir, max_length=s.data.max_length,
-                                            meta={"config": s.config, "base_model": str(self.model_dir.resolve())},
-                                            export=lambda params: hf.export_tensors(params, self.model_config),
-                                            trust_remote_code=s.model.trust_remote_code)
+        self.ckpt = checkpoint.Checkpointer.for_run(s, self.model_dir,
+                                                    export=lambda params: hf.export_tensors(params, self.model_config))
         self.state = self.ckpt.resume(s.checkpoint, state, shardings, self.data.loader, say=self.say)
         self.step = int(self.state["step"])
         self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule,

@@ -10,12 +10,12 @@ import importlib
 
 _EXPORTS = {
     "DataError": "errors", "DataWarning": "errors", "RunData": "run", "TokenizedDataset": "dataset",
-    "TrainLoader": "loader", "build_dataset": "dataset", "segment_lengths": "loader", "summary": "dataset",
-    "val_batches": "loader",
+    "TrainLoader": "loader", "build_dataset": "dataset", "build_datasets": "run", "segment_lengths": "loader",
+    "summary": "dataset", "val_batches": "loader",
 }
 
-__all__ = ["DataError", "DataWarning", "RunData", "TokenizedDataset", "TrainLoader", "build_dataset", "load_tokenizer",
-           "segment_lengths", "summary", "val_batches"]
+__all__ = ["DataError", "DataWarning", "RunData", "TokenizedDataset", "TrainLoader", "build_dataset", "build_datasets",
+           "load_tokenizer", "segment_lengths", "summary", "val_batches"]
 
 
 def __getattr__(name: str):

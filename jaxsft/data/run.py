@@ -12,6 +12,14 @@ from jaxsft.data.dataset import TokenizedDataset, build_dataset
 from jaxsft.data.loader import TrainLoader, val_batches
 
 
+def build_datasets(data, tokenizer, *, vocab_size: int) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """(train, val or None) for the data settings `data`, through the data cache (`data.cache_dir`,
+    one builder per job); `vocab_size` (the model's) refuses token ids it cannot embed."""
+    train = _build_once(data.train_files, data, tokenizer, split="train", vocab_size=vocab_size)
+    val = _build_once(data.val_files, data, tokenizer, split="val", vocab_size=vocab_size) if data.val_files else None
+    return train, val
+
+
 @dataclasses.dataclass
 class RunData:
     train: TokenizedDataset
@@ -25,18 +33,11 @@ class RunData:
     save_freq: int | str  # trainer.save_freq
 
     @classmethod
-    def build(cls, settings, tokenizer, *, vocab_size: int, dp: int, process_index: int, process_count: int,
-              say=print) -> "RunData":
-        """`vocab_size`: the model's; token ids it cannot embed are refused."""
+    def build(cls, settings, train: TokenizedDataset, val: TokenizedDataset | None, *, pad_token_id: int, dp: int,
+              process_index: int, process_count: int, say=print) -> "RunData":
+        """The run's data from its tokenised sets (`build_datasets`)."""
         d = settings.data
-
-        def build(files, split):
-            return _build_once(files, d, tokenizer, split=split, vocab_size=vocab_size, process_index=process_index,
-                               process_count=process_count)
-
-        train = build(d.train_files, "train")
-        val = build(d.val_files, "val") if d.val_files else None
-        loader = TrainLoader.for_run(train, settings, dp=dp, pad_token_id=tokenizer.pad_token_id,
+        loader = TrainLoader.for_run(train, settings, dp=dp, pad_token_id=pad_token_id,
                                      process_index=process_index, process_count=process_count)
         total = loader.steps_per_epoch * settings.trainer.total_epochs
         last = min(settings.trainer.total_training_steps or total, total)
@@ -71,17 +72,19 @@ class RunData:
             yield distributed.global_batch(batch, parallel.eval_batch_sharding(mesh))
 
 
-def _build_once(files, data, tokenizer, *, split: str, vocab_size: int, process_index: int, process_count: int):
+def _build_once(files, data, tokenizer, *, split: str, vocab_size: int):
     """`build_dataset` with the data cache; in a job of several processes, process 0 looks up or
     builds the cache entry while the others wait, then they read it (a shared filesystem) or, if
     they do not see it (each host its own disk), build their own. A data error stops process 0
     first; the others then find no entry and stop with the same error."""
     kwargs = dict(split=split, vocab_size=vocab_size, cache_dir=data.cache_dir)
-    if data.cache_dir is None or process_count == 1:
+    import jax
+
+    if data.cache_dir is None or jax.process_count() == 1:
         return build_dataset(files, data, tokenizer, **kwargs)
     from jaxsft import distributed
 
-    if process_index == 0:
+    if jax.process_index() == 0:
         try:
             return build_dataset(files, data, tokenizer, **kwargs)
         finally:
