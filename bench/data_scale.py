@@ -85,7 +85,7 @@ def build(path: Path, workers: int, cache_dir: Path | None, tok=None) -> dict:
     cached = ds.stats.get("cache") or {}
     seconds = cached["seconds"] if cached.get("hit") else ds.stats["seconds"]
     return {"rows": len(ds), "tokens": int(ds.lengths.sum()), "seconds": seconds, "wall_s": wall, "cpu_s": cpu,
-            "processes": ds.stats.get("processes"), "hit": bool(cached.get("hit")), "fingerprint": ds.fingerprint(),
+            "processes": ds.stats.get("processes"), "hit": bool(cached.get("hit")), "fingerprint": ds.fingerprint,
             "dataset": ds}
 
 

@@ -17,7 +17,7 @@ from cfg import settings
 from e2e import ROOT, env_for
 
 from jaxsft import bundled
-from jaxsft.data import DataWarning, build_dataset, load_tokenizer, summary
+from jaxsft.data import DataWarning, TokenizedDataset, build_dataset, load_tokenizer, summary
 from jaxsft.data import cache as data_cache
 
 TRAIN = str(bundled.path("humaneval_chat", "train.parquet"))
@@ -65,7 +65,8 @@ def same_data(a, b):
     for name in ("input_ids", "loss_mask", "offsets", "lengths", "loss_tokens"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     assert list(a.origins) == list(b.origins)
-    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint == b.fingerprint  # a cached set's is the one stored with the entry:
+    assert TokenizedDataset.fingerprint.func(b) == b.fingerprint  # the same as computed from its arrays
     for k in ("rows", "truncated", "file_rows", "loss_tokens", "zero_loss_rows", "files", "split", "max_length"):
         assert a.stats[k] == b.stats[k], k
     assert np.array_equal(a.stats["raw_lengths"], b.stats["raw_lengths"])
@@ -151,7 +152,7 @@ def test_a_rewritten_file_is_tokenised_again_even_with_its_old_size_and_mtime(to
     path = str(path)
     assert os.path.getsize(path) == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
     after, _, _ = build(path, tok, cache_dir)
-    assert after.stats["cache"]["hit"] is False and after.fingerprint() != before.fingerprint()
+    assert after.stats["cache"]["hit"] is False and after.fingerprint != before.fingerprint
     fresh, _, _ = build(path, tok, None)
     same_data(fresh, after)
 
@@ -237,7 +238,7 @@ tok = load_tokenizer(bundled.path("tokenizer"))
 while len(os.listdir(ready)) < 2:  # both imported: start together
     time.sleep(0.002)
 ds = build_dataset(data_file, d, tok, verbose=True, cache_dir=cache_dir)
-print("fingerprint", ds.fingerprint(), ds.stats["cache"]["hit"])
+print("fingerprint", ds.fingerprint, ds.stats["cache"]["hit"])
 """
 
 

@@ -95,7 +95,7 @@ def test_worker_processes_build_what_one_whole_file_pass_builds(tok, tmp_path, m
     for ds in (here, pool):
         assert np.array_equal(ds.input_ids, ids) and np.array_equal(ds.loss_mask, masks)
         assert list(ds.origins) == origins and ds.stats["file_rows"] == [800, 150, 650]
-    assert pool.fingerprint() == here.fingerprint()
+    assert pool.fingerprint == here.fingerprint
     assert pool_warnings == here_warnings
     assert pool_warnings[:6] == expected_warnings and len(pool_warnings) == 6
 

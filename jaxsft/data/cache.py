@@ -11,11 +11,11 @@ the tokenising modules and the versions of transformers, tokenizers, jinja2 and 
 the files costs a read of each (about 0.5-1 GB/s), small next to tokenising them.
 
 An entry holds raw little-endian arrays (`*.bin`) and `meta.json` with their lengths and sha256,
-the build's statistics and the warnings it printed. Reading one checks every array against its
-sha256 (so the data fingerprint comes for free) and memory-maps the two token arrays; an entry
-that fails any check is moved aside and rebuilt, never used. Entries are written to a temporary
-directory and renamed into place (atomic on POSIX), so nobody reads a half-written entry; an
-exclusive `flock` on `.NAME.lock` makes a second process building the same entry wait for the
+the build's statistics, the warnings it printed and the data set's fingerprint. Reading one checks
+every array against its sha256 (so the stored fingerprint holds for what is read, with no second
+pass) and memory-maps the two token arrays; an entry that fails any check is moved aside and
+rebuilt, never used. Entries are written to a temporary directory and renamed into place (atomic
+on POSIX), so nobody reads a half-written entry; an exclusive `flock` on `.NAME.lock` makes a second process building the same entry wait for the
 first and read its result.
 """
 
@@ -158,7 +158,7 @@ class DataCache:
     def load(self, key: CacheKey, paths: list[str], t0: float):
         """The data set of `key` from its entry, checked; None if there is none or it is damaged
         (then it is moved aside and removed)."""
-        from jaxsft.data.dataset import Origins, TokenizedDataset, combine_digests
+        from jaxsft.data.dataset import Origins, TokenizedDataset
 
         entry = self.entry(key)
         if not entry.exists():
@@ -173,6 +173,7 @@ class DataCache:
             if not (len(a["offsets"]) == n + 1 and all(len(a[k]) == n for k in SMALL if k != "offsets")
                     and int(a["offsets"][-1]) == len(a["input_ids"]) == len(a["loss_mask"])):
                 raise Corrupt("its arrays disagree in length")
+            fingerprint = str(meta["fingerprint"])
         except (OSError, ValueError, KeyError, TypeError, Corrupt) as e:
             reason = str(e) if isinstance(e, Corrupt) else f"{type(e).__name__}: {e}"
             self.say(f"[jaxsft] data cache {entry}: not used ({reason}); tokenising again")
@@ -184,7 +185,8 @@ class DataCache:
         dataset = TokenizedDataset(a["input_ids"], a["loss_mask"], a["offsets"],
                                    Origins(paths, a["origin_file"], a["origin_row"]), stats, loss_tokens=a["loss_tokens"],
                                    max_id=meta["max_id"])
-        dataset._fingerprint = combine_digests({k: meta["arrays"][k]["sha256"] for k in ("offsets", "input_ids", "loss_mask")})
+        # Written from these arrays, whose sha256 were checked: no second pass over the tokens.
+        dataset.__dict__["fingerprint"] = fingerprint
         return dataset
 
     @staticmethod
@@ -217,6 +219,7 @@ class DataCache:
                   "raw_loss_tokens": dataset.stats["raw_loss_tokens"], "loss_tokens": dataset.loss_tokens}
         s = dataset.stats
         meta = {"format": FORMAT, "key": key.digest, "inputs": key.inputs, "max_id": dataset.max_id(),
+                "fingerprint": dataset.fingerprint,
                 "stats": {k: s[k] for k in ("rows", "truncated", "seconds", "split", "truncation", "max_length",
                                             "file_rows", "warnings", "processes")}, "arrays": {}}
         try:
