@@ -65,6 +65,17 @@ class TokenizedDataset:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The content identity of the tokenised data: a 128-bit blake2b of every sample's length,
+        token ids and loss mask, in order. Equal exactly when what training sees is equal (a
+        rewritten file with the same row count, another tokenizer or template, other truncation
+        all change it). Computed once, on first use; checkpoints record it, caches may key on it."""
+        h = hashlib.blake2b(digest_size=16)
+        for array, dtype in ((self.offsets, np.int64), (self.input_ids, np.int32), (self.loss_mask, np.int8)):
+            h.update(np.ascontiguousarray(array, dtype=dtype).data)
+        return h.hexdigest()
+
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of sample i's ids and mask."""
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -74,16 +85,6 @@ class TokenizedDataset:
         ids, mask = self.tokens(i)
         return {"input_ids": ids.astype(np.int32), "loss_mask": mask.astype(np.int32),
                 "position_ids": np.arange(len(ids), dtype=np.int32)}
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """The content identity of the tokenised data: a 128-bit blake2b of every sample's boundaries
-        (offsets, int64), token ids (int32) and loss mask (int8), in order, computed once (the data
-        cache stores it with the entry). The same as issue 11's `TokenizedDataset.fingerprint`."""
-        h = hashlib.blake2b(digest_size=16)
-        for array, dtype in ((self.offsets, np.int64), (self.input_ids, np.int32), (self.loss_mask, np.int8)):
-            h.update(np.ascontiguousarray(array, dtype=dtype).data)
-        return h.hexdigest()
 
     def sources(self) -> list[tuple[str, int]]:
         """(file, rows) of each data file in order, as `data.train_files` listed them."""
