@@ -12,7 +12,7 @@ import time
 
 import jax
 
-from jaxsft import checkpoint, cli, data, distributed, hf, metrics, optim, parallel, plan, reporting, run_dir, step
+from jaxsft import checkpoint, cli, compile_cache, data, distributed, hf, metrics, optim, parallel, plan, reporting, run_dir, step
 
 
 class Trainer:
@@ -25,6 +25,7 @@ class Trainer:
         self.mesh = parallel.mesh_for(s)
         self.run = run_dir.RunDirectory(s.trainer.default_local_dir, primary=jax.process_index() == 0)
         self.run.announce(s, self.mesh, self.say)
+        compile_cache.enable(s.trainer.compile_cache_dir, self.say)  # before anything compiles
 
         self.model_dir = hf.model_directory(s.model)
         self.model_config = hf.read_config(self.model_dir)

@@ -89,6 +89,16 @@ KEYS: tuple[Key, ...] = (
     _j("data.packing", "none", "str",
        "none = one sample per max_length row (verl); first_fit / best_fit = several samples per row, same loss",
        choices=("none", "first_fit", "best_fit")),
+    _j("data.train_weights", None, "floats",
+       "one weight per data.train_files entry: each epoch draws its samples from the files in these proportions "
+       "(null = the files concatenated, as verl)", optional=True),
+    _j("data.cache", True, "bool",
+       "keep the tokenised data in data.cache_dir and memory-map it at later launches and resumes; false = tokenise "
+       "at every launch"),
+    _j("data.cache_dir", None, "str", "the tokenised-data cache (null = trainer.default_local_dir/data_cache)",
+       optional=True),
+    _j("data.tokenize_workers", 0, "int",
+       "processes that tokenise a file of 8192 rows or more when it is not cached (0 = one per CPU core, 1 = none)"),
     # ---- model ---------------------------------------------------------------------------------
     _k("model.partial_pretrain", None, "str",
        "Hugging Face model directory, or a hub id already in the local HF cache (required)", optional=True),
@@ -188,6 +198,11 @@ KEYS: tuple[Key, ...] = (
     _j("trainer.peak_flops_per_device", None, "float", "peak FLOP/s for train/mfu (default: from the device kind)",
        optional=True),
     _j("trainer.log_every", 1, "int", "log train metrics every N steps (and at the last step)"),
+    _j("trainer.compile_cache", True, "bool",
+       "keep the compiled train and eval steps in trainer.compile_cache_dir (JAX's persistent compilation cache); "
+       "false = compile at every launch"),
+    _j("trainer.compile_cache_dir", None, "str", "JAX's compilation cache (null = trainer.default_local_dir/compile_cache)",
+       optional=True),
     _j("trainer.coordinator_address", None, "str", "multi-process: host:port of process 0 (or JAX_COORDINATOR_ADDRESS)",
        optional=True),
     _j("trainer.num_processes", None, "int", "multi-process: number of processes (or JAX_NUM_PROCESSES)", optional=True),

@@ -12,6 +12,8 @@ Field names are the key names (their last part), so `settings.optim.lr` is `opti
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import Any
 
 from jaxsft.config.compose import Composed
@@ -45,6 +47,9 @@ class DataSettings:
     train_batch_size: int
     micro_batch_size_per_gpu: int | str  # or "auto" until jaxsft.plan settles it
     packing: str
+    train_weights: tuple[float, ...] | None  # one per train file; None = concatenated (verl)
+    cache_dir: str | None  # the tokenised-data cache; None = off (data.cache=false)
+    tokenize_workers: int  # 0 = one per CPU core
 
     def max_samples(self, split: str) -> int | None:
         n = self.train_max_samples if split == "train" else self.val_max_samples
@@ -125,6 +130,7 @@ class TrainerSettings:
     loss_chunk_size: int
     peak_flops_per_device: float | None
     log_every: int
+    compile_cache_dir: str | None  # JAX's persistent compilation cache; None = off
     coordinator_address: str | None
     num_processes: int | None
     process_id: int | None
@@ -277,6 +283,13 @@ def resolve(c: Composed) -> Settings:
         notes.append("data.balance_dp_token=true has no effect under trainer.loss_normalization=global_tokens: every "
                      "loss token of the step already weighs the same on every rank and micro-batch; set "
                      "trainer.loss_normalization=verl for verl's formula")
+    weights = _train_weights(v)
+    if v["data.tokenize_workers"] < 0:
+        _fail(f"data.tokenize_workers={v['data.tokenize_workers']} must be >= 0 (0 = one per CPU core)")
+    for switch, where in (("data.cache", "data.cache_dir"), ("trainer.compile_cache", "trainer.compile_cache_dir")):
+        if not v[switch] and v[where] is not None:
+            notes.append(f"{where}={v[where]!r} has no effect: {switch}=false")
+    run_path = v["trainer.default_local_dir"]
     if v["data.max_length"] % v["ulysses_sequence_parallel_size"]:
         _fail(f"data.max_length={v['data.max_length']} must be divisible by "
               f"ulysses_sequence_parallel_size={v['ulysses_sequence_parallel_size']}")
@@ -327,7 +340,9 @@ def resolve(c: Composed) -> Settings:
         max_length=v["data.max_length"], truncation=v["data.truncation"],
         apply_chat_template_kwargs=dict(v["data.apply_chat_template_kwargs"]),
         ignore_input_ids_mismatch=v["data.ignore_input_ids_mismatch"], train_batch_size=v["data.train_batch_size"],
-        micro_batch_size_per_gpu=v["data.micro_batch_size_per_gpu"], packing=packing)
+        micro_batch_size_per_gpu=v["data.micro_batch_size_per_gpu"], packing=packing, train_weights=weights,
+        cache_dir=(v["data.cache_dir"] or os.path.join(run_path, "data_cache")) if v["data.cache"] else None,
+        tokenize_workers=v["data.tokenize_workers"])
     model = ModelSpec(
         partial_pretrain=v["model.partial_pretrain"], trust_remote_code=v["model.trust_remote_code"],
         external_lib=v["model.external_lib"], tiny=tiny, param_dtype=param_dtype,
@@ -353,6 +368,8 @@ def resolve(c: Composed) -> Settings:
         test_freq=v["trainer.test_freq"], device=v["trainer.device"], loss_normalization=normalisation,
         balance_dp_token=v["data.balance_dp_token"], loss_chunk_size=v["trainer.loss_chunk_size"],
         peak_flops_per_device=v["trainer.peak_flops_per_device"], log_every=v["trainer.log_every"],
+        compile_cache_dir=((v["trainer.compile_cache_dir"] or os.path.join(run_path, "compile_cache"))
+                           if v["trainer.compile_cache"] else None),
         coordinator_address=v["trainer.coordinator_address"], num_processes=v["trainer.num_processes"],
         process_id=v["trainer.process_id"], ulysses_sequence_parallel_size=v["ulysses_sequence_parallel_size"])
 
@@ -367,6 +384,21 @@ def resolve(c: Composed) -> Settings:
         v[f"data.{name}"] = v[f"data.multiturn.{name}"] = value
     config = nested({k.name: _plain(v[k.name]) for k in KEYS})
     return Settings(data, model, optim, trainer, checkpoint, config, tuple(notes), c.recipe)
+
+
+def _train_weights(v: dict) -> tuple[float, ...] | None:
+    """data.train_weights: null, or one positive finite weight per training file."""
+    weights = v["data.train_weights"]
+    if weights is None:
+        return None
+    files = v["data.train_files"]
+    n = 1 if isinstance(files, str) else len(files)
+    if len(weights) != n:
+        _fail(f"data.train_weights has {len(weights)} weight(s) for {n} data.train_files: give one weight per file, "
+              f"in the same order (or null to concatenate the files, as verl)")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        _fail(f"data.train_weights={list(weights)} must all be positive numbers")
+    return tuple(weights)
 
 
 def with_choices(settings: Settings, *, remat_policy: str, micro_batch_size_per_gpu: int) -> Settings:

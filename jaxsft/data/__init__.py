@@ -1,13 +1,28 @@
 """SFT data: verl-compatible tokenisation and loss masks, row validation, batching and packing.
 
 See docs/DATA.md for the semantics, the deviations from verl and every error message.
+
+Names are imported on first use: the tokenisation worker processes import `jaxsft.data.workers`
+and must not pay for grain and JAX (the loader's imports) just to tokenise.
 """
 
-from jaxsft.data.dataset import TokenizedDataset, build_dataset, summary
-from jaxsft.data.errors import DataError, DataWarning
-from jaxsft.data.loader import TrainLoader, segment_lengths, val_batches
-from jaxsft.data.run import RunData, build_datasets
-from jaxsft.hf.tokenizer import load_tokenizer  # re-export: it lives at the HF boundary now
+import importlib
 
-__all__ = ["DataError", "DataWarning", "RunData", "TokenizedDataset", "TrainLoader", "build_dataset", "build_datasets", "load_tokenizer",
-           "segment_lengths", "summary", "val_batches"]
+_EXPORTS = {
+    "DataError": "errors", "DataWarning": "errors", "RunData": "run", "TokenizedDataset": "dataset",
+    "TrainLoader": "loader", "build_dataset": "dataset", "build_datasets": "run", "segment_lengths": "loader",
+    "summary": "dataset", "val_batches": "loader",
+}
+
+__all__ = ["DataError", "DataWarning", "RunData", "TokenizedDataset", "TrainLoader", "build_dataset", "build_datasets",
+           "load_tokenizer", "segment_lengths", "summary", "val_batches"]
+
+
+def __getattr__(name: str):
+    if name == "load_tokenizer":  # re-export: it lives at the HF boundary now
+        from jaxsft.hf.tokenizer import load_tokenizer
+
+        return load_tokenizer
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"jaxsft.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'jaxsft.data' has no attribute {name!r}")

@@ -26,7 +26,7 @@ def check_vocab(dataset, tokenizer, vocab_size: int | None) -> None:
                         f"vocabulary (vocab_size={vocab_size}): use the model's own tokenizer, or resize the "
                         f"model's embeddings first")
     ids = dataset.input_ids
-    if not len(ids) or int(ids.max()) < vocab_size:
+    if dataset.max_id() < vocab_size:
         return
     outside = np.flatnonzero(ids >= vocab_size)
     sample = int(np.searchsorted(dataset.offsets, outside[0], side="right")) - 1

@@ -1,4 +1,5 @@
-"""The tokenised data set: every row read, checked, tokenised and truncated once, up front."""
+"""The tokenised data set: every row read, checked, tokenised and truncated once, up front (or
+read back from the tokenised-data cache, `jaxsft.data.cache`)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,32 @@ import functools
 import hashlib
 import time
 import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 from jaxsft.data import source
 from jaxsft.data.checks import check_loss_tokens, check_vocab
-from jaxsft.data.errors import DataError, DataWarning
-from jaxsft.data.tokenize import ChatEncoder, PairEncoder, truncate
+from jaxsft.data.errors import DataWarning
+from jaxsft.data.workers import SliceResult, make_encoder, tokenize_files, worker_count
+
+
+class Origins(Sequence):
+    """(file, row) of each sample, held as two arrays (a Python tuple per row would cost more
+    memory than the tokens of a short row)."""
+
+    def __init__(self, files: Sequence[str], file_index: np.ndarray, rows: np.ndarray):
+        self.files, self.file_index, self.rows = list(files), file_index, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.files[int(self.file_index[i])], int(self.rows[i])
 
 
 class TokenizedDataset:
@@ -21,15 +40,27 @@ class TokenizedDataset:
     `[offsets[i], offsets[i + 1])` of the flat arrays. Items are the contract's dicts."""
 
     def __init__(self, input_ids: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray,
-                 origins: list[tuple[str, int]], stats: dict[str, Any] | None = None):
+                 origins: Sequence[tuple[str, int]], stats: dict[str, Any] | None = None, *,
+                 loss_tokens: np.ndarray | None = None, max_id: int | None = None):
+        """`loss_tokens` / `max_id` when known (the cache stores them: computing them would read
+        every token page of a memory-mapped set at start)."""
         self.input_ids, self.loss_mask, self.offsets = input_ids, loss_mask, offsets
         self.origins = origins  # (file, row) of each sample
         self.lengths = np.diff(offsets).astype(np.int32)
-        # Targets the train step can use: token 0 of a sample has no prediction before it.
-        starts = offsets[:-1]
-        self.loss_tokens = (np.add.reduceat(loss_mask.astype(np.int64), starts) if len(loss_mask) else
-                            np.zeros(len(starts), np.int64)) - loss_mask[starts]
+        if loss_tokens is None:
+            # Targets the train step can use: token 0 of a sample has no prediction before it.
+            starts = offsets[:-1]
+            loss_tokens = (np.add.reduceat(loss_mask, starts, dtype=np.int64) if len(loss_mask) else
+                           np.zeros(len(starts), np.int64)) - loss_mask[starts]
+        self.loss_tokens = loss_tokens
         self.stats = stats or {}
+        self._max_id = max_id
+
+    def max_id(self) -> int:
+        """The largest token id (-1 for no tokens)."""
+        if self._max_id is None:
+            self._max_id = int(self.input_ids.max()) if len(self.input_ids) else -1
+        return self._max_id
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -55,6 +86,18 @@ class TokenizedDataset:
         return {"input_ids": ids.astype(np.int32), "loss_mask": mask.astype(np.int32),
                 "position_ids": np.arange(len(ids), dtype=np.int32)}
 
+    def sources(self) -> list[tuple[str, int]]:
+        """(file, rows) of each data file in order, as `data.train_files` listed them."""
+        if "file_rows" in self.stats:
+            return list(zip(self.stats["files"], self.stats["file_rows"]))
+        out: list[tuple[str, int]] = []
+        for file, _ in self.origins:
+            if out and out[-1][0] == file:
+                out[-1] = (file, out[-1][1] + 1)
+            else:
+                out.append((file, 1))
+        return out
+
     @classmethod
     def from_samples(cls, samples: list[tuple[np.ndarray, np.ndarray]], origins: list[tuple[str, int]],
                      stats: dict[str, Any] | None = None) -> "TokenizedDataset":
@@ -72,61 +115,104 @@ class TokenizedDataset:
         return cls(ids, mask, offsets, origins, stats)
 
 
+class Collected:
+    """The slices of a build, in order, until they become one data set (in memory or on disk)."""
+
+    def __init__(self):
+        self.slices: list[tuple[int, int, SliceResult]] = []
+
+    def add(self, file_index: int, first_row: int, result: SliceResult) -> None:
+        self.slices.append((file_index, first_row, result))
+
+    def column(self, name: str, dtype, consume: bool = False) -> np.ndarray:
+        """One field of every slice concatenated; `consume` frees each slice's part as it is
+        copied (so the build never holds the tokens twice)."""
+        parts = [getattr(r, name) for _, _, r in self.slices]
+        out = np.empty(sum(len(p) for p in parts), dtype)
+        at = 0
+        for k, p in enumerate(parts):
+            out[at:at + len(p)] = p
+            at += len(p)
+            if consume:
+                setattr(self.slices[k][2], name, None)
+                parts[k] = None
+        return out
+
+    def origins(self, files: list[str]) -> Origins:
+        file_index = np.concatenate([np.full(len(r.lengths), f, np.int32) for f, _, r in self.slices] or
+                                    [np.zeros(0, np.int32)])
+        rows = np.concatenate([np.arange(a, a + len(r.lengths), dtype=np.int64) for _, a, r in self.slices] or
+                              [np.zeros(0, np.int64)])
+        return Origins(files, file_index, rows)
+
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.column("lengths", np.int64))]).astype(np.int64)
+
+    def to_dataset(self, stats: dict[str, Any]) -> TokenizedDataset:
+        offsets, origins = self.offsets(), self.origins(stats["files"])
+        return TokenizedDataset(self.column("ids", np.int32, consume=True), self.column("mask", np.int8, consume=True),
+                                offsets, origins, stats)
+
+
 def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool | None = None,
-                  vocab_size: int | None = None) -> TokenizedDataset:
+                  vocab_size: int | None = None, cache_dir: str | None = None,
+                  workers: int | None = None) -> TokenizedDataset:
     """Read, check and tokenise `files` (one path or a list) with the data settings `data`
     (`jaxsft.config.settings.DataSettings`); print the summary once (on process 0 unless `verbose`
-    says otherwise). `vocab_size` (the model's) refuses token ids the model cannot embed."""
+    says otherwise). `vocab_size` (the model's) refuses token ids the model cannot embed.
+    `cache_dir`: the tokenised-data cache (read when it holds this exact build, else written);
+    None = no cache. `workers`: tokenising processes (default `data.tokenize_workers`; 0 = cores)."""
+    from jaxsft.data import cache as data_cache
+
     t0 = time.perf_counter()
     paths = source.file_list(files)
-    max_length, mode = data.max_length, data.truncation
-    remaining = data.max_samples(split)
-    template_kwargs = dict(data.apply_chat_template_kwargs)
-    if data.multiturn:
-        encoder = ChatEncoder(tokenizer, template_kwargs, enable_thinking_default=data.enable_thinking_default,
-                              ignore_mismatch=data.ignore_input_ids_mismatch)
-    else:
-        encoder = PairEncoder(tokenizer, template_kwargs)
-
-    samples, origins, raw_lengths, raw_loss_tokens = [], [], [], []
-    for path in paths:
-        if remaining == 0:
-            break
-        if data.multiturn:
-            rows = source.read_chats(path, messages_key=data.messages_key, tools_key=data.tools_key,
-                                     enable_thinking_key=data.enable_thinking_key, limit=remaining)
+    show = _main_process() if verbose is None else verbose
+    encoder = make_encoder(tokenizer, data)  # the template's own problems come first, as ever
+    cache = data_cache.DataCache(cache_dir, say=print if show else _quiet) if cache_dir else None
+    key = cache.key(paths, data, tokenizer, split) if cache else None
+    with cache.lock(key) if key else nullcontext():
+        dataset = cache.load(key, paths, t0) if key else None
+        if dataset is not None:
+            for message in dataset.stats["warnings"]:
+                warnings.warn(message, DataWarning, stacklevel=2)
         else:
-            rows = source.read_pairs(path, prompt_key=data.prompt_key, response_key=data.response_key,
-                                     prompt_dict_keys=data.prompt_dict_keys, response_dict_keys=data.response_dict_keys,
-                                     limit=remaining)
-        for r, (ids, mask) in enumerate(encoder.encode(rows, path)):
-            raw_lengths.append(len(ids))
-            raw_loss_tokens.append(int(mask[1:].sum()))
-            samples.append(truncate(ids, mask, max_length, mode, path, r))
-            origins.append((path, r))
-        if remaining is not None:
-            remaining -= len(rows)
-    if data.multiturn and encoder.mismatched_rows:
-        warnings.warn(f"{encoder.mismatched_rows} row(s) of {', '.join(paths)} differ from the whole-conversation "
-                      f"rendering; trained on the per-message tokens (data.ignore_input_ids_mismatch=true)", DataWarning)
-    if data.multiturn and encoder.unprompted_turns:
-        file, row = encoder.unprompted_example
-        warnings.warn(f"{encoder.unprompted_turns} assistant turn(s) of {', '.join(paths)} (first: {file} row {row}) do not "
-                      f"start with the template's generation prompt {tokenizer.decode(encoder.generation_prompt)!r}; as in "
-                      f"verl, the first {len(encoder.generation_prompt)} tokens of each are not targets, so "
-                      f"{encoder.untrained_tokens} of their own tokens are not trained", DataWarning)
-
-    seconds = time.perf_counter() - t0
-    raw = np.asarray(raw_lengths, np.int64)
-    stats = {"rows": len(samples), "raw_lengths": raw, "truncated": int((raw > max_length).sum()),
-             "seconds": seconds, "files": paths, "split": split, "truncation": mode, "max_length": max_length}
-    dataset = TokenizedDataset.from_samples(samples, origins, stats)
+            dataset = _tokenize(paths, data, tokenizer, encoder, split, t0,
+                                worker_count(data.tokenize_workers if workers is None else workers))
+            if key:
+                dataset = cache.store(key, dataset)
     check_vocab(dataset, tokenizer, vocab_size)
-    check_loss_tokens(dataset, split=split, raw_loss_tokens=np.asarray(raw_loss_tokens, np.int64),
-                      truncated=raw > max_length)
-    if _main_process() if verbose is None else verbose:
+    check_loss_tokens(dataset, split=split, raw_loss_tokens=dataset.stats["raw_loss_tokens"],
+                      truncated=dataset.stats["raw_lengths"] > dataset.stats["max_length"])
+    if show:
         print(summary(dataset), flush=True)
     return dataset
+
+
+def _tokenize(paths, data, tokenizer, encoder, split, t0, workers) -> TokenizedDataset:
+    said: list[str] = []
+
+    def warn(message: str) -> None:
+        said.append(message)
+        warnings.warn(message, DataWarning, stacklevel=4)
+
+    collected = Collected()
+    counts = tokenize_files(paths, data, tokenizer, encoder, limit=data.max_samples(split), workers=workers,
+                            add=collected.add, warn=warn)
+    if data.multiturn and counts["mismatched_rows"]:
+        warn(f"{counts['mismatched_rows']} row(s) of {', '.join(paths)} differ from the whole-conversation "
+             f"rendering; trained on the per-message tokens (data.ignore_input_ids_mismatch=true)")
+    if data.multiturn and counts["unprompted_turns"]:
+        file, row = counts["unprompted_example"]
+        warn(f"{counts['unprompted_turns']} assistant turn(s) of {', '.join(paths)} (first: {file} row {row}) do not "
+             f"start with the template's generation prompt {tokenizer.decode(encoder.generation_prompt)!r}; as in "
+             f"verl, the first {len(encoder.generation_prompt)} tokens of each are not targets, so "
+             f"{counts['untrained_tokens']} of their own tokens are not trained")
+    raw = collected.column("raw_lengths", np.int64)
+    stats = {"rows": int(sum(counts["file_rows"])), "raw_lengths": raw, "truncated": int((raw > data.max_length).sum()),
+             "seconds": time.perf_counter() - t0, "files": paths, "split": split, "truncation": data.truncation,
+             "max_length": data.max_length, "file_rows": counts["file_rows"], "processes": counts["processes"],
+             "raw_loss_tokens": collected.column("raw_loss_tokens", np.int64), "warnings": said, "cache": None}
+    return collected.to_dataset(stats)
 
 
 def summary(dataset: TokenizedDataset) -> str:
@@ -134,12 +220,21 @@ def summary(dataset: TokenizedDataset) -> str:
     raw = s["raw_lengths"]
     p50, p90, p99 = (int(np.percentile(raw, q, method="higher")) for q in (50, 90, 99))
     tokens = int(raw.sum())
-    return (f"[jaxsft] {s['split']} data: {s['rows']} rows from {len(s['files'])} file(s); tokens per row "
+    text = (f"[jaxsft] {s['split']} data: {s['rows']} rows from {len(s['files'])} file(s); tokens per row "
             f"p50 {p50}, p90 {p90}, p99 {p99}, max {int(raw.max())}; {s['truncated']} row(s) over "
             f"data.max_length={s['max_length']} (truncation={s['truncation']}); "
             f"{int((dataset.loss_tokens == 0).sum())} row(s) with zero loss tokens; "
             f"{int(dataset.loss_tokens.sum())} loss tokens in total; tokenised {tokens} tokens in {s['seconds']:.2f} s "
             f"({s['rows'] / max(s['seconds'], 1e-9):.0f} rows/s, {tokens / max(s['seconds'], 1e-9):.0f} tokens/s)")
+    cached = s.get("cache")
+    if cached:
+        text += (f"; read from the data cache {cached['path']} in {cached['seconds']:.2f} s" if cached["hit"] else
+                 f"; written to the data cache {cached['path']}")
+    return text
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def _main_process() -> bool:

@@ -2,7 +2,8 @@
 
 A run is `total_epochs × steps_per_epoch` steps, `steps_per_epoch = floor(N / train_batch_size)`
 (the rest of each epoch's permutation is dropped, as verl's drop_last). Epoch e uses a fresh
-permutation seeded by (seed, e); step s of it takes the next `train_batch_size` samples. dp rank r
+permutation seeded by (seed, e) (with `data.train_weights`, the weighted mixture of
+`jaxsft.data.mixture`); step s of it takes the next `train_batch_size` samples. dp rank r
 gets the contiguous block r of those, micro-batch k of a rank the contiguous block k of its
 share. A step is a pure function of its index, so resuming needs only that index.
 
@@ -23,13 +24,15 @@ import grain
 import numpy as np
 
 from jaxsft.data.dataset import TokenizedDataset
+from jaxsft.data import mixture
 from jaxsft.data.errors import DataError
 from jaxsft.data.packing import pack
 
 FIELDS = ("input_ids", "positions", "segment_ids", "loss_mask")
 # What the loader state must match on resume, and the settings that decide it.
 _FINGERPRINT_KEYS = {"num_samples": "the number of training samples (data.train_files, data.train_max_samples)",
-                     "train_batch_size": "data.train_batch_size", "seed": "trainer.seed"}
+                     "train_batch_size": "data.train_batch_size", "seed": "trainer.seed",
+                     "weights": "data.train_weights", "source_rows": "the rows of each of data.train_files"}
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,7 +83,9 @@ def local_block(total: int, process_index: int, process_count: int, what: str) -
 class TrainLoader:
     def __init__(self, dataset: TokenizedDataset, *, train_batch_size: int, micro_batch_size_per_gpu: int, dp: int,
                  max_length: int, packing: str = "none", seed: int = 0, total_epochs: int = 1, pad_token_id: int = 0,
-                 process_index: int = 0, process_count: int = 1, prefetch: int = 2, verbose: bool | None = None):
+                 process_index: int = 0, process_count: int = 1, prefetch: int = 2, verbose: bool | None = None,
+                 weights=None):
+        """`weights`: one per source file of `dataset` (`data.train_weights`), or None (concatenated)."""
         # Settings are checked where they are resolved (jaxsft.config); what depends on the data is checked here.
         n, b = len(dataset), micro_batch_size_per_gpu
         per_rank = train_batch_size // dp
@@ -88,6 +93,10 @@ class TrainLoader:
             raise DataError(f"data.train_batch_size={train_batch_size} is larger than the {n} training samples: "
                             f"an epoch would have no step (incomplete batches are dropped, as in verl)")
         _check_lengths(dataset, max_length)
+        self.sources = dataset.sources()
+        self.weights = None if weights is None else tuple(float(w) for w in weights)
+        if self.weights is not None:
+            _check_weights(self.sources, self.weights)
         self.dataset, self.seed, self.packing, self.pad_token_id = dataset, seed, packing, pad_token_id
         self.train_batch_size, self.micro_batch_size, self.dp, self.max_length = train_batch_size, b, dp, max_length
         self.per_rank = per_rank
@@ -114,15 +123,32 @@ class TrainLoader:
         d, t = settings.data, settings.trainer
         return cls(dataset, train_batch_size=d.train_batch_size, micro_batch_size_per_gpu=d.micro_batch_size_per_gpu,
                    dp=dp, max_length=d.max_length, packing=d.packing, seed=t.seed, total_epochs=t.total_epochs,
-                   pad_token_id=pad_token_id, process_index=process_index, process_count=process_count)
+                   pad_token_id=pad_token_id, process_index=process_index, process_count=process_count,
+                   weights=d.train_weights)
 
     # ---- what a step holds ----------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Dataset indices of epoch `epoch` in the order its steps take them (its first
+        `steps_per_epoch × train_batch_size` entries are used)."""
+        if self.weights is None:
+            return epoch_permutation(len(self.dataset), self.seed, epoch)
+        return mixture.epoch_order(tuple(n for _, n in self.sources), self.weights, self.seed, epoch,
+                                   self.steps_per_epoch * self.train_batch_size)
 
     def step_samples(self, step: int) -> np.ndarray:
         """Dataset indices of global step `step` (0-based over the whole run), in loader order."""
         epoch, s = divmod(step, self.steps_per_epoch)
-        perm = epoch_permutation(len(self.dataset), self.seed, epoch)
-        return perm[s * self.train_batch_size:(s + 1) * self.train_batch_size]
+        return self.epoch_order(epoch)[s * self.train_batch_size:(s + 1) * self.train_batch_size]
+
+    def source_counts(self, epoch: int = 0) -> list[tuple[str, int, int, int]]:
+        """(file, rows, samples, loss tokens) of each source file in epoch `epoch`'s steps."""
+        idx = self.epoch_order(epoch)[:self.steps_per_epoch * self.train_batch_size]
+        starts = np.cumsum([0] + [n for _, n in self.sources])
+        of = np.searchsorted(starts, idx, side="right") - 1
+        samples = np.bincount(of, minlength=len(self.sources))
+        loss = np.bincount(of, weights=self.dataset.loss_tokens[idx], minlength=len(self.sources))
+        return [(f, n, int(samples[i]), int(loss[i])) for i, (f, n) in enumerate(self.sources)]
 
     def step_lengths(self, step: int) -> np.ndarray:
         """Token counts of all samples of step `step`, whichever process holds their rows: the
@@ -163,7 +189,7 @@ class TrainLoader:
         real = loss = 0
         used = self.steps_per_epoch * self.train_batch_size
         for epoch in range(self.total_steps // self.steps_per_epoch):
-            idx = epoch_permutation(len(self.dataset), self.seed, epoch)[:used]
+            idx = self.epoch_order(epoch)[:used]
             real += int(self.dataset.lengths[idx].sum())
             loss += int(self.dataset.loss_tokens[idx].sum())
         slots = self.total_steps * self.rows_per_micro_batch * self.max_length
@@ -179,6 +205,11 @@ class TrainLoader:
                 f"{e['loss_tokens']:.1%} are loss tokens")
         if self.packing != "none":
             text += f" (padded: {e['padded_real_tokens']:.1%} and {e['padded_loss_tokens']:.1%})"
+        if len(self.sources) > 1:
+            mix = "weights " + ":".join(f"{w:g}" for w in self.weights) if self.weights else "concatenated"
+            text += f"; epoch 0 from the {len(self.sources)} files ({mix}): " + "; ".join(
+                f"{f} {k} samples of {n} rows ({k / max(n, 1):.2f}x), {loss} loss tokens"
+                for f, n, k, loss in self.source_counts(0))
         return text
 
     # ---- iterator and checkpoint state ------------------------------------------------------------
@@ -196,8 +227,11 @@ class TrainLoader:
         self._next += 1
         return epoch, batch
 
-    def _fingerprint(self) -> dict[str, int]:
-        return {"num_samples": len(self.dataset), "train_batch_size": self.train_batch_size, "seed": self.seed}
+    def _fingerprint(self) -> dict:
+        out = {"num_samples": len(self.dataset), "train_batch_size": self.train_batch_size, "seed": self.seed}
+        if self.weights is not None:  # only then: states saved before weights existed still load
+            out.update(weights=list(self.weights), source_rows=[n for _, n in self.sources])
+        return out
 
     def get_state(self) -> dict:
         """JSON-able. After the last step of epoch e it reads "epoch e+1, step 0" (verl #7401)."""
@@ -228,6 +262,17 @@ class TrainLoader:
             say(f"[jaxsft] note: {what}; resuming on it (trainer.resume_accept_changed_data=true)")
         self._iter.set_state(state["grain"])
         self._next = int(state["next_step"])
+
+
+def _check_weights(sources: list[tuple[str, int]], weights: tuple[float, ...]) -> None:
+    if len(weights) != len(sources):
+        raise DataError(f"data.train_weights has {len(weights)} weight(s) for {len(sources)} training files: give one "
+                        f"weight per file of data.train_files, in the same order")
+    for (file, n), w in zip(sources, weights):
+        if n == 0:
+            raise DataError(f"data.train_weights gives {file} the weight {w:g}, but none of its rows is in the training "
+                            f"set (data.train_max_samples keeps the first rows of the files in order): raise "
+                            f"data.train_max_samples or leave the file out")
 
 
 def val_batches(dataset: TokenizedDataset, *, rows: int, max_length: int, pad_token_id: int = 0,

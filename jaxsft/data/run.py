@@ -13,10 +13,10 @@ from jaxsft.data.loader import TrainLoader, val_batches
 
 
 def build_datasets(data, tokenizer, *, vocab_size: int) -> tuple[TokenizedDataset, TokenizedDataset | None]:
-    """(train, val or None) for the data settings `data`; `vocab_size` (the model's) refuses token
-    ids it cannot embed."""
-    train = build_dataset(data.train_files, data, tokenizer, split="train", vocab_size=vocab_size)
-    val = build_dataset(data.val_files, data, tokenizer, split="val", vocab_size=vocab_size) if data.val_files else None
+    """(train, val or None) for the data settings `data`, through the data cache (`data.cache_dir`,
+    one builder per job); `vocab_size` (the model's) refuses token ids it cannot embed."""
+    train = _build_once(data.train_files, data, tokenizer, split="train", vocab_size=vocab_size)
+    val = _build_once(data.val_files, data, tokenizer, split="val", vocab_size=vocab_size) if data.val_files else None
     return train, val
 
 
@@ -70,3 +70,24 @@ class RunData:
                                  pad_token_id=self.loader.pad_token_id, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
             yield distributed.global_batch(batch, parallel.eval_batch_sharding(mesh))
+
+
+def _build_once(files, data, tokenizer, *, split: str, vocab_size: int):
+    """`build_dataset` with the data cache; in a job of several processes, process 0 looks up or
+    builds the cache entry while the others wait, then they read it (a shared filesystem) or, if
+    they do not see it (each host its own disk), build their own. A data error stops process 0
+    first; the others then find no entry and stop with the same error."""
+    kwargs = dict(split=split, vocab_size=vocab_size, cache_dir=data.cache_dir)
+    import jax
+
+    if data.cache_dir is None or jax.process_count() == 1:
+        return build_dataset(files, data, tokenizer, **kwargs)
+    from jaxsft import distributed
+
+    if jax.process_index() == 0:
+        try:
+            return build_dataset(files, data, tokenizer, **kwargs)
+        finally:
+            distributed.barrier(f"jaxsft-data-cache-{split}")
+    distributed.barrier(f"jaxsft-data-cache-{split}")
+    return build_dataset(files, data, tokenizer, **kwargs)

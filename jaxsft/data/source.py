@@ -33,6 +33,14 @@ def file_list(files) -> list[str]:
 def open_table(path: str, required: dict[str, str], optional: tuple[str, ...] = (), limit: int | None = None) -> pa.Table:
     """Read the needed columns of one parquet file. `required` maps column name -> the config key
     that names it (for the error message); `optional` columns are read when present."""
+    pf, columns = open_parquet(path, required, optional)
+    return _read_row_groups(pf, path, columns, limit)
+
+
+def open_parquet(path: str, required: dict[str, str], optional: tuple[str, ...] = (),
+                 **reader) -> tuple[pq.ParquetFile, list[str]]:
+    """The file-level checks of `open_table`: the opened file (`reader`: more ParquetFile options)
+    and the columns to read."""
     if not os.path.exists(path):
         raise DataError(at(path, None, "file not found"))
     if os.path.isdir(path):
@@ -43,7 +51,7 @@ def open_table(path: str, required: dict[str, str], optional: tuple[str, ...] = 
         raise DataError(at(path, None, f"cannot be read ({e.strerror})")) from None
     try:
         # Page checksums are verified where the writer stored them (pyarrow: write_page_checksum=True).
-        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        pf = pq.ParquetFile(path, page_checksum_verification=True, **reader)
     except (pa.ArrowException, OSError) as e:
         raise DataError(at(path, None, f"not a parquet file ({e})")) from None
     names = pf.schema_arrow.names
@@ -57,7 +65,7 @@ def open_table(path: str, required: dict[str, str], optional: tuple[str, ...] = 
         if names.count(column) > 1:
             raise DataError(at(path, None, f"column '{column}' appears {names.count(column)} times in the file; "
                                            f"keep one (or rename the others)"))
-    return _read_row_groups(pf, path, columns, limit)
+    return pf, columns
 
 
 def _read_row_groups(pf: pq.ParquetFile, path: str, columns: list[str], limit: int | None) -> pa.Table:
@@ -150,7 +158,23 @@ class ChatRow:
 
 def read_chats(path: str, *, messages_key: str, tools_key: str, enable_thinking_key: str,
                limit: int | None = None) -> list[ChatRow]:
-    table = open_table(path, {messages_key: "data.messages_key"}, (tools_key, enable_thinking_key), limit)
+    table = open_table(path, *chat_columns(messages_key, tools_key, enable_thinking_key), limit)
+    rows, silent, opted_out = chats_from_table(path, table, messages_key=messages_key, tools_key=tools_key,
+                                               enable_thinking_key=enable_thinking_key)
+    for message in row_warnings(path, silent, opted_out):
+        warnings.warn(message, DataWarning, stacklevel=2)
+    return rows
+
+
+def chat_columns(messages_key: str, tools_key: str, enable_thinking_key: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(required, optional) columns of a multi-turn file, as `open_table` takes them."""
+    return {messages_key: "data.messages_key"}, (tools_key, enable_thinking_key)
+
+
+def chats_from_table(path: str, table: pa.Table, *, messages_key: str, tools_key: str,
+                     enable_thinking_key: str) -> tuple[list[ChatRow], list[int], int]:
+    """The checked rows of a table read from `path` (row numbers count from the table's first
+    row), the rows without an assistant turn, and the count of assistant messages with loss_mask=0."""
     mt = table.schema.field(messages_key).type
     _check_type(path, table, messages_key, _is_list(mt) and pa.types.is_struct(mt.value_type),
                 "a list of messages (list<struct<role: string, content: string, ...>>)")
@@ -173,15 +197,19 @@ def read_chats(path: str, *, messages_key: str, tools_key: str, enable_thinking_
             silent.append(i)
         opted_out += sum(m["role"] == "assistant" and m.get("loss_mask") == 0 for m in messages)
         rows.append(ChatRow(messages, _tools(tools[i], path, i), thinking[i]))
+    return rows, silent, opted_out
+
+
+def row_warnings(path: str, silent: list[int], opted_out: int) -> list[str]:
+    """The warnings about one file's rows: those that train nothing, verl's old per-message loss_mask."""
+    out = []
     if silent:
         shown = ", ".join(map(str, silent[:20])) + (", ..." if len(silent) > 20 else "")
-        warnings.warn(at(path, None, f"{len(silent)} row(s) have no assistant turn and train nothing: rows {shown}"),
-                      DataWarning, stacklevel=2)
+        out.append(at(path, None, f"{len(silent)} row(s) have no assistant turn and train nothing: rows {shown}"))
     if opted_out:
-        warnings.warn(at(path, None, f"{opted_out} assistant message(s) carry loss_mask=0, a per-message field only verl's "
-                                     f"Sep-Nov 2025 dataset honoured; as in verl since, they are trained"),
-                      DataWarning, stacklevel=2)
-    return rows
+        out.append(at(path, None, f"{opted_out} assistant message(s) carry loss_mask=0, a per-message field only verl's "
+                                  f"Sep-Nov 2025 dataset honoured; as in verl since, they are trained"))
+    return out
 
 
 def _thinking(path: str, table: pa.Table, column: str) -> list[bool | None]:
@@ -275,7 +303,17 @@ def _json(text: str, path: str, row: int, what: str):
 def read_pairs(path: str, *, prompt_key: str, response_key: str, prompt_dict_keys=None, response_dict_keys=None,
                limit: int | None = None) -> list[tuple[str, str]]:
     """(prompt, response) strings; `*_dict_keys` index into a struct column, one key after another."""
-    table = open_table(path, {prompt_key: "data.prompt_key", response_key: "data.response_key"}, (), limit)
+    table = open_table(path, *pair_columns(prompt_key, response_key), limit)
+    return pairs_from_table(path, table, prompt_key=prompt_key, response_key=response_key,
+                            prompt_dict_keys=prompt_dict_keys, response_dict_keys=response_dict_keys)
+
+
+def pair_columns(prompt_key: str, response_key: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    return {prompt_key: "data.prompt_key", response_key: "data.response_key"}, ()
+
+
+def pairs_from_table(path: str, table: pa.Table, *, prompt_key: str, response_key: str, prompt_dict_keys=None,
+                     response_dict_keys=None) -> list[tuple[str, str]]:
     columns = []
     for column, name, keys in ((prompt_key, "prompt", prompt_dict_keys), (response_key, "response", response_dict_keys)):
         t = table.schema.field(column).type
