@@ -8,7 +8,8 @@ A run root (`trainer.default_local_dir`) holds
                                    other train-state keys (extra)
         data_process_{i}/          JSON data-iterator state of process i (extra)
         meta/                      JSON: config, epoch, base_model, step, save_contents, versions
-        huggingface/               transformers directory (hf_model)
+        huggingface/               transformers directory (hf_model); a LoRA run's is merged
+        lora_adapter/              a LoRA run's PEFT adapter (with hf_model)
     latest_checkpointed_iteration.txt
                                    N of the newest complete step, written last (tmp + rename)
 
@@ -40,6 +41,7 @@ from jaxsft.errors import UserError
 
 STEP_PREFIX = "global_step"
 TRACKER = "latest_checkpointed_iteration.txt"
+ADAPTER_DIR = "lora_adapter"
 _STEP_DIR = re.compile(rf"{STEP_PREFIX}_(\d+)")
 _GROUP = {"params": "model", "opt_state": "optimizer"}  # every other state key is "extra"
 
@@ -86,7 +88,10 @@ def is_complete(step_dir: str | os.PathLike) -> bool:
         meta = read_meta(p)
     except Exception:  # noqa: BLE001 - any unreadable meta means the step cannot be used
         return False
-    return "hf_model" not in meta.get("save_contents", ()) or (p / "huggingface" / "config.json").is_file()
+    if "hf_model" not in meta.get("save_contents", ()):
+        return True
+    adapter_ok = not meta.get("lora_adapter") or (p / ADAPTER_DIR / "adapter_config.json").is_file()
+    return (p / "huggingface" / "config.json").is_file() and adapter_ok
 
 
 def read_tracker(root: str | os.PathLike) -> int | None:
@@ -228,9 +233,12 @@ class Checkpointer:
                  meta: dict | None = None, export=None, trust_remote_code: bool = False):
         """`ckpt`: the checkpoint settings (`jaxsft.config.settings.CheckpointSettings`); the HF
         export takes config and tokenizer from `base_model_dir` and raises its context to
-        `max_length`. `meta` goes into every step's meta; `export(params)` gives the HF tensors
-        of a state's parameters (`jaxsft.hf.export_tensors`)."""
-        self._meta, self._export_params = dict(meta or {}), export
+        `max_length`. `meta` goes into every step's meta; `export` (`jaxsft.hf.Export`) says what
+        the HF export of a state's parameters is (merged LoRA, the PEFT adapter, added tokens)."""
+        self._exporter = export
+        self._meta = {**(meta or {}), **(export.meta() if export else {}),
+                      "lora_adapter": bool(export and export.lora and "hf_model" in ckpt.save_contents)}
+        self._base_model_dir = str(Path(base_model_dir).absolute())
         self.root = Path(ckpt.default_local_dir).absolute()
         self.contents, self.load_contents = ckpt.save_contents, ckpt.load_contents
         self.keep = ckpt.max_ckpt_to_keep
@@ -241,14 +249,15 @@ class Checkpointer:
         if "hf_model" in self.contents:
             # The base model's config, generation config and tokenizer, read (and so checked) now
             # rather than at the first save, hours later; only process 0 writes them.
+            read = export.base_files if export else hf.BaseModelFiles.read
             self._export_args = dict(
-                base=hf.BaseModelFiles.read(Path(base_model_dir), trust_remote_code=trust_remote_code)
-                if self._primary else None,
+                base=read(Path(base_model_dir), trust_remote_code=trust_remote_code) if self._primary else None,
                 dtype=ckpt.hf_dtype, max_shard_size=ckpt.max_shard_size, min_max_position_embeddings=max_length)
-        self._pending: tuple[int, Path | None] | None = None  # (step, its HF export) awaiting commit
+        self._pending: tuple[int, list[tuple[Path, str]]] | None = None  # (step, its exports) awaiting commit
         if self._primary:
             self.root.mkdir(parents=True, exist_ok=True)
-            for leftover in self.root.glob(f".{STEP_PREFIX}_*.huggingface.tmp"):
+            for leftover in [*self.root.glob(f".{STEP_PREFIX}_*.huggingface.tmp"),
+                             *self.root.glob(f".{STEP_PREFIX}_*.{ADAPTER_DIR}.tmp")]:
                 shutil.rmtree(leftover)  # an export whose save never completed
         distributed.barrier("jaxsft-checkpoint-init")
         options = ocp.CheckpointManagerOptions(
@@ -267,8 +276,8 @@ class Checkpointer:
         `jaxsft.hf.export_tensors(...)` of the live arrays, which the next (donating) train step
         invalidates. Every process calls this. Returns the step directory.
         """
-        if export is None and self._export_params is not None and "params" in state:
-            export = lambda: self._export_params(state["params"])  # noqa: E731
+        if export is None and self._exporter is not None and "params" in state:
+            export = lambda: self._exporter.tensors(state["params"])  # noqa: E731
         meta = {**self._meta, **(meta or {})}
         self._finalize(block=True)
         self._replace_existing(step)
@@ -283,12 +292,17 @@ class Checkpointer:
                 items[f"data_process_{i}"] = ocp.args.JsonSave(s)
         # force: the trainer decides when to save; Orbax would refuse a step below one on disk.
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        hf_tmp = None
+        exports = []
         if "hf_model" in saved:
             # Written beside the step (Orbax renames its own directory on commit) and moved in after.
+            if self._meta["lora_adapter"]:
+                tmp = self.root / f".{STEP_PREFIX}_{step}.{ADAPTER_DIR}.tmp"
+                self._exporter.write_adapter(state["params"], tmp, base_model_name_or_path=self._base_model_dir)
+                exports.append((tmp, ADAPTER_DIR))
             hf_tmp = self.root / f".{STEP_PREFIX}_{step}.huggingface.tmp"
             hf.write_hf_directory(export(), hf_tmp, **self._export_args)
-        self._pending = (step, hf_tmp)
+            exports.append((hf_tmp, "huggingface"))  # last: its config.json marks the step's exports whole
+        self._pending = (step, exports)
         if not self._async:
             self._finalize(block=True)
         return self.step_dir(step)
@@ -370,11 +384,11 @@ class Checkpointer:
         if not block and self._manager.is_saving_in_progress():
             return False
         self._manager.wait_until_finished()  # also raises a failed background write
-        step, hf_tmp = self._pending
+        step, exports = self._pending
         self._pending = None
         if self._primary:
-            if hf_tmp is not None:
-                os.replace(hf_tmp, self.step_dir(step) / "huggingface")
+            for tmp, name in exports:
+                os.replace(tmp, self.step_dir(step) / name)
             self._write_tracker(step)
             self._apply_retention(step)
         return True
