@@ -196,6 +196,30 @@ def _check_same_shapes(step_dir: Path, target: dict, saved_tree: dict, meta: dic
             f"another trainer.default_local_dir to start fresh")
 
 
+# model.* keys that change what the train state holds (LoRA adapters, trainable part, vocabulary)
+# or what its numbers mean (the adapters' scale and dropout), with their defaults.
+_MODE_KEYS = {"lora_rank": 0, "lora_alpha": 16, "target_modules": ["all-linear"], "lora_dropout": 0.0,
+              "trainable": ["all"]}
+
+
+def _check_same_mode(step_dir: Path, saved_meta: dict, current_meta: dict) -> None:
+    """Refuse, naming the keys, a checkpoint saved under other training-mode settings (the added
+    tokens compared as the tokens the meta records, not as the file that listed them)."""
+    if not current_meta.get("config"):
+        return
+
+    def mode(meta):
+        model = (meta.get("config") or {}).get("model", {})
+        return {**{f"model.{k}": model.get(k, default) for k, default in _MODE_KEYS.items()},
+                "model.added_tokens": meta.get("added_tokens")}
+
+    saved, now = mode(saved_meta), mode(current_meta)
+    differ = [f"{k}={saved[k]!r} there, {now[k]!r} here" for k in saved if saved[k] != now[k]]
+    if differ:
+        raise CheckpointError(f"cannot resume from {step_dir}: it was trained with other settings — {'; '.join(differ)}; "
+                              f"resume with its settings, or choose another trainer.default_local_dir to start fresh")
+
+
 def _restore_state(step_dir: Path, target: dict, restore_args) -> dict:
     args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
     return ocp.PyTreeCheckpointer().restore(step_dir / "state", args=args)
@@ -337,6 +361,7 @@ class Checkpointer:
             log.warning("%s holds no %s (saved: %s); those start fresh", step_dir, ", ".join(missing),
                         ", ".join(meta.get("save_contents", ())))
         target = {k: abstract_state[k] for k in wanted if k in saved_tree}
+        _check_same_mode(step_dir, meta, self._meta)
         _check_same_shapes(step_dir, target, saved_tree, meta)
         state = _restore_state(step_dir, target, ocp.checkpoint_utils.construct_restore_args(target)) if target else {}
         data_state = self._restore_data_state(step_dir) if "extra" in self.load_contents else None
