@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -61,11 +60,14 @@ def _param_arrays(model_or_params) -> dict:
                         is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
-def _merged_slice(stack, a, b, i, scale):
-    """Layer i of a LoRA-carrying kernel merged, (W + α/r·A·B)ᵀ in float32: HF's [out, in] weight."""
-    w, a, b = (jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False).astype(jnp.float32) for x in (stack, a, b))
-    return (w + scale * (a @ b)).T
+def _merged_slice(stack, a, b, i, scale) -> np.ndarray:
+    """Layer i of a LoRA-carrying kernel merged, (W + α/r·A·B)ᵀ: HF's [out, in] weight, float32.
+
+    Computed on the host in float64 and rounded once, so that the export written during training
+    (sharded arrays) and bin/convert_to_hf (one CPU device) give the same bits, whatever XLA's
+    matmul order on either."""
+    w, a, b = (to_host(_layer_slice(x, i, False), np.float32).astype(np.float64) for x in (stack, a, b))
+    return (w + scale * (a @ b)).T.astype(np.float32)
 
 
 def export_tensors(model_or_params, config: Qwen2Config, *, fetch=None, lora=None) -> Iterator[tuple[str, jax.Array]]:
@@ -73,7 +75,7 @@ def export_tensors(model_or_params, config: Qwen2Config, *, fetch=None, lora=Non
     parameter (every layer of a stacked parameter together); no lm_head.weight when tied.
 
     With `lora` (LoRASettings), a targeted layer's weight is merged, W + α/r·B·A as PEFT's
-    `merge_and_unload()` computes it, in float32 (the writer casts it to the export dtype once).
+    `merge_and_unload()` computes it (a float32 host array; the writer casts it to the export dtype).
     `fetch(path) -> array` (offline conversion) loads one parameter on demand instead of reading
     `model_or_params`, so only one stacked parameter (and its adapters) is ever in host memory."""
     if fetch is None:
