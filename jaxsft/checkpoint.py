@@ -289,6 +289,13 @@ class Checkpointer:
             enable_async_checkpointing=self._async, cleanup_tmp_directories=True, create=True)
         self._manager = ocp.CheckpointManager(self.root, options=options)
 
+    @classmethod
+    def for_run(cls, settings, model_dir: Path, export) -> "Checkpointer":
+        """The run's checkpointer: every step's meta records the configuration and the base model."""
+        return cls(settings.checkpoint, base_model_dir=model_dir, max_length=settings.data.max_length,
+                   meta={"config": settings.config, "base_model": str(Path(model_dir).resolve())}, export=export,
+                   trust_remote_code=settings.model.trust_remote_code)
+
     def step_dir(self, step: int) -> Path:
         return self.root / f"{STEP_PREFIX}_{step}"
 

@@ -18,8 +18,8 @@ from jaxsft.config import ConfigError, Settings, compose, resolve
 from jaxsft.config.keys import KEYS
 
 SMOKE_RECIPE = "smoke"
-FLAGS = ("--config", "--print_config", "--help")
-_VALUED = ("--config",)
+FLAGS = ("--config", "--print_config", "--help", "--dry_run", "--dry_run_json")
+_VALUED = ("--config", "--dry_run", "--dry_run_json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,8 @@ class Command:
     settings: Settings | None  # None with --help
     print_config: bool = False
     help: bool = False
+    dry_run: str | None = None  # a plan target: cpu, gpu, h100:N, h200:N (jaxsft.plan)
+    dry_run_json: str | None = None
 
 
 def split_flags(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
@@ -67,17 +69,22 @@ def parse(argv: list[str]) -> Command:
     flags, overrides = split_flags(argv)
     if flags.get("--help"):
         return Command(None, help=True)
+    if "--dry_run_json" in flags and "--dry_run" not in flags:
+        raise ConfigError("--dry_run_json needs --dry_run=TARGET (cpu, gpu, h100:N or h200:N)")
     recipe = flags.get("--config")
     if recipe is None and not overrides:
         recipe = SMOKE_RECIPE
     settings = resolve(compose(overrides, recipe))
-    return Command(settings, print_config=bool(flags.get("--print_config")))
+    return Command(settings, print_config=bool(flags.get("--print_config")), dry_run=flags.get("--dry_run"),
+                   dry_run_json=flags.get("--dry_run_json"))
 
 
 def help_text() -> str:
     """Every key with its default and one-line meaning, by section."""
     lines = [__doc__.strip(), "", "Flags: --config RECIPE, --print_config (print the resolved configuration and exit), "
-             "--help.", "", "Settings (verl's keys unless marked [jaxsft]; [inert] = accepted, changes nothing here):"]
+             "--dry_run=TARGET (plan the train step for cpu, gpu, h100:N or h200:N and exit; --dry_run_json=PATH "
+             "also writes it as JSON), --help.", "",
+             "Settings (verl's keys unless marked [jaxsft]; [inert] = accepted, changes nothing here):"]
     section = None
     for key in KEYS:
         if key.recipe_only:
@@ -93,6 +100,21 @@ def help_text() -> str:
         lines.extend(textwrap.wrap(key.doc + choices + (f"; {key.inert}" if key.inert else ""), 96,
                                    initial_indent="        ", subsequent_indent="        "))
     return "\n".join(lines)
+
+
+def keys_table() -> str:
+    """The README's table of every key (kept equal to it by tests/test_config.py):
+    `python -c "from jaxsft import cli; print(cli.keys_table())"`."""
+    rows = ["| key | default | what it does in jaxsft |", "|---|---|---|"]
+    for key in KEYS:
+        if key.recipe_only:
+            continue
+        what = f"**inert** (said when set): {key.inert}" if key.inert else key.doc
+        if key.choices and len(key.choices) > 1:
+            what += f" — {' / '.join(map(str, key.choices))}"
+        own = "" if key.verl else " *(jaxsft)*"
+        rows.append(f"| `{key.name}`{own} | `{_show(key.default)}` | {what.replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 def _show(value) -> str:
@@ -127,7 +149,13 @@ def run(argv: list[str], job) -> int:
 
             print(yaml.safe_dump(command.settings.config, sort_keys=False), end="")
         else:
-            job(command.settings)
+            from jaxsft import plan
+
+            plan.prepare_environment(command.dry_run)  # before any JAX backend starts
+            if command.dry_run:
+                plan.dry_run(command.settings, command.dry_run, command.dry_run_json)
+            else:
+                job(command.settings)
         return 0
     except UserError as e:
         print(f"jaxsft: error: {e}", file=sys.stderr, flush=True)

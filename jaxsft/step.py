@@ -47,18 +47,33 @@ class StepConfig:
     dp: int  # data-parallel size (rows of a micro-batch come in dp blocks)
     chunk_size: int  # cross-entropy chunk (tokens)
     dropout_seed: int | None = None  # LoRA dropout: keys from (seed, step, micro-batch); None = no dropout
+    grad_accum_dtype: str = "float32"  # the sum of micro-batch gradients (K > 1): float32 | bfloat16
+    # K > 1: the backward pass adds the layer gradients into the running sum in place (one
+    # weight-sized buffer fewer); needs scan_layers and remat `full` (jaxsft.model.sink_scan), and
+    # full fine-tuning without LoRA dropout (otherwise the step sums as usual)
+    accumulate_in_backward: bool = False
 
     @classmethod
     def of(cls, settings, mesh) -> "StepConfig":
         t, lora = settings.trainer, settings.model.lora
         return cls(loss_normalization=t.loss_normalization, balance_dp_token=t.balance_dp_token, dp=mesh.shape["dp"],
-                   chunk_size=t.loss_chunk_size, dropout_seed=t.seed if lora is not None and lora.dropout > 0 else None)
+                   chunk_size=t.loss_chunk_size, dropout_seed=t.seed if lora is not None and lora.dropout > 0 else None,
+                   grad_accum_dtype=settings.optim.grad_accum_dtype,
+                   accumulate_in_backward=accumulates_in_backward(settings.model))
 
 
-def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, dropout_key=None):
+def accumulates_in_backward(model_settings) -> bool:
+    """Whether the train step can add layer gradients into the running sum during the backward
+    pass (jaxsft.model.sink_scan): scanned layers under the `full` policy, without LoRA (whose
+    adapters are all that trains, so there is no weight-sized sum to save)."""
+    return (model_settings.scan_layers and model_settings.remat_policy == "full"
+            and getattr(model_settings, "lora", None) is None)
+
+
+def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, dropout_key=None, grad_sink=None):
     """Per-row (Σ masked CE, Σ weights) of one micro-batch [rows, T], in float32."""
     model = nnx.merge(graphdef, params, rest)
-    hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"], dropout_key)
+    hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"], dropout_key, grad_sink=grad_sink)
     targets, weights = shift_targets(mb["input_ids"], mb["segment_ids"], mb["loss_mask"])
     return masked_ce_per_row(hidden, model.lm_head_kernel(), targets, weights, chunk_size)
 
@@ -100,9 +115,9 @@ def init_train_state(model, tx, mesh, partition: Partition = EVERYTHING, *, opti
 def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig, partition: Partition = EVERYTHING,
                          dropout_key=None):
     """Σ over the K micro-batches of the normalised loss and its gradients with respect to
-    `partition`'s trainable part, summed in float32 (with K = 1 the gradients stay in the
-    parameter dtype): returns (loss, grads, loss-token count). `dropout_key`: the step's LoRA
-    dropout key (micro-batch k uses fold_in(key, k))."""
+    `partition`'s trainable part, summed in cfg.grad_accum_dtype (with K = 1 the gradients stay
+    in the parameter dtype): returns (loss, grads, loss-token count). `dropout_key`: the step's
+    LoRA dropout key (micro-batch k uses fold_in(key, k))."""
     num_micro = batch["input_ids"].shape[0]
     _, all_w = shift_targets(batch["input_ids"], batch["segment_ids"], batch["loss_mask"])
     total_weight = jnp.sum(all_w)
@@ -114,17 +129,31 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig, 
         return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
 
     grad_fn = jax.value_and_grad(objective)
-    if num_micro == 1:  # nothing to sum: skip the float32 accumulator (28 GiB for a 7B)
+    if num_micro == 1:  # nothing to sum: skip the accumulator (28 GiB in float32 for a 7B)
         loss, grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), 0)
         return loss, grads, total_weight
 
+    acc_dtype = jnp.dtype(cfg.grad_accum_dtype)
+    # the in-backward sum needs the whole parameter tree as the trainable part, and no dropout keys
+    in_backward = cfg.accumulate_in_backward and partition.whole and dropout_key is None
+
+    def sink_objective(p, sink, mb):
+        loss_rows, w_rows = row_losses(graphdef, p, rest, mb, cfg.chunk_size, grad_sink=sink)
+        return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
+
     def accumulate(carry, mb_k):
         loss_sum, grad_sum = carry
-        loss, grads = grad_fn(trainable, *mb_k)
-        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        if in_backward:  # the layers' "gradient" of the sink is the new running sum
+            loss, (grads, layers_sum) = jax.value_and_grad(sink_objective, argnums=(0, 1))(
+                trainable, grad_sum["layers"], mb_k[0])
+        else:
+            loss, grads = grad_fn(trainable, *mb_k)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grad_sum, grads)
+        if in_backward:
+            grad_sum["layers"] = layers_sum
         return (loss_sum + loss, grad_sum), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), trainable)
     (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
                                     (batch, jnp.arange(num_micro)))
     return loss, grads, total_weight

@@ -11,7 +11,7 @@ import time
 
 import jax
 
-from jaxsft import checkpoint, cli, data, distributed, hf, metrics, optim, parallel, reporting, run_dir, step, trainable
+from jaxsft import checkpoint, cli, data, distributed, hf, metrics, optim, parallel, plan, reporting, run_dir, step, trainable
 
 
 class Trainer:
@@ -30,7 +30,9 @@ class Trainer:
         parallel.check_heads(self.model_config, self.mesh)
         tokenizer = hf.load_tokenizer(self.model_dir, trust_remote_code=s.model.trust_remote_code)
         added, self.model_config = hf.extend_vocabulary(s.model.added_tokens, tokenizer, self.model_config, say=self.say)
-        self.data = data.RunData.build(s, tokenizer, vocab_size=self.model_config.vocab_size, dp=self.mesh.shape["dp"],
+        train, val = data.build_datasets(s.data, tokenizer, vocab_size=self.model_config.vocab_size)
+        s = self.settings = plan.settle_auto(s, train, self.model_config, self.mesh, say=self.say)  # `auto` settings
+        self.data = data.RunData.build(s, train, val, pad_token_id=tokenizer.pad_token_id, dp=self.mesh.shape["dp"],
                                        process_index=jax.process_index(), process_count=jax.process_count(), say=self.say)
 
         model = hf.load_model(self.model_dir, self.mesh, s.model.compute_settings(), seed=s.trainer.seed, config=self.model_config)
@@ -39,10 +41,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             graphdef, rest, state, shardings = step.init_train_state(
                 model, tx, self.mesh, partition, optimizer_offload=s.model.optimizer_offload, say=self.say)
-        self.ckpt = checkpoint.Checkpointer(s.checkpoint, base_model_dir=self.model_dir, max_length=s.data.max_length,
-                                            meta={"config": s.config, "base_model": str(self.model_dir.resolve())},
-                                            export=hf.Export(self.model_config, s.model.lora, added),
-                                            trust_remote_code=s.model.trust_remote_code)
+        self.ckpt = checkpoint.Checkpointer.for_run(s, self.model_dir, export=hf.Export(self.model_config, s.model.lora, added))
         self.state = self.ckpt.resume(s.checkpoint, state, shardings, self.data.loader, say=self.say)
         self.step = int(self.state["step"])
         self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule, step.StepConfig.of(s, self.mesh),

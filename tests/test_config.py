@@ -121,11 +121,13 @@ def test_every_key_is_in_help_and_readme():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("<!-- keys:start (cli.keys_table()) -->\n")[1].split("\n<!-- keys:end -->")[0]
+    assert table == cli.keys_table(), "README's key table is stale: paste cli.keys_table() between its markers"
     text = cli.help_text()
     for key in KEYS:
         if not key.recipe_only:
             assert f"    {key.name} = " in text, key.name
-            assert f"`{key.name}`" in readme, f"README does not name {key.name}"
+            assert f"`{key.name}`" in table, f"README does not name {key.name}"
 
 
 def test_two_spellings_of_one_setting():

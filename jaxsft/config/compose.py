@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxsft.config.errors import ConfigError
-from jaxsft.config.keys import AFTER_EACH_EPOCH, BY_NAME, DICT_KEYS, KEYS, Key, flatten, nested
+from jaxsft.config.keys import AFTER_EACH_EPOCH, AUTO, BY_NAME, DICT_KEYS, KEYS, Key, flatten, nested
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "configs"
 
@@ -101,6 +101,11 @@ def check_value(key: Key, value: Any, where: str) -> Any:
             out = value
         else:
             raise bad(f"an integer or {AFTER_EACH_EPOCH}")
+    elif kind == "int_or_auto":
+        if value == AUTO or _is_int(value):
+            out = value
+        else:
+            raise bad(f"an integer or {AUTO}")
     else:  # pragma: no cover - the key table uses only the kinds above
         raise AssertionError(kind)
     if key.choices is not None and out not in key.choices:

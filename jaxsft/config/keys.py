@@ -16,8 +16,9 @@ from typing import Any
 import ml_collections
 
 # Value kinds: how a value from a recipe or the command line is checked and converted.
-KINDS = ("int", "float", "bool", "str", "strs", "floats", "dict", "freq", "path_or_strs")
+KINDS = ("int", "float", "bool", "str", "strs", "floats", "dict", "freq", "path_or_strs", "int_or_auto")
 AFTER_EACH_EPOCH = "after_each_epoch"
+AUTO = "auto"  # model.remat_policy / data.micro_batch_size_per_gpu chosen by plan (jaxsft.plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,9 @@ KEYS: tuple[Key, ...] = (
     _k("data.ignore_input_ids_mismatch", False, "bool",
        "multi-turn: train on per-message tokens when they differ from the whole chat rendered at once"),
     _k("data.train_batch_size", 256, "int", "samples per optimizer step, over all devices"),
-    _k("data.micro_batch_size_per_gpu", 4, "int", "rows per device per micro-step (also the validation batch)"),
+    _k("data.micro_batch_size_per_gpu", 4, "int_or_auto",
+       "rows per device per micro-step (also the validation batch); auto = the largest whose plan fits "
+       "(global_tokens normalisation only)"),
     _k("data.micro_batch_size", None, "int", "deprecated in verl", optional=True,
        inert="verl's deprecated global micro-batch; data.micro_batch_size_per_gpu sets the micro-batch"),
     _k("data.pad_mode", "right", "str", "padding of rows: right (verl's FSDP trainer); for no padding use data.packing",
@@ -126,7 +129,8 @@ KEYS: tuple[Key, ...] = (
     _j("model.compute_dtype", "bfloat16", "str", "matmul and activation dtype",
        choices=("float32", "bfloat16", "fp32", "bf16")),
     _j("model.remat_policy", "minimal", "str",
-       "what the backward pass keeps (jaxsft.model.remat.POLICIES: none, minimal, full, ...)"),
+       "what the backward pass keeps (jaxsft.model.remat.POLICIES: none, minimal, full, ...); auto = the "
+       "cheapest recomputation whose plan fits the device memory"),
     _j("model.scan_layers", True, "bool", "run the decoder layers with lax.scan (false = unrolled)"),
     _j("model.attn_implementation", "auto", "str", "attention backend: auto, or a name in jaxsft.model.attention"),
     _j("model.build_tiny_from", None, "str",
@@ -154,6 +158,9 @@ KEYS: tuple[Key, ...] = (
     _k("optim.warmup_style", None, "str", "verl's engine trainer only: use optim.lr_scheduler", optional=True),
     _j("optim.mu_dtype", None, "str", "Adam first-moment dtype (default: the parameter dtype)", optional=True,
        choices=("float32", "bfloat16", "fp32", "bf16")),
+    _j("optim.grad_accum_dtype", "float32", "str",
+       "sum of the micro-batch gradients: float32, or bfloat16 as verl with bf16 parameters (less exact, "
+       "smaller)", choices=("float32", "bfloat16", "fp32", "bf16")),
     # ---- trainer -------------------------------------------------------------------------------
     _k("trainer.default_local_dir", "checkpoints/${trainer.project_name}/${trainer.experiment_name}", "str",
        "the run directory: checkpoints, config.yaml, metrics.jsonl"),

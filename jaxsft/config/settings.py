@@ -16,7 +16,7 @@ from typing import Any
 
 from jaxsft.config.compose import Composed
 from jaxsft.config.errors import ConfigError
-from jaxsft.config.keys import AFTER_EACH_EPOCH, BY_NAME, KEYS, nested
+from jaxsft.config.keys import AFTER_EACH_EPOCH, AUTO, BY_NAME, KEYS, nested
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 LOGGERS = ("console", "tqdm", "tensorboard", "file", "wandb")
@@ -43,7 +43,7 @@ class DataSettings:
     apply_chat_template_kwargs: dict[str, Any]
     ignore_input_ids_mismatch: bool
     train_batch_size: int
-    micro_batch_size_per_gpu: int
+    micro_batch_size_per_gpu: int | str  # or "auto" until jaxsft.plan settles it
     packing: str
 
     def max_samples(self, split: str) -> int | None:
@@ -101,6 +101,7 @@ class OptimSettings:
     min_lr_ratio: float
     num_cycles: float
     mu_dtype: str | None
+    grad_accum_dtype: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +260,10 @@ def resolve(c: Composed) -> Settings:
     """Typed settings from a composed configuration, or a ConfigError naming the key."""
     v = dict(c.values)
     _refused(v)
-    _positive(v, "data.max_length", "data.train_batch_size", "data.micro_batch_size_per_gpu", "trainer.total_epochs",
+    _positive(v, "data.max_length", "data.train_batch_size", "trainer.total_epochs",
               "ulysses_sequence_parallel_size", "trainer.loss_chunk_size", "trainer.log_every")
+    if v["data.micro_batch_size_per_gpu"] != AUTO:
+        _positive(v, "data.micro_batch_size_per_gpu")
     for name in ("trainer.save_freq", "trainer.test_freq"):
         _frequency(v, name)
     if v["trainer.total_training_steps"] is not None and v["trainer.total_training_steps"] <= 0:
@@ -298,7 +301,7 @@ def resolve(c: Composed) -> Settings:
             for name in ("messages_key", "tools_key", "enable_thinking_key")}
     from jaxsft.model import remat as remat_policies
 
-    if remat not in remat_policies.POLICIES:
+    if remat not in remat_policies.POLICIES and remat != AUTO:
         _fail(f"model.remat_policy={remat!r} is not a known policy; choose one of: {', '.join(remat_policies.POLICIES)}")
     from jaxsft.model.attention import BACKENDS
 
@@ -309,6 +312,9 @@ def resolve(c: Composed) -> Settings:
     notes = _notes(c, v)
     lora_settings, trainable = _training_mode(c, v, notes)
     normalisation = v["trainer.loss_normalization"]
+    if v["data.micro_batch_size_per_gpu"] == AUTO and normalisation != "global_tokens":
+        _fail("data.micro_batch_size_per_gpu=auto needs trainer.loss_normalization=global_tokens: under verl's "
+              "per-micro-batch normalisation the micro-batch size changes the loss")
     if normalisation == "verl" and packing != "none":
         why = "use_remove_padding=true packs rows" if _layer(c, "use_remove_padding") > _layer(c, "data.packing") \
             else f"data.packing={packing}"
@@ -380,7 +386,8 @@ def resolve(c: Composed) -> Settings:
         lr=v["optim.lr"], betas=tuple(v["optim.betas"]), weight_decay=v["optim.weight_decay"], eps=v["optim.eps"],
         lr_warmup_steps_ratio=v["optim.lr_warmup_steps_ratio"], lr_warmup_steps=v["optim.lr_warmup_steps"],
         clip_grad=v["optim.clip_grad"], lr_scheduler=v["optim.lr_scheduler"], min_lr_ratio=v["optim.min_lr_ratio"],
-        num_cycles=v["optim.num_cycles"], mu_dtype=DTYPES[v["optim.mu_dtype"]] if v["optim.mu_dtype"] else None)
+        num_cycles=v["optim.num_cycles"], mu_dtype=DTYPES[v["optim.mu_dtype"]] if v["optim.mu_dtype"] else None,
+        grad_accum_dtype=DTYPES[v["optim.grad_accum_dtype"]])
     checkpoint = CheckpointSettings(
         default_local_dir=v["trainer.default_local_dir"], save_contents=save_contents, load_contents=load_contents,
         hf_dtype=hf_dtype, async_save=v["trainer.checkpoint.async_save"],
@@ -402,11 +409,23 @@ def resolve(c: Composed) -> Settings:
               "model.remat_policy": remat, "model.enable_gradient_checkpointing": remat != "none",
               "data.packing": packing, "use_remove_padding": packing != "none",
               "trainer.checkpoint.load_contents": load_contents, "trainer.checkpoint.hf_dtype": hf_dtype,
-              "model.compute_dtype": model.compute_dtype, "optim.mu_dtype": optim.mu_dtype})
+              "model.compute_dtype": model.compute_dtype, "optim.mu_dtype": optim.mu_dtype,
+              "optim.grad_accum_dtype": optim.grad_accum_dtype})
     for name, value in keys.items():
         v[f"data.{name}"] = v[f"data.multiturn.{name}"] = value
     config = nested({k.name: _plain(v[k.name]) for k in KEYS})
     return Settings(data, model, optim, trainer, checkpoint, config, tuple(notes), c.recipe)
+
+
+def with_choices(settings: Settings, *, remat_policy: str, micro_batch_size_per_gpu: int) -> Settings:
+    """`settings` with the `auto` remat policy / micro-batch size replaced by the planned ones
+    (the effective configuration records them)."""
+    config = {**settings.config, "model": {**settings.config["model"], "remat_policy": remat_policy,
+                                           "enable_gradient_checkpointing": remat_policy != "none"},
+              "data": {**settings.config["data"], "micro_batch_size_per_gpu": micro_batch_size_per_gpu}}
+    return dataclasses.replace(
+        settings, config=config, model=dataclasses.replace(settings.model, remat_policy=remat_policy),
+        data=dataclasses.replace(settings.data, micro_batch_size_per_gpu=micro_batch_size_per_gpu))
 
 
 def _plain(value):
@@ -427,7 +446,7 @@ def check_devices(settings: Settings, num_devices: int) -> tuple[int, int]:
     if d.train_batch_size % dp:
         _fail(f"data.train_batch_size={d.train_batch_size} is not divisible by the data-parallel size {dp} "
               f"(= devices {num_devices} / ulysses_sequence_parallel_size {sp})")
-    if (d.train_batch_size // dp) % d.micro_batch_size_per_gpu:
+    if d.micro_batch_size_per_gpu != AUTO and (d.train_batch_size // dp) % d.micro_batch_size_per_gpu:
         _fail(f"data.train_batch_size / dp = {d.train_batch_size // dp} is not divisible by "
               f"data.micro_batch_size_per_gpu={d.micro_batch_size_per_gpu}")
     return dp, sp

@@ -12,6 +12,14 @@ from jaxsft.data.dataset import TokenizedDataset, build_dataset
 from jaxsft.data.loader import TrainLoader, val_batches
 
 
+def build_datasets(data, tokenizer, *, vocab_size: int) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """(train, val or None) for the data settings `data`; `vocab_size` (the model's) refuses token
+    ids it cannot embed."""
+    train = build_dataset(data.train_files, data, tokenizer, split="train", vocab_size=vocab_size)
+    val = build_dataset(data.val_files, data, tokenizer, split="val", vocab_size=vocab_size) if data.val_files else None
+    return train, val
+
+
 @dataclasses.dataclass
 class RunData:
     train: TokenizedDataset
@@ -25,13 +33,11 @@ class RunData:
     save_freq: int | str  # trainer.save_freq
 
     @classmethod
-    def build(cls, settings, tokenizer, *, vocab_size: int, dp: int, process_index: int, process_count: int,
-              say=print) -> "RunData":
-        """`vocab_size`: the model's; token ids it cannot embed are refused."""
+    def build(cls, settings, train: TokenizedDataset, val: TokenizedDataset | None, *, pad_token_id: int, dp: int,
+              process_index: int, process_count: int, say=print) -> "RunData":
+        """The run's data from its tokenised sets (`build_datasets`)."""
         d = settings.data
-        train = build_dataset(d.train_files, d, tokenizer, split="train", vocab_size=vocab_size)
-        val = build_dataset(d.val_files, d, tokenizer, split="val", vocab_size=vocab_size) if d.val_files else None
-        loader = TrainLoader.for_run(train, settings, dp=dp, pad_token_id=tokenizer.pad_token_id,
+        loader = TrainLoader.for_run(train, settings, dp=dp, pad_token_id=pad_token_id,
                                      process_index=process_index, process_count=process_count)
         total = loader.steps_per_epoch * settings.trainer.total_epochs
         last = min(settings.trainer.total_training_steps or total, total)

@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxsft import parallel
 from jaxsft.model import attention as attn
 from jaxsft.model import lora as lora_lib
-from jaxsft.model import remat
+from jaxsft.model import remat, sink_scan
 from jaxsft.model.config import Qwen2Config, rope_frequencies
 
 DTYPES = ("float32", "bfloat16")
@@ -201,15 +201,18 @@ class Qwen2ForCausalLM(nnx.Module):
             return self.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
 
-    def hidden_states(self, input_ids, positions, segment_ids, dropout_key=None):
+    def hidden_states(self, input_ids, positions, segment_ids, dropout_key=None, grad_sink=None):
         """[B, T, H] after the final norm, in the compute dtype. segment_ids == 0 marks padding.
-        `dropout_key`: LoRA dropout's key for this micro-batch (None: no dropout, as in evaluation)."""
+        `dropout_key`: LoRA dropout's key for this micro-batch (None: no dropout, as in evaluation).
+        grad_sink: see `_decoder` (trainer's gradient accumulation only)."""
         dtype = jnp.dtype(self.settings.compute_dtype)
         x = parallel.constrain(self.embed_tokens(input_ids).astype(dtype), _ACT)
         cos, sin = rope_tables(self.config, positions, dtype)
-        return self.norm(self._decoder(x, cos, sin, segment_ids, dropout_key))
+        return self.norm(self._decoder(x, cos, sin, segment_ids, dropout_key, grad_sink))
 
-    def _decoder(self, x, cos, sin, segment_ids, dropout_key=None):
+    def _decoder(self, x, cos, sin, segment_ids, dropout_key=None, grad_sink=None):
+        """grad_sink (scan_layers with remat `full`, no LoRA dropout): the running sum of the stacked
+        layers' gradients, which the backward pass adds into in place (jaxsft.model.sink_scan)."""
         graphdef, stacked = nnx.split(self.layers)
         n = self.config.num_hidden_layers
         keys = None if dropout_key is None else jax.random.split(dropout_key, n)
@@ -218,6 +221,11 @@ class Qwen2ForCausalLM(nnx.Module):
             return nnx.merge(graphdef, params)(h, cos, sin, segment_ids, key)
 
         policy = self.settings.remat_policy
+        if grad_sink is not None:
+            if not (self.settings.scan_layers and policy == "full") or keys is not None:
+                raise ValueError("a gradient sink needs scan_layers and remat_policy=full, and no LoRA dropout")
+            return sink_scan.scan_with_sink(lambda h, p, *c: layer(h, p, None, *c), x, stacked, (cos, sin, segment_ids),
+                                            grad_sink)
         if self.settings.scan_layers:
             step = remat.remat(layer, policy, prevent_cse=False)
             x, _ = jax.lax.scan(lambda h, p: (step(h, p[0], p[1], cos, sin, segment_ids), None), x, (stacked, keys))
