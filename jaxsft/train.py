@@ -31,7 +31,7 @@ class Trainer:
         tokenizer = hf.load_tokenizer(self.model_dir, trust_remote_code=s.model.trust_remote_code)
         added, self.model_config = hf.extend_vocabulary(s.model.added_tokens, tokenizer, self.model_config, say=self.say)
         train, val = data.build_datasets(s.data, tokenizer, vocab_size=self.model_config.vocab_size)
-        s = self.settings = plan.settle_auto(s, train, self.model_config, self.mesh, say=self.say)  # `auto` settings
+        s = self.settings = plan.settle_auto(s, train, self.model_config, self.mesh, added, say=self.say)  # `auto` settings
         self.data = data.RunData.build(s, train, val, pad_token_id=tokenizer.pad_token_id, dp=self.mesh.shape["dp"],
                                        process_index=jax.process_index(), process_count=jax.process_count(), say=self.say)
 
