@@ -8,7 +8,8 @@ A run root (`trainer.default_local_dir`) holds
                                    other train-state keys (extra)
         data_process_{i}/          JSON data-iterator state of process i (extra)
         meta/                      JSON: config, epoch, base_model, step, save_contents, versions
-        huggingface/               transformers directory (hf_model)
+        huggingface/               transformers directory (hf_model); a LoRA run's is merged
+        lora_adapter/              a LoRA run's PEFT adapter (with hf_model)
         jaxsft_files.json          every file above with its size, written once the step is
                                    finished (the listing that completeness is checked against)
     latest_checkpointed_iteration.txt
@@ -51,6 +52,7 @@ from jaxsft.errors import UserError
 STEP_PREFIX = "global_step"
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "jaxsft_files.json"  # in each step: every file and its size, written when the save finished
+ADAPTER_DIR = "lora_adapter"
 _STEP_DIR = re.compile(rf"{STEP_PREFIX}_(\d+)")
 _GROUP = {"params": "model", "opt_state": "optimizer"}  # every other state key is "extra"
 
@@ -108,6 +110,9 @@ def step_problems(step_dir: str | os.PathLike) -> list[str]:
         problems += [q for q in _manifest_problems(p) if q not in problems]
     elif "hf_model" in meta.get("save_contents", ()) and not (p / "huggingface" / "config.json").is_file():
         problems.append("huggingface/config.json is missing")
+    if (not meta.get("files_manifest") and "hf_model" in meta.get("save_contents", ()) and meta.get("lora_adapter")
+            and not (p / ADAPTER_DIR / "adapter_config.json").is_file()):
+        problems.append(f"{ADAPTER_DIR}/adapter_config.json is missing")
     return problems
 
 
@@ -301,6 +306,30 @@ def _check_same_shapes(step_dir: Path, target: dict, saved_tree: dict, meta: dic
             f"another trainer.default_local_dir to start fresh")
 
 
+# model.* keys that change what the train state holds (LoRA adapters, trainable part, vocabulary)
+# or what its numbers mean (the adapters' scale and dropout), with their defaults.
+_MODE_KEYS = {"lora_rank": 0, "lora_alpha": 16, "target_modules": ["all-linear"], "lora_dropout": 0.0,
+              "trainable": ["all"]}
+
+
+def _check_same_mode(step_dir: Path, saved_meta: dict, current_meta: dict) -> None:
+    """Refuse, naming the keys, a checkpoint saved under other training-mode settings (the added
+    tokens compared as the tokens the meta records, not as the file that listed them)."""
+    if not current_meta.get("config"):
+        return
+
+    def mode(meta):
+        model = (meta.get("config") or {}).get("model", {})
+        return {**{f"model.{k}": model.get(k, default) for k, default in _MODE_KEYS.items()},
+                "model.added_tokens": meta.get("added_tokens")}
+
+    saved, now = mode(saved_meta), mode(current_meta)
+    differ = [f"{k}={saved[k]!r} there, {now[k]!r} here" for k in saved if saved[k] != now[k]]
+    if differ:
+        raise CheckpointError(f"cannot resume from {step_dir}: it was trained with other settings — {'; '.join(differ)}; "
+                              f"resume with its settings, or choose another trainer.default_local_dir to start fresh")
+
+
 def _restore_state(step_dir: Path, target: dict, restore_args) -> dict:
     args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
     try:
@@ -419,9 +448,12 @@ class Checkpointer:
                  meta: dict | None = None, export=None, trust_remote_code: bool = False):
         """`ckpt`: the checkpoint settings (`jaxsft.config.settings.CheckpointSettings`); the HF
         export takes config and tokenizer from `base_model_dir` and raises its context to
-        `max_length`. `meta` goes into every step's meta; `export(params)` gives the HF tensors
-        of a state's parameters (`jaxsft.hf.export_tensors`)."""
-        self._meta, self._export_params = dict(meta or {}), export
+        `max_length`. `meta` goes into every step's meta; `export` (`jaxsft.hf.Export`) says what
+        the HF export of a state's parameters is (merged LoRA, the PEFT adapter, added tokens)."""
+        self._exporter = export
+        self._meta = {**(meta or {}), **(export.meta() if export else {}),
+                      "lora_adapter": bool(export and export.lora and "hf_model" in ckpt.save_contents)}
+        self._base_model_dir = str(Path(base_model_dir).absolute())
         self.root = Path(ckpt.default_local_dir).absolute()
         self.contents, self.load_contents = ckpt.save_contents, ckpt.load_contents
         self.keep = ckpt.max_ckpt_to_keep
@@ -432,17 +464,18 @@ class Checkpointer:
         if "hf_model" in self.contents:
             # The base model's config, generation config and tokenizer, read (and so checked) now
             # rather than at the first save, hours later; only process 0 writes them.
+            read = export.base_files if export else hf.BaseModelFiles.read
             self._export_args = dict(
-                base=hf.BaseModelFiles.read(Path(base_model_dir), trust_remote_code=trust_remote_code)
-                if self._primary else None,
+                base=read(Path(base_model_dir), trust_remote_code=trust_remote_code) if self._primary else None,
                 dtype=ckpt.hf_dtype, max_shard_size=ckpt.max_shard_size, min_max_position_embeddings=max_length)
-        self._pending: tuple[int, Path | None] | None = None  # (step, its HF export) awaiting commit
+        self._pending: tuple[int, list[tuple[Path, str]]] | None = None  # (step, its exports) awaiting commit
         self._bytes_needed = 0  # the size estimate of the last save, for a full disk's message
         logging.getLogger("absl").addFilter(_QUIET_FULL_DISK)
         _hush_closed_loop_callbacks()
         if self._primary:
             self.root.mkdir(parents=True, exist_ok=True)
-            for leftover in self.root.glob(f".{STEP_PREFIX}_*.huggingface.tmp"):
+            for leftover in [*self.root.glob(f".{STEP_PREFIX}_*.huggingface.tmp"),
+                             *self.root.glob(f".{STEP_PREFIX}_*.{ADAPTER_DIR}.tmp")]:
                 shutil.rmtree(leftover)  # an export whose save never completed
         distributed.barrier("jaxsft-checkpoint-init")
         options = ocp.CheckpointManagerOptions(
@@ -470,8 +503,8 @@ class Checkpointer:
         when the background write ends, is a CheckpointError naming the space needed; the
         unfinished step is deleted and the previous one stays as it was.
         """
-        if export is None and self._export_params is not None and "params" in state:
-            export = lambda: self._export_params(state["params"])  # noqa: E731
+        if export is None and self._exporter is not None and "params" in state:
+            export = lambda: self._exporter.tensors(state["params"])  # noqa: E731
         meta = {**self._meta, **(meta or {})}
         self._finalize(block=True)
         self._replace_existing(step)
@@ -486,15 +519,20 @@ class Checkpointer:
             for i, s in enumerate(_gather_json(data_state)):
                 items[f"data_process_{i}"] = ocp.args.JsonSave(s)
         self._bytes_needed = self.checkpoint_bytes(state)
-        hf_tmp = None
+        exports = []
         with self._full_disk_is_one_line(step):
             # force: the trainer decides when to save; Orbax would refuse a step below one on disk.
             self._manager.save(step, args=ocp.args.Composite(**items), force=True)
             if "hf_model" in saved:
                 # Written beside the step (Orbax renames its own directory on commit) and moved in after.
+                if self._meta["lora_adapter"]:
+                    tmp = self.root / f".{STEP_PREFIX}_{step}.{ADAPTER_DIR}.tmp"
+                    exports.append((tmp, ADAPTER_DIR))
+                    self._exporter.write_adapter(state["params"], tmp, base_model_name_or_path=self._base_model_dir)
                 hf_tmp = self.root / f".{STEP_PREFIX}_{step}.huggingface.tmp"
+                exports.append((hf_tmp, "huggingface"))
                 hf.write_hf_directory(export(), hf_tmp, **self._export_args)
-        self._pending = (step, hf_tmp)
+        self._pending = (step, exports)
         if not self._async:
             self._finalize(block=True)
         return self.step_dir(step)
@@ -545,7 +583,7 @@ class Checkpointer:
     def _discard(self, step: int) -> None:
         """Delete what an unfinished save of `step` left: nothing half-written may look complete."""
         doomed = [self.step_dir(step), self.root / f".{STEP_PREFIX}_{step}.huggingface.tmp",
-                  *self.root.glob(f"{STEP_PREFIX}_{step}.orbax-checkpoint-tmp*")]
+                  self.root / f".{STEP_PREFIX}_{step}.{ADAPTER_DIR}.tmp", *self.root.glob(f"{STEP_PREFIX}_{step}.orbax-checkpoint-tmp*")]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
         for tmp in (self.root / f"{TRACKER}.tmp", self.step_dir(step) / f"{MANIFEST}.tmp"):
@@ -584,6 +622,7 @@ class Checkpointer:
             log.warning("%s was saved without %s (save_contents: %s); those start fresh", step_dir,
                         ", ".join(missing), ", ".join(meta.get("save_contents", ())))
         target = {k: abstract_state[k] for k in wanted if k in saved_tree}
+        _check_same_mode(step_dir, meta, self._meta)
         _check_same_shapes(step_dir, target, saved_tree, meta)
         state = _restore_state(step_dir, target, ocp.checkpoint_utils.construct_restore_args(target)) if target else {}
         data_state = self._restore_data_state(step_dir) if "extra" in self.load_contents else None
@@ -592,7 +631,9 @@ class Checkpointer:
     def resume(self, ckpt, state: dict, shardings: dict, loader, say=print) -> dict:
         """The train state to start from: `state` (fresh) unless the checkpoint settings `ckpt`
         name a step to resume (`resolve_resume`); then that step's contents restored into
-        `shardings`, and the data loader set to its position."""
+        `shardings`, and the data loader set to its position. Warns first when the disk is short
+        of one checkpoint."""
+        self.warn_if_short_of_space(state, say=say)
         step_dir = resolve_resume(ckpt, warn=lambda message: say(f"[jaxsft] warning: {message}"))
         if step_dir is None:
             return state
@@ -630,13 +671,13 @@ class Checkpointer:
             return True
         if not block and self._manager.is_saving_in_progress():
             return False
-        step, hf_tmp = self._pending
+        step, exports = self._pending
         with self._full_disk_is_one_line(step):
             self._manager.wait_until_finished()  # also raises a failed background write
             self._pending = None
             if self._primary:
-                if hf_tmp is not None:
-                    os.replace(hf_tmp, self.step_dir(step) / "huggingface")
+                for tmp, name in exports:
+                    os.replace(tmp, self.step_dir(step) / name)
                 write_manifest(self.step_dir(step))  # the step is complete from here on
                 self._write_tracker(step)
         if self._primary:

@@ -161,17 +161,46 @@ def _first_line(e: BaseException) -> str:
 # ---- the abstract train state ------------------------------------------------------------------------
 
 
-def abstract_train_state(model_config, settings, mesh, tx):
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """What trains and where its optimizer state lives: `spec` (the ModelSpec: `lora`,
+    `trainable`; None = every parameter), the ids `model.added_tokens` added, and
+    `model.fsdp_config.optimizer_offload`."""
+    spec: object = None
+    new_token_ids: tuple = ()
+    optimizer_offload: bool = False
+
+
+FULL = Mode()
+
+
+def mode_of(settings, added=None) -> Mode:
+    """The run's Mode from its settings and `hf.extend_vocabulary`'s AddedTokens (or None)."""
+    return Mode(settings.model, tuple(added.new_ids) if added is not None else (), settings.model.optimizer_offload)
+
+
+def partition_of(params, mode: Mode, model_config):
+    """The trainable part (jaxsft.trainable.Partition) of (abstract) parameters for `mode`."""
+    from jaxsft import trainable
+
+    if mode.spec is None:
+        return trainable.EVERYTHING
+    return trainable.partition(params, mode.spec, model_config, mode.new_token_ids)
+
+
+def abstract_train_state(model_config, settings, mesh, tx, mode: Mode = FULL, say=print):
     """(graphdef, rest, state, shardings) like step.init_train_state, with ShapeDtypeStruct leaves
-    (each with its NamedSharding) instead of arrays. `jax.eval_shape(tx.init, ...)` drops the
-    shardings, so every optimizer leaf takes the sharding of the parameter it mirrors (same tree
-    path suffix and shape, as Adam's moments); other leaves (counts, hyperparameters) are
+    (each with its NamedSharding) instead of arrays; the optimizer state covers `mode`'s trainable
+    part only (LoRA adapters, new-token rows, patterns), in host memory with optimizer_offload
+    where the devices have a pinned_host memory kind. `jax.eval_shape(tx.init, ...)` drops the
+    shardings, so every optimizer leaf takes the sharding of the trainable leaf it mirrors (same
+    tree path suffix and shape, as Adam's moments); other leaves (counts, hyperparameters) are
     replicated."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxsft import parallel
+    from jaxsft import offload, parallel
     from jaxsft.model.qwen2 import Qwen2ForCausalLM
 
     replicated = parallel.replicated(mesh)
@@ -180,7 +209,12 @@ def abstract_train_state(model_config, settings, mesh, tx):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     for _, var in nnx.to_flat_state(params):
         var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=parallel.param_sharding(var, mesh)))
-    by_path = {_path_key(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    part = partition_of(params, mode, model_config)
+    trained = params
+    if not part.whole:
+        trained = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                               jax.eval_shape(part.select, params), part.shardings(params, mesh))
+    by_path = {_path_key(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(trained)[0]}
 
     def with_sharding(path, leaf):
         key = _path_key(path)
@@ -190,7 +224,10 @@ def abstract_train_state(model_config, settings, mesh, tx):
                 return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=param.sharding)
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
 
-    opt_state = jax.tree_util.tree_map_with_path(with_sharding, jax.eval_shape(tx.init, params))
+    opt_state = jax.tree_util.tree_map_with_path(with_sharding, jax.eval_shape(tx.init, trained))
+    if mode.optimizer_offload and offload.host_memory_kind(mesh):
+        host = offload.to_host_shardings(opt_state, jax.tree.map(lambda x: x.sharding, opt_state), mesh, say=say)
+        opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt_state, host)
     state = {"params": params, "opt_state": opt_state, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
     return graphdef, rest, state, jax.tree.map(lambda x: x.sharding, state)
 
@@ -239,6 +276,11 @@ class Plan:
     tt_buffers: list
     cuda_binaries: int | None  # cubins in the executable (CUDA targets)
     target_config: str | None
+    trained: str = "every parameter"  # what the optimizer updates (jaxsft.trainable)
+    opt_state_bytes: int = 0  # per device
+    # optimizer_offload on devices whose compile has no host memory kind: the two-phase model
+    # (`offload_phases`); per_device_peak_bytes is then its peak
+    offload: dict | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -272,6 +314,14 @@ class Plan:
                                                         if self.tt_buffers else "")))
         if self.cuda_binaries is not None:
             lines.append(f"[plan] CUDA machine code: {self.cuda_binaries} cubin(s) in the executable")
+        lines.append(f"[plan] training {self.trained}; optimizer state {_gib(self.opt_state_bytes)} per device")
+        if self.offload:
+            o = self.offload
+            lines.append(f"[plan] optimizer_offload (two-phase model, {o['why']}): gradient phase peak "
+                         f"{_gib(o['grad_phase_peak_bytes'])}, update phase peak {_gib(o['update_phase_peak_bytes'])}; "
+                         f"between steps {_gib(o['device_between_steps_bytes'])} on the device and "
+                         f"{_gib(o['host_bytes'])} of moments in host memory; the step with the state on the device "
+                         f"plans {_gib(o['on_device_peak_bytes'])}")
         return lines
 
     def _opaque(self) -> str:
@@ -293,23 +343,76 @@ def _flop(n: float) -> str:
     return f"{n / 1e12:.1f} TFLOP" if n >= 1e11 else f"{n / 1e9:.2f} GFLOP"
 
 
-def compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg):
-    """(compiled, seconds) of the real train step for abstract state on `mesh`."""
+def compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg, mode: Mode = FULL):
+    """(compiled, seconds, abstract state) of the real train step for abstract state on `mesh`."""
     import jax
 
     from jaxsft import parallel, step
 
-    graphdef, rest, state, shardings = abstract_train_state(model_config, settings, mesh, tx)
-    fn = jax.jit(step.make_train_step(graphdef, rest, tx, lr_schedule, step_cfg), donate_argnums=0,
-                 out_shardings=(shardings, parallel.replicated(mesh)))
+    graphdef, rest, state, shardings = abstract_train_state(model_config, settings, mesh, tx, mode, say=lambda *a: None)
+    part = partition_of(state["params"], mode, model_config)
+    fn = jax.jit(step.make_train_step(graphdef, rest, tx, lr_schedule, step_cfg, part, shardings["opt_state"]),
+                 donate_argnums=0, out_shardings=(shardings, parallel.replicated(mesh)))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = fn.lower(state, batch_struct(batch_shape, mesh)).compile()
-    return compiled, time.perf_counter() - t0
+    return compiled, time.perf_counter() - t0, state
+
+
+def _peak(ma) -> int:
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
+
+
+def _bytes(tree) -> int:
+    """Per-device bytes of an abstract tree (each leaf's shard)."""
+    import math
+
+    import jax
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def offload_phases(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg, mode: Mode) -> dict:
+    """Device peaks of the offloaded step as two XLA programs, for compiles that drop memory kinds
+    (the compile-only CUDA devices: a pinned_host sharding comes back as device memory, and every
+    host_* figure of the memory analysis is 0). jaxsft's offload keeps the moments in host memory
+    except during the update (jaxsft.offload), so the device holds (1) parameters, gradients and
+    activations in the forward/backward phase — `step.accumulate_gradients` compiled alone — and
+    (2) parameters, gradients and the moments brought in for `optim.apply_update`, compiled alone.
+    The step's peak is the larger; moving the moments in and out is not in either program."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsft import optim, parallel, step
+
+    graphdef, rest, state, shardings = abstract_train_state(model_config, settings, mesh, tx, mode, say=lambda *a: None)
+    part = partition_of(state["params"], mode, model_config)
+    params, opt_state = state["params"], state["opt_state"]
+    batch = batch_struct(batch_shape, mesh)
+    with jax.set_mesh(mesh):
+        grad_shardings = shardings["params"] if part.whole else part.shardings(params, mesh)
+        # the gradients laid out as in the step (FSDP-sharded like what they update), not replicated
+        gradient = jax.jit(lambda p, b: step.accumulate_gradients(graphdef, rest, p, b, step_cfg, part)[1],
+                           out_shardings=grad_shardings)
+        g = gradient.lower(params, batch).compile()
+        grads = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                             jax.eval_shape(gradient, params, batch), grad_shardings)
+
+        def update(p, o, gr, count):
+            new, new_o, _, _ = optim.apply_update(tx, part.select(p), o, gr, lr_schedule(count))
+            return part.merge(p, new), new_o
+
+        u = jax.jit(update, donate_argnums=(0, 1), out_shardings=(shardings["params"], shardings["opt_state"])).lower(
+            params, opt_state, grads, jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh))).compile()
+    grad_peak, update_peak = _peak(g.memory_analysis()), _peak(u.memory_analysis())
+    moments = sum(_bytes(x) for x in jax.tree.leaves(opt_state) if x.ndim)
+    return {"why": "this compile has no host memory kind", "grad_phase_peak_bytes": grad_peak,
+            "update_phase_peak_bytes": update_peak, "host_bytes": moments,
+            "device_between_steps_bytes": _bytes(state) - moments}
 
 
 def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch_shape: Sequence[int],
-              tx, lr_schedule, step_cfg) -> Plan:
+              tx, lr_schedule, step_cfg, mode: Mode = FULL) -> Plan:
     """Compile the train step for `target` with a (dp, sp) mesh and report its plan. Raises
     PlanError when a CUDA target's executable holds no CUDA machine code."""
     from jaxsft import hlo_stats, metrics, parallel
@@ -319,14 +422,20 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
                         f"{target.num_devices}")
     mesh = parallel.make_mesh(dp, sp, list(target.devices))
     try:
-        compiled, seconds = compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg)
+        compiled, seconds, state = compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg,
+                                                      mode)
     except Exception as e:
         if "ptxas" in str(e) or "PTX compilation" in str(e):
             raise PlanError(f"XLA found no CUDA compiler (ptxas) for {target.spec}: pip install nvidia-cuda-nvcc-cu12 "
                             f"({_first_line(e)})") from None
         raise
     ma = compiled.memory_analysis()
-    peak = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+    peak = _peak(ma)
+    phases = None
+    if mode.optimizer_offload and not _has_host_memory(mesh):
+        phases = offload_phases(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg, mode)
+        phases["on_device_peak_bytes"] = peak
+        peak = max(phases["grad_phase_peak_bytes"], phases["update_phase_peak_bytes"])
     stats = hlo_stats.analyse(compiled.as_text(), seq_len=batch_shape[-1])
     cubins = None
     if target.platform == "cuda":
@@ -346,7 +455,15 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
         memory_fraction=target.memory_fraction, fits=fits(peak, target.usable_bytes), compile_s=seconds,
         step_flops=stats.step_flops, model_flops=model_flops, opaque_calls=stats.opaque_calls,
         collectives=stats.collectives, collectives_per_step=stats.collectives_per_step, tt_buffers=stats.tt_buffers,
-        cuda_binaries=cubins, target_config=target.target_config)
+        cuda_binaries=cubins, target_config=target.target_config,
+        trained=partition_of(state["params"], mode, model_config).what, opt_state_bytes=_bytes(state["opt_state"]),
+        offload=phases)
+
+
+def _has_host_memory(mesh) -> bool:
+    from jaxsft import offload
+
+    return offload.host_memory_kind(mesh) is not None
 
 
 def _settings_dict(settings, step_cfg) -> dict:
@@ -444,7 +561,7 @@ def attention_for(target: Target, implementation: str) -> str:
 
 def plan_run(target: Target, *, model_config, settings_kwargs: dict, remat_policy: str, micro_batch,
              samples_per_rank: int, rows_per_rank: int, dp: int, sp: int, seq_len: int, tx, lr_schedule,
-             step_cfg) -> Choice:
+             step_cfg, mode: Mode = FULL) -> Choice:
     """Plan the run's train step on `target`; `remat_policy` and `micro_batch` may be "auto"
     (then chosen by `choose`; micro-batch candidates are the divisors of samples_per_rank, as the
     loader requires). rows_per_rank: rows one dp rank processes per step (its samples when padding;
@@ -460,7 +577,7 @@ def plan_run(target: Target, *, model_config, settings_kwargs: dict, remat_polic
         cfg = dataclasses.replace(step_cfg, accumulate_in_backward=accumulates_in_backward(settings))
         return make_plan(model_config, settings, target, dp=dp, sp=sp,
                          batch_shape=micro_batch_shape(rows_per_rank, b, dp, seq_len), tx=tx,
-                         lr_schedule=lr_schedule, step_cfg=cfg)
+                         lr_schedule=lr_schedule, step_cfg=cfg, mode=mode)
 
     return choose(make, policies=policies, micro_batches=sizes)
 
@@ -474,7 +591,7 @@ def accumulates_in_backward(settings) -> bool:
 # ---- the run's plan: `auto` settings at start-up, and --dry_run ------------------------------------
 
 
-def _plan_for(settings, target: Target, model_config, train_set, dp: int) -> Choice:
+def _plan_for(settings, target: Target, model_config, train_set, dp: int, added=None) -> Choice:
     """Plan the run's train step on `target`, choosing the `auto` settings (jaxsft.plan.choose)."""
     from jaxsft import data, optim, step
 
@@ -486,23 +603,24 @@ def _plan_for(settings, target: Target, model_config, train_set, dp: int) -> Cho
                                 max_length=d.max_length, packing=d.packing, seed=settings.trainer.seed,
                                 total_epochs=settings.trainer.total_epochs, verbose=False).num_micro_batches
     total_steps = len(train_set) // d.train_batch_size * settings.trainer.total_epochs
-    tx, lr_schedule = optim.make_optimizer(settings.optim, total_steps, settings.model.param_dtype)
+    tx, lr_schedule = optim.make_optimizer(settings.optim, total_steps, settings.model.trained_dtype)
     m, t = settings.model, settings.trainer
     step_cfg = step.StepConfig(loss_normalization=t.loss_normalization, balance_dp_token=t.balance_dp_token, dp=dp,
-                               chunk_size=t.loss_chunk_size, grad_accum_dtype=settings.optim.grad_accum_dtype)
+                               chunk_size=t.loss_chunk_size, grad_accum_dtype=settings.optim.grad_accum_dtype,
+                               dropout_seed=t.seed if m.lora is not None and m.lora.dropout > 0 else None)
     try:
         return plan_run(target, model_config=model_config, settings_kwargs=dict(
             param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, scan_layers=m.scan_layers,
-            attn_implementation=m.attn_implementation), remat_policy=m.remat_policy, micro_batch=d.micro_batch_size_per_gpu,
-            samples_per_rank=per_rank, rows_per_rank=rows, dp=dp, sp=sp, seq_len=d.max_length, tx=tx,
-            lr_schedule=lr_schedule, step_cfg=step_cfg)
+            attn_implementation=m.attn_implementation, lora=m.lora), remat_policy=m.remat_policy,
+            micro_batch=d.micro_batch_size_per_gpu, samples_per_rank=per_rank, rows_per_rank=rows, dp=dp, sp=sp,
+            seq_len=d.max_length, tx=tx, lr_schedule=lr_schedule, step_cfg=step_cfg, mode=mode_of(settings, added))
     except ValueError as e:
         if isinstance(e, UserError):
             raise
         raise PlanError(str(e)) from None  # a setting ModelSettings refuses, naming its key
 
 
-def settle_auto(settings, train_set, model_config, mesh, say=print):
+def settle_auto(settings, train_set, model_config, mesh, added=None, say=print):
     """`settings` with `model.remat_policy=auto` / `data.micro_batch_size_per_gpu=auto` chosen by
     plan on this machine's devices (compile only, nothing runs); unchanged without `auto`."""
     from jaxsft.config.settings import with_choices
@@ -512,7 +630,7 @@ def settle_auto(settings, train_set, model_config, mesh, say=print):
     import jax
 
     target = get_target("gpu" if jax.default_backend() == "gpu" else "cpu")
-    choice = _plan_for(settings, target, model_config, train_set, mesh.shape["dp"])
+    choice = _plan_for(settings, target, model_config, train_set, mesh.shape["dp"], added)
     say(choice.reason)
     return with_choices(settings, remat_policy=choice.remat_policy, micro_batch_size_per_gpu=choice.micro_batch_size)
 
@@ -535,8 +653,9 @@ def dry_run(settings, spec: str, json_path: str | None = None, say=print) -> Non
     model_config = hf.read_config(model_dir)
     parallel.check_heads(model_config, mesh)
     tokenizer = hf.load_tokenizer(model_dir, trust_remote_code=settings.model.trust_remote_code)
+    added, model_config = hf.extend_vocabulary(settings.model.added_tokens, tokenizer, model_config, say=say)
     train, _ = data.build_datasets(settings.data, tokenizer, vocab_size=model_config.vocab_size)
-    choice = _plan_for(settings, target, model_config, train, dp)
+    choice = _plan_for(settings, target, model_config, train, dp, added)
     if AUTO in (settings.model.remat_policy, settings.data.micro_batch_size_per_gpu):
         say(choice.reason)
     for line in choice.plan.describe():

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsft import optim
+from jaxsft import offload, optim
 from jaxsft.model.loss import masked_ce_per_row
+from jaxsft.trainable import EVERYTHING, Partition
 
 Batch = dict[str, jax.Array]
 
@@ -45,29 +46,34 @@ class StepConfig:
     balance_dp_token: bool
     dp: int  # data-parallel size (rows of a micro-batch come in dp blocks)
     chunk_size: int  # cross-entropy chunk (tokens)
+    dropout_seed: int | None = None  # LoRA dropout: keys from (seed, step, micro-batch); None = no dropout
     grad_accum_dtype: str = "float32"  # the sum of micro-batch gradients (K > 1): float32 | bfloat16
     # K > 1: the backward pass adds the layer gradients into the running sum in place (one
-    # weight-sized buffer fewer); needs scan_layers and remat `full` (jaxsft.model.sink_scan)
+    # weight-sized buffer fewer); needs scan_layers and remat `full` (jaxsft.model.sink_scan), and
+    # full fine-tuning without LoRA dropout (otherwise the step sums as usual)
     accumulate_in_backward: bool = False
 
     @classmethod
     def of(cls, settings, mesh) -> "StepConfig":
-        t = settings.trainer
+        t, lora = settings.trainer, settings.model.lora
         return cls(loss_normalization=t.loss_normalization, balance_dp_token=t.balance_dp_token, dp=mesh.shape["dp"],
-                   chunk_size=t.loss_chunk_size, grad_accum_dtype=settings.optim.grad_accum_dtype,
+                   chunk_size=t.loss_chunk_size, dropout_seed=t.seed if lora is not None and lora.dropout > 0 else None,
+                   grad_accum_dtype=settings.optim.grad_accum_dtype,
                    accumulate_in_backward=accumulates_in_backward(settings.model))
 
 
 def accumulates_in_backward(model_settings) -> bool:
     """Whether the train step can add layer gradients into the running sum during the backward
-    pass (jaxsft.model.sink_scan): scanned layers under the `full` policy."""
-    return model_settings.scan_layers and model_settings.remat_policy == "full"
+    pass (jaxsft.model.sink_scan): scanned layers under the `full` policy, without LoRA (whose
+    adapters are all that trains, so there is no weight-sized sum to save)."""
+    return (model_settings.scan_layers and model_settings.remat_policy == "full"
+            and getattr(model_settings, "lora", None) is None)
 
 
-def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, grad_sink=None):
+def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, dropout_key=None, grad_sink=None):
     """Per-row (Σ masked CE, Σ weights) of one micro-batch [rows, T], in float32."""
     model = nnx.merge(graphdef, params, rest)
-    hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"], grad_sink=grad_sink)
+    hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"], dropout_key, grad_sink=grad_sink)
     targets, weights = shift_targets(mb["input_ids"], mb["segment_ids"], mb["loss_mask"])
     return masked_ce_per_row(hidden, model.lm_head_kernel(), targets, weights, chunk_size)
 
@@ -84,11 +90,16 @@ def _micro_objective(loss_rows, w_rows, total_weight, cfg: StepConfig, num_micro
     return jnp.sum(s / (n + 1e-8)) / (cfg.dp * num_micro)
 
 
-def init_train_state(model, tx, mesh):
+def init_train_state(model, tx, mesh, partition: Partition = EVERYTHING, *, optimizer_offload: bool = False,
+                     say=print):
     """Split an NNX model into (graphdef, rest, state, state_shardings); state = {params, opt_state,
-    step}. Adam moments take their parameter's sharding; scalars are replicated."""
+    step}, the optimizer state over `partition`'s trainable part only. Adam moments take their
+    trainable part's sharding (in host memory with `optimizer_offload`, see jaxsft.offload);
+    scalars are replicated."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    trainable = params if partition.whole else jax.jit(partition.select,
+                                                       out_shardings=partition.shardings(params, mesh))(params)
+    state = {"params": params, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def sharding_of(x):
@@ -96,62 +107,78 @@ def init_train_state(model, tx, mesh):
         return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
 
     shardings = jax.tree.map(sharding_of, state)
+    if optimizer_offload:
+        shardings["opt_state"] = offload.to_host_shardings(state["opt_state"], shardings["opt_state"], mesh, say=say)
     return graphdef, rest, jax.device_put(state, shardings), shardings
 
 
-def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig):
-    """Σ over the K micro-batches of the normalised loss and its gradients, summed in
-    cfg.grad_accum_dtype (with K = 1 the gradients stay in the parameter dtype): returns (loss,
-    grads, loss-token count)."""
+def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig, partition: Partition = EVERYTHING,
+                         dropout_key=None):
+    """Σ over the K micro-batches of the normalised loss and its gradients with respect to
+    `partition`'s trainable part, summed in cfg.grad_accum_dtype (with K = 1 the gradients stay
+    in the parameter dtype): returns (loss, grads, loss-token count). `dropout_key`: the step's
+    LoRA dropout key (micro-batch k uses fold_in(key, k))."""
     num_micro = batch["input_ids"].shape[0]
     _, all_w = shift_targets(batch["input_ids"], batch["segment_ids"], batch["loss_mask"])
     total_weight = jnp.sum(all_w)
+    trainable = partition.select(params)
 
-    def objective(p, mb):
-        loss_rows, w_rows = row_losses(graphdef, p, rest, mb, cfg.chunk_size)
+    def objective(t, mb, k):
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, k)
+        loss_rows, w_rows = row_losses(graphdef, partition.merge(params, t), rest, mb, cfg.chunk_size, key)
         return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
 
     grad_fn = jax.value_and_grad(objective)
     if num_micro == 1:  # nothing to sum: skip the accumulator (28 GiB in float32 for a 7B)
-        loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        loss, grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), 0)
         return loss, grads, total_weight
 
     acc_dtype = jnp.dtype(cfg.grad_accum_dtype)
+    # the in-backward sum needs the whole parameter tree as the trainable part, and no dropout keys
+    in_backward = cfg.accumulate_in_backward and partition.whole and dropout_key is None
 
     def sink_objective(p, sink, mb):
         loss_rows, w_rows = row_losses(graphdef, p, rest, mb, cfg.chunk_size, grad_sink=sink)
         return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
 
-    def accumulate(carry, mb):
+    def accumulate(carry, mb_k):
         loss_sum, grad_sum = carry
-        if cfg.accumulate_in_backward:  # the layers' "gradient" of the sink is the new running sum
+        if in_backward:  # the layers' "gradient" of the sink is the new running sum
             loss, (grads, layers_sum) = jax.value_and_grad(sink_objective, argnums=(0, 1))(
-                params, grad_sum["layers"], mb)
+                trainable, grad_sum["layers"], mb_k[0])
         else:
-            loss, grads = grad_fn(params, mb)
+            loss, grads = grad_fn(trainable, *mb_k)
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grad_sum, grads)
-        if cfg.accumulate_in_backward:
+        if in_backward:
             grad_sum["layers"] = layers_sum
         return (loss_sum + loss, grad_sum), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params)
-    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), trainable)
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                    (batch, jnp.arange(num_micro)))
     return loss, grads, total_weight
 
 
-def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig):
+def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, partition: Partition = EVERYTHING,
+                    opt_state_shardings=None):
     """Returns `train_step(state, batch) -> (state, metrics)`; state = {params, opt_state, step}.
 
     `state["step"]` counts optimizer steps taken (skipped non-finite ones included), so the step
-    about to run is g = step + 1 and uses lr_schedule(step) (verl: lr·λ(g−1)).
+    about to run is g = step + 1 and uses lr_schedule(step) (verl: lr·λ(g−1)). Only `partition`'s
+    trainable part is updated. `opt_state_shardings` (from init_train_state): optimizer state
+    kept in host memory is brought to the devices for the update and put back after it.
     """
 
     def train_step(state: dict[str, Any], batch: Batch):
         params = state["params"]
-        loss, grads, total_weight = accumulate_gradients(graphdef, rest, params, batch, cfg)
+        key = None if cfg.dropout_seed is None else jax.random.fold_in(jax.random.key(cfg.dropout_seed), state["step"])
+        loss, grads, total_weight = accumulate_gradients(graphdef, rest, params, batch, cfg, partition, key)
         lr = lr_schedule(state["step"])
-        new_params, new_opt_state, grad_norm, _ = optim.apply_update(tx, params, state["opt_state"], grads, lr)
-        new_state = {"params": new_params, "opt_state": new_opt_state, "step": state["step"] + 1}
+        opt_state = offload.to_device(state["opt_state"], opt_state_shardings)
+        new_trainable, new_opt_state, grad_norm, _ = optim.apply_update(tx, partition.select(params), opt_state,
+                                                                        grads, lr)
+        new_state = {"params": partition.merge(params, new_trainable),
+                     "opt_state": offload.to_host(new_opt_state, opt_state_shardings), "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": total_weight}
         return new_state, metrics
 
@@ -169,11 +196,12 @@ def make_eval_step(graphdef, rest, chunk_size: int):
     return eval_step
 
 
-def compile_steps(graphdef, rest, tx, lr_schedule, cfg: StepConfig, shardings, mesh):
-    """(train_step, eval_step) jitted: the train step donates the state and keeps its shardings."""
+def compile_steps(graphdef, rest, tx, lr_schedule, cfg: StepConfig, shardings, mesh, partition: Partition = EVERYTHING):
+    """(train_step, eval_step) jitted: the train step donates the state and keeps its shardings
+    (and memory kinds)."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train_step = jax.jit(make_train_step(graphdef, rest, tx, lr_schedule, cfg), donate_argnums=0,
-                         out_shardings=(shardings, replicated))
+    train_step = jax.jit(make_train_step(graphdef, rest, tx, lr_schedule, cfg, partition, shardings["opt_state"]),
+                         donate_argnums=0, out_shardings=(shardings, replicated))
     return train_step, jax.jit(make_eval_step(graphdef, rest, cfg.chunk_size))
 
 

@@ -1,9 +1,8 @@
 """`python -m jaxsft.train [--config RECIPE] [KEY=VALUE ...]` — the whole SFT job, top to bottom.
 
-Settings resolved once (jaxsft.cli, jaxsft.config) → devices and mesh → run directory (locked,
-config.yaml) → base model, tokenizer, data → train state → resume → compiled steps → the loop:
-train step, metrics one step late, validation, checkpoints, preemption.
-"""
+Settings resolved once (jaxsft.cli, jaxsft.config) → devices and mesh → run directory (locked, config.yaml) →
+base model, tokenizer (+ added tokens), data → what trains, train state → resume → compiled steps → the loop:
+train step, metrics one step late, validation, checkpoints, preemption."""
 
 from __future__ import annotations
 
@@ -12,7 +11,8 @@ import time
 
 import jax
 
-from jaxsft import checkpoint, cli, compile_cache, data, distributed, hf, metrics, optim, parallel, plan, reporting, run_dir, step
+from jaxsft import (checkpoint, cli, compile_cache, data, distributed, hf, metrics, optim, parallel, plan, reporting,
+                    run_dir, step, trainable)
 
 
 class Trainer:
@@ -26,28 +26,27 @@ class Trainer:
         self.run = run_dir.RunDirectory(s.trainer.default_local_dir, primary=jax.process_index() == 0)
         self.run.announce(s, self.mesh, self.say)
         compile_cache.enable(s.trainer.compile_cache_dir, self.say)  # before anything compiles
-
         self.model_dir = hf.model_directory(s.model)
         self.model_config = hf.read_config(self.model_dir)
         hf.check_weights(self.model_dir, self.model_config)  # from the files' headers: before the data work
         parallel.check_heads(self.model_config, self.mesh)
         tokenizer = hf.load_tokenizer(self.model_dir, trust_remote_code=s.model.trust_remote_code)
+        added, self.model_config = hf.extend_vocabulary(s.model.added_tokens, tokenizer, self.model_config, say=self.say)
         train, val = data.build_datasets(s.data, tokenizer, vocab_size=self.model_config.vocab_size)
-        s = self.settings = plan.settle_auto(s, train, self.model_config, self.mesh, say=self.say)  # `auto` settings
+        s = self.settings = plan.settle_auto(s, train, self.model_config, self.mesh, added, say=self.say)  # `auto` settings
         self.data = data.RunData.build(s, train, val, pad_token_id=tokenizer.pad_token_id, dp=self.mesh.shape["dp"],
                                        process_index=jax.process_index(), process_count=jax.process_count(), say=self.say)
-
-        model = hf.load_model(self.model_dir, self.mesh, s.model.compute_settings())
-        tx, lr_schedule = optim.make_optimizer(s.optim, self.data.total_steps, s.model.param_dtype)
+        model = hf.load_model(self.model_dir, self.mesh, s.model.compute_settings(), seed=s.trainer.seed, config=self.model_config)
+        partition = trainable.for_model(model, s.model, added, say=self.say)  # LoRA adapters, new rows, or all
+        tx, lr_schedule = optim.make_optimizer(s.optim, self.data.total_steps, s.model.trained_dtype)
         with jax.set_mesh(self.mesh):
-            graphdef, rest, state, shardings = step.init_train_state(model, tx, self.mesh)
-        self.ckpt = checkpoint.Checkpointer.for_run(s, self.model_dir,
-                                                    export=lambda params: hf.export_tensors(params, self.model_config))
-        self.ckpt.warn_if_short_of_space(state, say=self.say)
+            graphdef, rest, state, shardings = step.init_train_state(
+                model, tx, self.mesh, partition, optimizer_offload=s.model.optimizer_offload, say=self.say)
+        self.ckpt = checkpoint.Checkpointer.for_run(s, self.model_dir, export=hf.Export(self.model_config, s.model.lora, added))
         self.state = self.ckpt.resume(s.checkpoint, state, shardings, self.data.loader, say=self.say)
         self.step = int(self.state["step"])
-        self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule,
-                                                             step.StepConfig.of(s, self.mesh), shardings, self.mesh)
+        self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule, step.StepConfig.of(s, self.mesh),
+                                                             shardings, self.mesh, partition)
         self.preempted = checkpoint.PreemptionFlag()
 
     def fit(self) -> None:

@@ -112,7 +112,9 @@ def test_every_key_acts_is_refused_or_says_it_is_inert():
         else:
             assert changed or noted, f"{key.name}={value!r} changed nothing and said nothing"
             outcomes[key.name] = "acts" if changed else "noted"
-    assert outcomes["model.lora_rank"] == "refused" and outcomes["model.use_liger"] == "inert"
+    assert outcomes["model.lora_rank"] == "acts" and outcomes["model.use_liger"] == "inert"
+    assert outcomes["model.lora_alpha"] == outcomes["model.lora_dropout"] == "noted"  # without LoRA: said, not ignored
+    assert outcomes["model.fsdp_config.cpu_offload"] == "refused" and outcomes["model.trainable"] == "acts"
     assert outcomes["optim.min_lr_ratio"] == outcomes["trainer.log_every"] == outcomes["use_remove_padding"] == "acts"
 
 
@@ -161,7 +163,10 @@ def test_two_spellings_of_one_setting():
     ({"trainer.save_freq": 0}, 8, "trainer.save_freq"),
     ({"trainer.test_freq": "each_epoch"}, 8, "trainer.test_freq"),
     ({"data.chat_template": "x"}, 8, "data.chat_template"),
-    ({"model.lora_rank": 8}, 8, "model.lora_rank"),
+    ({"model.lora_rank": -1}, 8, "model.lora_rank"),
+    ({"model.lora_rank": 8, "model.target_modules": "q_proj,embed_tokens"}, 8, "model.target_modules"),
+    ({"model.trainable": "new_token_embeddings"}, 8, "model.added_tokens"),
+    ({"model.added_tokens": 3}, 8, "model.added_tokens"),
     ({"trainer.resume_mode": "resume_path"}, 8, "trainer.resume_from_path"),
     ({"trainer.loss_normalization": "verl", "data.packing": "first_fit"}, 8, "trainer.loss_normalization"),
     ({"model.fsdp_config.model_dtype": "fp16"}, 8, "model.fsdp_config.model_dtype"),

@@ -80,6 +80,13 @@ def check_value(key: Key, value: Any, where: str) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, (str, Path)) for i in items):
             raise bad("a string or a list of strings")
         out = tuple(str(i) for i in items)
+    elif kind == "path_or_strs":  # one string = a file's path; a list = the items themselves
+        if isinstance(value, (str, Path)):
+            out = str(value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(i, (str, Path)) for i in value):
+            out = tuple(str(i) for i in value)
+        else:
+            raise bad("a file path or a list of strings")
     elif kind == "floats":
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(i, (int, float)) and not isinstance(i, bool) for i in value):

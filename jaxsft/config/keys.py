@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 # Value kinds: how a value from a recipe or the command line is checked and converted.
-KINDS = ("int", "float", "bool", "str", "strs", "floats", "dict", "freq", "int_or_auto")
+KINDS = ("int", "float", "bool", "str", "strs", "floats", "dict", "freq", "path_or_strs", "int_or_auto")
 AFTER_EACH_EPOCH = "after_each_epoch"
 AUTO = "auto"  # model.remat_policy / data.micro_batch_size_per_gpu chosen by plan (jaxsft.plan)
 
@@ -41,8 +41,6 @@ def _k(name, default, kind, doc, **kw) -> Key:
 def _j(name, default, kind, doc, **kw) -> Key:  # jaxsft's own key
     return Key(name, default, kind, doc, verl=False, **kw)
 
-
-_LORA_LATER = "read only with model.lora_rank > 0"
 
 KEYS: tuple[Key, ...] = (
     # ---- data ----------------------------------------------------------------------------------
@@ -110,18 +108,32 @@ KEYS: tuple[Key, ...] = (
     _k("model.use_liger", False, "bool", "verl: Liger kernels",
        inert="Liger's kernels are PyTorch-only; jaxsft's XLA ops compute the same functions (verl passes no labels, "
              "so Liger's fused loss is not used there either)"),
-    _k("model.lora_rank", 0, "int", "LoRA rank; 0 = full fine-tuning (LoRA is not supported yet)"),
-    _k("model.lora_alpha", 16, "int", "LoRA alpha", inert=_LORA_LATER),
-    _k("model.target_modules", "all-linear", "strs", "LoRA target modules", inert=_LORA_LATER),
+    _k("model.lora_rank", 0, "int",
+       "LoRA rank r; 0 = full fine-tuning. > 0: only float32 adapters train (PEFT's init), the base stays frozen"),
+    _k("model.lora_alpha", 16, "int", "LoRA alpha: the adapters' term is scaled by lora_alpha / lora_rank"),
+    _k("model.target_modules", "all-linear", "strs",
+       "LoRA targets: all-linear (q,k,v,o,gate,up,down_proj; not lm_head) or a list of those module names"),
+    _j("model.lora_dropout", 0.0, "float", "LoRA dropout on the adapters' input (PEFT's lora_dropout; verl has none)"),
     _k("model.external_lib", None, "str", "a Python module imported before the model is loaded", optional=True),
-    _k("model.use_shm", False, "bool", "verl: copy a LoRA adapter through /dev/shm", inert=_LORA_LATER),
+    _k("model.use_shm", False, "bool", "verl: copy a LoRA adapter (model.lora_adapter_path) through /dev/shm",
+       inert="jaxsft reads files where they are and takes no model.lora_adapter_path; /dev/shm copying only "
+             "changes where verl reads an adapter from"),
+    _j("model.added_tokens", None, "path_or_strs",
+       "tokens to add (normal, not special): a file with one token per line, or a list; resizes embed_tokens and "
+       "lm_head to len(tokenizer) as transformers' resize_token_embeddings(mean_resizing=True)", optional=True),
+    _j("model.trainable", "all", "strs",
+       "what trains: all, new_token_embeddings (only the added tokens' rows), or a list of HF parameter-name globs"),
     _k("model.fsdp_config.model_dtype", "fp32", "str",
        "master weights and Adam moments: fp32 (mixed precision) or bf16 (all-bf16, as verl)",
        choices=("fp32", "bf16", "float32", "bfloat16")),
     _k("model.fsdp_config.wrap_policy.min_num_params", 0, "int", "FSDP1 wrapping granularity",
        inert="XLA gathers each layer's weights where they are used; there is no wrapping to choose"),
-    _k("model.fsdp_config.cpu_offload", False, "bool", "FSDP1 CPU offload (not supported)"),
-    _k("model.fsdp_config.offload_params", False, "bool", "FSDP2 parameter offload (not supported)"),
+    _k("model.fsdp_config.cpu_offload", False, "bool",
+       "verl's FSDP CPU offload of parameters (not supported; see model.fsdp_config.optimizer_offload)"),
+    _k("model.fsdp_config.offload_params", False, "bool",
+       "verl's FSDP parameter offload (not supported; see model.fsdp_config.optimizer_offload)"),
+    _j("model.fsdp_config.optimizer_offload", False, "bool",
+       "verl's FSDP-engine key: keep the Adam moments in host memory (pinned_host) between steps"),
     _j("model.param_dtype", "float32", "str", "as model.fsdp_config.model_dtype (jaxsft's spelling)",
        choices=("float32", "bfloat16", "fp32", "bf16")),
     _j("model.compute_dtype", "bfloat16", "str", "matmul and activation dtype",

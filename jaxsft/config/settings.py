@@ -75,12 +75,22 @@ class ModelSpec:
     remat_policy: str
     scan_layers: bool
     attn_implementation: str
+    lora: Any = None  # jaxsft.model.lora.LoRASettings when model.lora_rank > 0
+    added_tokens: str | tuple[str, ...] | None = None  # a file's path, or the tokens
+    trainable: tuple[str, ...] = ("all",)  # all | new_token_embeddings | HF parameter-name globs
+    optimizer_offload: bool = False
+
+    @property
+    def trained_dtype(self) -> str:
+        """The dtype of what the optimizer updates: float32 LoRA adapters, else the parameters'."""
+        return "float32" if self.lora is not None else self.param_dtype
 
     def compute_settings(self):
         from jaxsft.model.qwen2 import ModelSettings
 
         return ModelSettings(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, scan_layers=self.scan_layers,
-                             remat_policy=self.remat_policy, attn_implementation=self.attn_implementation)
+                             remat_policy=self.remat_policy, attn_implementation=self.attn_implementation,
+                             lora=self.lora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,11 +200,11 @@ def _refused(v: dict) -> None:
         if v[name] is not None:
             _fail(f"{name} is set: custom dataset classes are not supported; jaxsft reads verl's parquet layouts "
                   f"(data.multiturn.enable=true for chats, else prompt/response columns)")
-    if v["model.lora_rank"]:
-        _fail(f"model.lora_rank={v['model.lora_rank']}: LoRA is not supported by jaxsft yet; set it to 0")
     for name in ("model.fsdp_config.cpu_offload", "model.fsdp_config.offload_params"):
         if v[name]:
-            _fail(f"{name}=true: offloading is not supported by jaxsft yet; set it to false")
+            _fail(f"{name}=true: jaxsft does not offload parameters (in verl 0.7.0 this key acts only with "
+                  f"model.strategy=fsdp); to keep the Adam moments in host memory set "
+                  f"model.fsdp_config.optimizer_offload=true, and set {name}=false")
     if v["trainer.default_hdfs_dir"] is not None:
         _fail("trainer.default_hdfs_dir is set: jaxsft does not copy checkpoints to HDFS; copy the "
               "trainer.default_local_dir step directories yourself, or set it to null")
@@ -207,6 +217,44 @@ def _refused(v: dict) -> None:
     for name in ("optim.lr_scheduler_type", "optim.warmup_style"):
         if v[name] is not None:
             _fail(f"{name} is read by verl's engine trainer only; this trainer uses optim.lr_scheduler (cosine or wsd)")
+
+
+_LORA_KEYS = ("model.lora_alpha", "model.target_modules", "model.lora_dropout")
+
+
+def _training_mode(c: Composed, v: dict, notes: list[str]):
+    """(LoRA settings or None, trainable items) from the LoRA keys and model.trainable, checked."""
+    from jaxsft.model import lora
+    from jaxsft.trainable import ALL, NEW_TOKENS
+
+    rank = v["model.lora_rank"]
+    trainable = tuple(v["model.trainable"])
+    if not trainable or (ALL in trainable and len(trainable) > 1):
+        _fail(f"model.trainable={list(trainable)}: give {ALL} alone, {NEW_TOKENS}, or a list of parameter-name patterns")
+    if NEW_TOKENS in trainable and v["model.added_tokens"] is None:
+        _fail(f"model.trainable includes {NEW_TOKENS} but model.added_tokens is not set: there are no new tokens")
+    if rank < 0:
+        _fail(f"model.lora_rank={rank} must be >= 0 (0 = full fine-tuning)")
+    if rank == 0:
+        notes.extend(f"{name}={v[name]!r} has no effect: model.lora_rank=0 (full fine-tuning)" for name in _LORA_KEYS
+                     if name in c.explicit and v[name] != BY_NAME[name].default)
+        return None, trainable
+    if v["model.lora_alpha"] <= 0:
+        _fail(f"model.lora_alpha={v['model.lora_alpha']} must be positive (the adapters are scaled by alpha / rank)")
+    if not 0.0 <= v["model.lora_dropout"] < 1.0:
+        _fail(f"model.lora_dropout={v['model.lora_dropout']} must lie in [0, 1)")
+    if trainable != (ALL,):
+        _fail(f"model.trainable={list(trainable)} with model.lora_rank={rank}: LoRA trains the adapters only; "
+              f"set model.trainable={ALL}, or model.lora_rank=0 to train {list(trainable)}")
+    if v["model.added_tokens"] is not None:
+        _fail(f"model.added_tokens with model.lora_rank={rank}: a PEFT adapter cannot carry a resized vocabulary here; "
+              f"add the tokens in a first run (model.trainable={NEW_TOKENS}, lora_rank 0), then train LoRA on its export")
+    try:
+        targets = lora.target_names(v["model.target_modules"])
+    except ValueError as e:
+        _fail(str(e))
+    return lora.LoRASettings(rank=rank, alpha=float(v["model.lora_alpha"]), targets=targets,
+                             dropout=float(v["model.lora_dropout"])), trainable
 
 
 def _notes(c: Composed, v: dict) -> list[str]:
@@ -269,6 +317,7 @@ def resolve(c: Composed) -> Settings:
               f"{', '.join(BACKENDS)}")
 
     notes = _notes(c, v)
+    lora_settings, trainable = _training_mode(c, v, notes)
     normalisation = v["trainer.loss_normalization"]
     if v["data.micro_batch_size_per_gpu"] == AUTO and normalisation != "global_tokens":
         _fail("data.micro_batch_size_per_gpu=auto needs trainer.loss_normalization=global_tokens: under verl's "
@@ -347,7 +396,8 @@ def resolve(c: Composed) -> Settings:
         partial_pretrain=v["model.partial_pretrain"], trust_remote_code=v["model.trust_remote_code"],
         external_lib=v["model.external_lib"], tiny=tiny, param_dtype=param_dtype,
         compute_dtype=DTYPES[v["model.compute_dtype"]], remat_policy=remat, scan_layers=v["model.scan_layers"],
-        attn_implementation=v["model.attn_implementation"])
+        attn_implementation=v["model.attn_implementation"], lora=lora_settings, added_tokens=v["model.added_tokens"],
+        trainable=trainable, optimizer_offload=v["model.fsdp_config.optimizer_offload"])
     optim = OptimSettings(
         lr=v["optim.lr"], betas=tuple(v["optim.betas"]), weight_decay=v["optim.weight_decay"], eps=v["optim.eps"],
         lr_warmup_steps_ratio=v["optim.lr_warmup_steps_ratio"], lr_warmup_steps=v["optim.lr_warmup_steps"],

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import os
+import zlib
 from pathlib import Path
 
 import jax
@@ -33,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from jaxsft import parallel
 from jaxsft.errors import UserError
 from jaxsft.hf.names import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, entries, hf_shape, ignored
+from jaxsft.model import lora, vocab
 from jaxsft.model.config import Qwen2Config
 from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM
 
@@ -253,11 +255,30 @@ def _layer_writer(transposed: bool, sharding: NamedSharding):
     return jax.jit(write, donate_argnums=0, out_shardings=sharding)
 
 
-def load_model(model_dir, mesh: Mesh, settings: ModelSettings) -> Qwen2ForCausalLM:
+def _adapter_init(path, var, mesh: Mesh, seed: int) -> jax.Array:
+    """A LoRA adapter's initial value (PEFT's: A Kaiming-uniform, B zero), made in its sharding;
+    the key is a function of (seed, path) only."""
+    sharding = parallel.param_sharding(var, mesh)
+    if path[-1] == "lora_b":
+        return jnp.zeros(var.shape, var.dtype, device=sharding)
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(path).encode()))
+    return jax.jit(lambda k: lora.initial_a(k, var.shape, var.dtype), out_shardings=sharding)(key)
+
+
+def load_model(model_dir, mesh: Mesh, settings: ModelSettings, *, seed: int = 0,
+               config: Qwen2Config | None = None) -> Qwen2ForCausalLM:
     """The HF model at `model_dir` as a Qwen2ForCausalLM whose parameters live in their
-    NamedShardings on `mesh` (see jaxsft.parallel for the rule)."""
+    NamedShardings on `mesh` (see jaxsft.parallel for the rule).
+
+    With `settings.lora`, the adapters start as PEFT's (seeded by `seed`). A `config` whose
+    vocab_size differs from config.json's (model.added_tokens) resizes the embedding and the untied
+    LM head as transformers' `resize_token_embeddings(vocab_size, mean_resizing=True)`
+    (jaxsft.model.vocab; the draw seeded by `seed`)."""
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
+    wanted, config = config, read_config(model_dir)
+    if wanted is not None and dataclasses.replace(wanted, vocab_size=config.vocab_size) != config:
+        raise ValueError(f"load_model: the config given differs from {model_dir / CONFIG_FILE} beyond vocab_size")
+    vocab_size = None if wanted is None else wanted.vocab_size
     tensors = check_weights(model_dir, config)
     graphdef, state = nnx.split(_abstract_model(config, settings))
     variables = dict(nnx.to_flat_state(state))
@@ -279,5 +300,20 @@ def load_model(model_dir, mesh: Mesh, settings: ModelSettings) -> Qwen2ForCausal
         del raw
 
     for path, var in variables.items():
-        var.set_value(values[path])
-    return nnx.merge(graphdef, state)
+        var.set_value(values[path] if path in values else _adapter_init(path, var, mesh, seed))
+    model = nnx.merge(graphdef, state)
+    if vocab_size is not None and vocab_size != config.vocab_size:
+        _resize_vocabulary(model, vocab_size, mesh, seed)
+    return model
+
+
+def _resize_vocabulary(model: Qwen2ForCausalLM, vocab_size: int, mesh: Mesh, seed: int) -> None:
+    tables = [(model.embed_tokens.embedding, 0)]
+    if model.lm_head is not None:
+        tables.append((model.lm_head.kernel, 1))
+    for k, (var, axis) in enumerate(tables):
+        shape = list(var.shape)
+        shape[axis] = vocab_size
+        sharding = NamedSharding(mesh, parallel.param_spec(var.get_metadata()["axes"], shape, mesh))
+        var.set_value(vocab.resized(var[...], vocab_size, axis, seed=(seed, k), sharding=sharding))
+    model.config = dataclasses.replace(model.config, vocab_size=vocab_size)

@@ -58,3 +58,20 @@ def hf_shape(param_shape, layer: int | None, transposed: bool) -> tuple[int, ...
     """The shape HF stores for (a layer slice of) a parameter of `param_shape`."""
     shape = tuple(param_shape[1:] if layer is not None else param_shape)
     return shape[::-1] if transposed else shape
+
+
+# PEFT's names for LoRA adapters: f"{PEFT_PREFIX}{HF module}.lora_A.weight" (and lora_B).
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_modules(config: Qwen2Config, targets) -> Iterator[tuple[str, tuple[str, ...], int]]:
+    """(HF module name, parameter path of the module, layer index) of every LoRA-targeted linear
+    layer, e.g. ("model.layers.3.self_attn.q_proj", ("layers", "self_attn", "q_proj"), 3)."""
+    for name, path, layer, _ in entries(config):
+        if path[-1] == "kernel" and path[0] == "layers" and path[-2] in targets:
+            yield name.removesuffix(".weight"), path[:-1], layer
+
+
+def lora_kernel(path: tuple[str, ...], lora) -> bool:
+    """Whether the parameter at `path` is a kernel that carries LoRA adapters."""
+    return lora is not None and path[0] == "layers" and path[-1] == "kernel" and path[-2] in lora.targets

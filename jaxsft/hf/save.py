@@ -33,8 +33,8 @@ import numpy as np
 from flax import nnx
 
 from jaxsft.hf.load import ModelDirError, read_json
-from jaxsft.hf.names import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE, entries
-from jaxsft.hf.tokenizer import open_tokenizer
+from jaxsft.hf.names import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE, entries, lora_kernel
+from jaxsft.hf.tokenizer import AddedTokens, add_tokens, open_tokenizer
 from jaxsft.model.config import Qwen2Config
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -60,21 +60,37 @@ def _param_arrays(model_or_params) -> dict:
                         is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def export_tensors(model_or_params, config: Qwen2Config, *, fetch=None) -> Iterator[tuple[str, jax.Array]]:
+def _merged_slice(stack, a, b, i, scale) -> np.ndarray:
+    """Layer i of a LoRA-carrying kernel merged, (W + α/r·A·B)ᵀ: HF's [out, in] weight, float32.
+
+    Computed on the host in float64 and rounded once, so that the export written during training
+    (sharded arrays) and bin/convert_to_hf (one CPU device) give the same bits, whatever XLA's
+    matmul order on either."""
+    w, a, b = (to_host(_layer_slice(x, i, False), np.float32).astype(np.float64) for x in (stack, a, b))
+    return (w + scale * (a @ b)).T.astype(np.float32)
+
+
+def export_tensors(model_or_params, config: Qwen2Config, *, fetch=None, lora=None) -> Iterator[tuple[str, jax.Array]]:
     """(HF name, array in HF layout and the parameter dtype), one tensor at a time, parameter by
     parameter (every layer of a stacked parameter together); no lm_head.weight when tied.
 
+    With `lora` (LoRASettings), a targeted layer's weight is merged, W + α/r·B·A as PEFT's
+    `merge_and_unload()` computes it (a float32 host array; the writer casts it to the export dtype).
     `fetch(path) -> array` (offline conversion) loads one parameter on demand instead of reading
-    `model_or_params`, so only one stacked parameter is ever in host memory."""
+    `model_or_params`, so only one stacked parameter (and its adapters) is ever in host memory."""
     if fetch is None:
         params = _param_arrays(model_or_params)
         fetch = lambda path: functools.reduce(lambda d, k: d[k], path, params)  # noqa: E731
-    path_loaded, array = None, None
+    path_loaded, array, adapters = None, None, None
     for name, path, layer, transposed in entries(config):
         if path != path_loaded:
-            array = None  # let the previous parameter go before the next one is loaded
+            array = adapters = None  # let the previous parameter go before the next one is loaded
             path_loaded, array = path, fetch(path)
-        if layer is None:
+            if lora_kernel(path, lora):
+                adapters = tuple(fetch((*path[:-1], k)) for k in ("lora_a", "lora_b"))
+        if adapters is not None:
+            yield name, _merged_slice(array, *adapters, layer, float(lora.scale))
+        elif layer is None:
             yield name, (array.T if transposed else array)
         else:
             yield name, _layer_slice(array, layer, transposed)
@@ -243,6 +259,18 @@ class BaseModelFiles:
         tokenizer = open_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         return cls(config, generation, tokenizer, base_json)
 
+    def with_added_tokens(self, added: AddedTokens | None, where) -> "BaseModelFiles":
+        """These files with `added` (model.added_tokens) applied: the tokenizer gains the tokens, at
+        the ids training gave them, and config.json the resized vocab_size."""
+        if added is None or not added.new_ids:
+            return self
+        again = add_tokens(self.tokenizer, added.tokens, added.base_vocab_size)
+        if again.new_ids != added.new_ids:
+            raise ModelDirError(f"the tokenizer in {where} gives model.added_tokens the ids {_ids(again.new_ids)}, "
+                                f"training used {_ids(added.new_ids)}: export from the base model trained from")
+        self.config.vocab_size = added.vocab_size
+        return self
+
     def write(self, out_dir: str | os.PathLike, *, dtype: str, min_max_position_embeddings: int | None = None) -> None:
         """Save them into `out_dir` with transformers' own `save_pretrained`: config.json says the
         export dtype, and a context of at least `min_max_position_embeddings` (the training
@@ -271,6 +299,39 @@ class BaseModelFiles:
         config.__dict__.update(legacy)
         with _quiet_alias_warnings():
             config.save_pretrained(out_dir)
+
+
+def _ids(ids) -> str:
+    return f"{ids[0]}..{ids[-1]}" if ids else "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """What an export of this run writes beyond the parameters: `config` (after any vocabulary
+    resize), `lora` (merged into `huggingface/`, and a PEFT `lora_adapter/` beside it) and `added`
+    (model.added_tokens: the exported tokenizer and config.json carry them)."""
+    config: Qwen2Config
+    lora: Any = None
+    added: AddedTokens | None = None
+
+    def tensors(self, model_or_params, fetch=None):
+        return export_tensors(model_or_params, self.config, fetch=fetch, lora=self.lora)
+
+    def base_files(self, base_model_dir, *, trust_remote_code: bool = False) -> BaseModelFiles:
+        base = BaseModelFiles.read(base_model_dir, trust_remote_code=trust_remote_code)
+        return base.with_added_tokens(self.added, base_model_dir)
+
+    def write_adapter(self, model_or_params, out_dir, *, base_model_name_or_path: str, fetch=None):
+        from jaxsft.hf.adapter import write_adapter
+
+        return write_adapter(model_or_params, self.config, self.lora, out_dir,
+                             base_model_name_or_path=base_model_name_or_path, fetch=fetch)
+
+    def meta(self) -> dict:
+        """Recorded in each checkpoint's meta, for bin/convert_to_hf."""
+        if self.added is None:
+            return {}
+        return {"added_tokens": list(self.added.tokens), "vocab_size": self.added.vocab_size}
 
 
 def write_hf_directory(tensors: Iterable[tuple[str, jax.Array]], out_dir: str | os.PathLike, *,

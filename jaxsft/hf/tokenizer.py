@@ -9,9 +9,11 @@ tokens a byte-level vocabulary needs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
+from jaxsft.errors import UserError
 from jaxsft.hf.load import ModelDirError, check_readable, read_json
 
 # Any one of these holds a vocabulary transformers can read.
@@ -61,3 +63,78 @@ def load_tokenizer(model_dir, trust_remote_code: bool = False):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# ---- model.added_tokens -------------------------------------------------------------------------
+
+ADDED_TOKENS_KEY = "model.added_tokens"
+
+
+@dataclasses.dataclass(frozen=True)
+class AddedTokens:
+    """What `model.added_tokens` did to the tokenizer, and so to the model's vocabulary."""
+    tokens: tuple[str, ...]  # as given, in order
+    new_ids: tuple[int, ...]  # ids of the given tokens that were not in the vocabulary before
+    base_vocab_size: int  # config.json's vocab_size
+    vocab_size: int  # the model's vocabulary from now on: len(tokenizer), as resize_token_embeddings(len(tokenizer))
+
+    def describe(self) -> str:
+        known = len(self.tokens) - len(self.new_ids)
+        already = f" ({known} already in the vocabulary)" if known else ""
+        return (f"[jaxsft] {ADDED_TOKENS_KEY}: {len(self.new_ids)} new tokens{already}, ids {_ranges(self.new_ids)}; "
+                f"vocabulary {self.base_vocab_size} → {self.vocab_size} rows (transformers' mean resizing)")
+
+
+def _ranges(ids) -> str:
+    if not ids:
+        return "none"
+    return f"{ids[0]}–{ids[-1]}" if list(ids) == list(range(ids[0], ids[-1] + 1)) else ", ".join(map(str, ids))
+
+
+def read_added_tokens(value) -> tuple[str, ...]:
+    """`model.added_tokens`: a list of tokens, or the path of a UTF-8 file with one token per line
+    (line endings stripped, empty lines skipped). A token given twice is refused."""
+    if isinstance(value, str):
+        path = Path(value)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise UserError(f"{ADDED_TOKENS_KEY}={value!r}: no such file (give a file with one token per line, "
+                            f"or a list of tokens)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{ADDED_TOKENS_KEY}={value!r}: cannot read it as UTF-8 text "
+                            f"({getattr(e, 'strerror', None) or e})") from None
+        where = {}
+        tokens = []
+        for number, line in enumerate(lines, 1):
+            if not line:
+                continue
+            if line in where:
+                raise UserError(f"{value}: line {number} repeats the token {line!r} of line {where[line]} "
+                                f"({ADDED_TOKENS_KEY})")
+            where[line] = number
+            tokens.append(line)
+        source = f"{value} holds"
+    else:
+        tokens = list(value)
+        source = f"{ADDED_TOKENS_KEY} has"
+        repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+        if repeated:
+            raise UserError(f"{ADDED_TOKENS_KEY} gives {repeated[0]!r} more than once")
+        if any(not t for t in tokens):
+            raise UserError(f"{ADDED_TOKENS_KEY} has an empty token")
+    if not tokens:
+        raise UserError(f"{source} no token; set {ADDED_TOKENS_KEY}=null to add none")
+    return tuple(tokens)
+
+
+def add_tokens(tokenizer, tokens: tuple[str, ...], base_vocab_size: int) -> AddedTokens:
+    """Add `tokens` to `tokenizer` (in place) as normal, non-special tokens (`tokenizer.add_tokens`,
+    as HF Trainer scripts do): each is matched whole before the BPE runs, and decoding keeps it.
+    Tokens already in the vocabulary keep their ids and are not counted as new."""
+    before = len(tokenizer)
+    tokenizer.add_tokens(list(tokens), special_tokens=False)
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    new_ids = tuple(sorted(i for i in ids if i >= before))
+    vocab_size = len(tokenizer) if new_ids else base_vocab_size
+    return AddedTokens(tuple(tokens), new_ids, base_vocab_size, vocab_size)

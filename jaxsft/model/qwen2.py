@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxsft import parallel
 from jaxsft.model import attention as attn
+from jaxsft.model import lora as lora_lib
 from jaxsft.model import remat, sink_scan
 from jaxsft.model.config import Qwen2Config, rope_frequencies
 
@@ -41,6 +42,7 @@ class ModelSettings:
     scan_layers: bool = True
     remat_policy: str = "minimal"  # a name in jaxsft.model.remat.POLICIES
     attn_implementation: str = "auto"  # a key of jaxsft.model.attention.BACKENDS, or auto
+    lora: lora_lib.LoRASettings | None = None  # adapters on these linear layers (model.lora_rank > 0)
 
     def __post_init__(self):
         for key, value in (("model.param_dtype", self.param_dtype), ("model.compute_dtype", self.compute_dtype)):
@@ -57,17 +59,31 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias). kernel [*stack, in, out] is HF's weight [out, in] transposed."""
+    """y = x @ kernel (+ bias) (+ the LoRA term). kernel [*stack, in, out] is HF's weight [out, in]
+    transposed; with `lora`, lora_a [*stack, in, r] and lora_b [*stack, r, out] (float32) as well."""
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, stack: tuple[int, ...],
-                 dtype, rngs: nnx.Rngs):
+                 dtype, rngs: nnx.Rngs, lora: lora_lib.LoRASettings | None = None):
         lead = ("layers",) * len(stack)
         self.kernel = nnx.Param(_normal(rngs, (*stack, d_in, d_out), dtype), axes=(*lead, *axes))
         self.bias = nnx.Param(jnp.zeros((*stack, d_out), dtype), axes=(*lead, axes[1])) if bias else None
+        self.lora = lora
+        self.lora_a = None if lora is None else nnx.Param(lora_lib.initial_a(rngs.params(), (*stack, d_in, lora.rank)),
+                                                          axes=(*lead, axes[0], None))
+        self.lora_b = None if lora is None else nnx.Param(jnp.zeros((*stack, lora.rank, d_out), jnp.float32),
+                                                          axes=(*lead, None, axes[1]))
 
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         y = x @ self.kernel[...].astype(x.dtype)
-        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        if self.lora is not None:
+            y = y + lora_lib.delta(x, self.lora_a[...], self.lora_b[...], self.lora, key)
+        return y
+
+
+def _lora_for(settings: ModelSettings, module: str):
+    return settings.lora if settings.lora is not None and module in settings.lora.targets else None
 
 
 class RMSNorm(nnx.Module):
@@ -104,35 +120,37 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
         q, kv = self.num_heads * d, self.num_kv_heads * d
         common = dict(stack=stack, dtype=dtype, rngs=rngs)
-        self.q_proj = Linear(h, q, ("embed", "q_heads"), bias=True, **common)
-        self.k_proj = Linear(h, kv, ("embed", "kv_heads"), bias=True, **common)
-        self.v_proj = Linear(h, kv, ("embed", "kv_heads"), bias=True, **common)
-        self.o_proj = Linear(q, h, ("q_heads", "embed"), bias=False, **common)
+        self.q_proj = Linear(h, q, ("embed", "q_heads"), bias=True, lora=_lora_for(settings, "q_proj"), **common)
+        self.k_proj = Linear(h, kv, ("embed", "kv_heads"), bias=True, lora=_lora_for(settings, "k_proj"), **common)
+        self.v_proj = Linear(h, kv, ("embed", "kv_heads"), bias=True, lora=_lora_for(settings, "v_proj"), **common)
+        self.o_proj = Linear(q, h, ("q_heads", "embed"), bias=False, lora=_lora_for(settings, "o_proj"), **common)
         self.implementation = settings.attn_implementation
 
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, key=None):
         b, t, _ = x.shape
-        q = checkpoint_name(self.q_proj(x), "query_proj").reshape(b, t, self.num_heads, self.head_dim)
-        k = checkpoint_name(self.k_proj(x), "key_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = checkpoint_name(self.v_proj(x), "value_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        k_ = lora_lib.sub_key
+        q = checkpoint_name(self.q_proj(x, k_(key, 0)), "query_proj").reshape(b, t, self.num_heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x, k_(key, 1)), "key_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = checkpoint_name(self.v_proj(x, k_(key, 2)), "value_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         ctx = attn.attention(q, k, v, segment_ids, implementation=self.implementation)
         ctx = checkpoint_name(ctx, "context").reshape(b, t, self.num_heads * self.head_dim)
-        return checkpoint_name(self.o_proj(ctx), "out_proj")
+        return checkpoint_name(self.o_proj(ctx, k_(key, 3)), "out_proj")
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: Qwen2Config, *, stack, dtype, rngs):
+    def __init__(self, config: Qwen2Config, settings: ModelSettings, *, stack, dtype, rngs):
         h, i = config.hidden_size, config.intermediate_size
         common = dict(bias=False, stack=stack, dtype=dtype, rngs=rngs)
-        self.gate_proj = Linear(h, i, ("embed", "mlp"), **common)
-        self.up_proj = Linear(h, i, ("embed", "mlp"), **common)
-        self.down_proj = Linear(i, h, ("mlp", "embed"), **common)
+        self.gate_proj = Linear(h, i, ("embed", "mlp"), lora=_lora_for(settings, "gate_proj"), **common)
+        self.up_proj = Linear(h, i, ("embed", "mlp"), lora=_lora_for(settings, "up_proj"), **common)
+        self.down_proj = Linear(i, h, ("mlp", "embed"), lora=_lora_for(settings, "down_proj"), **common)
 
-    def __call__(self, x):
-        gate = checkpoint_name(self.gate_proj(x), "mlpwi_0")
-        up = checkpoint_name(self.up_proj(x), "mlpwi_1")
-        return checkpoint_name(self.down_proj(jax.nn.silu(gate) * up), "mlpwo")
+    def __call__(self, x, key=None):
+        k_ = lora_lib.sub_key
+        gate = checkpoint_name(self.gate_proj(x, k_(key, 4)), "mlpwi_0")
+        up = checkpoint_name(self.up_proj(x, k_(key, 5)), "mlpwi_1")
+        return checkpoint_name(self.down_proj(jax.nn.silu(gate) * up, k_(key, 6)), "mlpwo")
 
 
 class DecoderLayer(nnx.Module):
@@ -144,12 +162,13 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
         self.self_attn = Attention(config, settings, stack=stack, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
-        self.mlp = MLP(config, stack=stack, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(config, settings, stack=stack, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, key=None):
+        """`key`: this layer's LoRA-dropout key (None: no dropout)."""
         x = checkpoint_name(x, "decoder_layer_input")
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, key)
+        x = x + self.mlp(self.post_attention_layernorm(x), key)
         return parallel.constrain(x, _ACT)
 
 
@@ -171,9 +190,9 @@ class Qwen2ForCausalLM(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, ("embed", "vocab"), bias=False, stack=(), dtype=dtype, rngs=rngs)
 
-    def __call__(self, input_ids, positions, segment_ids):
+    def __call__(self, input_ids, positions, segment_ids, dropout_key=None):
         """Logits [B, T, V] in the compute dtype."""
-        hidden = self.hidden_states(input_ids, positions, segment_ids)
+        hidden = self.hidden_states(input_ids, positions, segment_ids, dropout_key)
         return hidden @ self.lm_head_kernel().astype(hidden.dtype)
 
     def lm_head_kernel(self):
@@ -182,35 +201,40 @@ class Qwen2ForCausalLM(nnx.Module):
             return self.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
 
-    def hidden_states(self, input_ids, positions, segment_ids, grad_sink=None):
+    def hidden_states(self, input_ids, positions, segment_ids, dropout_key=None, grad_sink=None):
         """[B, T, H] after the final norm, in the compute dtype. segment_ids == 0 marks padding.
+        `dropout_key`: LoRA dropout's key for this micro-batch (None: no dropout, as in evaluation).
         grad_sink: see `_decoder` (trainer's gradient accumulation only)."""
         dtype = jnp.dtype(self.settings.compute_dtype)
         x = parallel.constrain(self.embed_tokens(input_ids).astype(dtype), _ACT)
         cos, sin = rope_tables(self.config, positions, dtype)
-        return self.norm(self._decoder(x, cos, sin, segment_ids, grad_sink))
+        return self.norm(self._decoder(x, cos, sin, segment_ids, dropout_key, grad_sink))
 
-    def _decoder(self, x, cos, sin, segment_ids, grad_sink=None):
-        """grad_sink (scan_layers with remat `full` only): the running sum of the stacked layers'
-        gradients, which the backward pass adds into in place (jaxsft.model.sink_scan)."""
+    def _decoder(self, x, cos, sin, segment_ids, dropout_key=None, grad_sink=None):
+        """grad_sink (scan_layers with remat `full`, no LoRA dropout): the running sum of the stacked
+        layers' gradients, which the backward pass adds into in place (jaxsft.model.sink_scan)."""
         graphdef, stacked = nnx.split(self.layers)
+        n = self.config.num_hidden_layers
+        keys = None if dropout_key is None else jax.random.split(dropout_key, n)
 
-        def layer(h, params, cos, sin, segment_ids):
-            return nnx.merge(graphdef, params)(h, cos, sin, segment_ids)
+        def layer(h, params, key, cos, sin, segment_ids):
+            return nnx.merge(graphdef, params)(h, cos, sin, segment_ids, key)
 
         policy = self.settings.remat_policy
         if grad_sink is not None:
-            if not (self.settings.scan_layers and policy == "full"):
-                raise ValueError("a gradient sink needs scan_layers and remat_policy=full")
-            return sink_scan.scan_with_sink(layer, x, stacked, (cos, sin, segment_ids), grad_sink)
+            if not (self.settings.scan_layers and policy == "full") or keys is not None:
+                raise ValueError("a gradient sink needs scan_layers and remat_policy=full, and no LoRA dropout")
+            return sink_scan.scan_with_sink(lambda h, p, *c: layer(h, p, None, *c), x, stacked, (cos, sin, segment_ids),
+                                            grad_sink)
         if self.settings.scan_layers:
             step = remat.remat(layer, policy, prevent_cse=False)
-            x, _ = jax.lax.scan(lambda h, p: (step(h, p, cos, sin, segment_ids), None), x, stacked)
+            x, _ = jax.lax.scan(lambda h, p: (step(h, p[0], p[1], cos, sin, segment_ids), None), x, (stacked, keys))
             return x
         # jnp.split (not indexing) so the backward pass concatenates the L slices' gradients once.
         leaves, treedef = jax.tree.flatten(stacked)
         per_leaf = [[s[0] for s in jnp.split(a, a.shape[0])] for a in leaves]
         step = remat.remat(layer, policy)
-        for i in range(self.config.num_hidden_layers):
-            x = step(x, treedef.unflatten([slices[i] for slices in per_leaf]), cos, sin, segment_ids)
+        for i in range(n):
+            x = step(x, treedef.unflatten([slices[i] for slices in per_leaf]), None if keys is None else keys[i],
+                     cos, sin, segment_ids)
         return x

@@ -1,0 +1,72 @@
+"""A LoRA run's adapters as a PEFT adapter directory (`lora_adapter/`) that
+`peft.PeftModel.from_pretrained(base_model, dir)` loads onto the base model.
+
+`adapter_model.safetensors` holds PEFT's names, `base_model.model.<HF module>.lora_A.weight [r, in]`
+and `lora_B.weight [out, r]` (our `lora_a` / `lora_b` transposed), in float32 as trained;
+`adapter_config.json` (LoRA, CAUSAL_LM, r, lora_alpha, lora_dropout, target_modules, bias none) is
+written last, so a directory with it is whole. Every process calls `write_adapter` (gathers are
+collective); process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxsft.hf import names
+from jaxsft.hf.save import _param_arrays, _ShardWriter, to_host
+from jaxsft.model.config import Qwen2Config
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def adapter_config(lora, base_model_name_or_path: str) -> dict:
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout, "target_modules": list(lora.targets), "bias": "none",
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "use_rslora": False,
+            "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+            "base_model_name_or_path": base_model_name_or_path}
+
+
+def adapter_tensors(model_or_params, config: Qwen2Config, lora, *, fetch=None):
+    """(PEFT name, host-ready array [r, in] or [out, r]) for every adapter, layer by layer."""
+    if fetch is None:
+        params = _param_arrays(model_or_params)
+        fetch = lambda path: _get(params, path)  # noqa: E731
+    for module, path, layer in names.lora_modules(config, lora.targets):
+        for which, key in (("A", "lora_a"), ("B", "lora_b")):
+            stack = fetch((*path, key))
+            array = stack[layer] if layer is not None else stack
+            yield f"{names.PEFT_PREFIX}{module}.lora_{which}.weight", array.T
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def write_adapter(model_or_params, config: Qwen2Config, lora, out_dir, *, base_model_name_or_path: str,
+                  fetch=None) -> Path:
+    """Write `out_dir` as a PEFT LoRA adapter directory; returns its path."""
+    out_dir = Path(out_dir)
+    writer = None
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = _ShardWriter(out_dir, max_bytes=1 << 62)  # PEFT reads one file
+    for name, array in adapter_tensors(model_or_params, config, lora, fetch=fetch):
+        host = to_host(array, np.float32)
+        if writer is not None:
+            writer.add(name, host)
+    if writer is None:
+        return out_dir
+    writer.flush()
+    os.replace(writer._tmp(0), out_dir / WEIGHTS_FILE)
+    path = out_dir / CONFIG_FILE
+    path.write_text(json.dumps(adapter_config(lora, base_model_name_or_path), indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,93 @@
+"""GPU plans of the training modes (jaxsft.plan with LoRA, model.trainable, optimizer offload): the
+abstract state holds moments for the trainable part only, a LoRA plan is compiled from the run's
+settings, and optimizer offload is planned on the compile-only CUDA devices (which have no host
+memory kind) as its two phases.
+
+Needs the test extra's CUDA plugin and ptxas, as tests/test_plan.py.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import jax
+import pytest
+from cfg import settings
+from test_plan import TINY
+
+from jaxsft import offload, optim, parallel, plan
+from jaxsft.model.config import Qwen2Config
+from jaxsft.model.lora import ADAPTERS, LoRASettings
+from jaxsft.model.qwen2 import ModelSettings
+
+CONFIG = Qwen2Config.from_hf_dict(TINY)
+LORA = LoRASettings(rank=4, alpha=8.0, targets=("q_proj", "down_proj"))
+
+
+def _moments(state):
+    return [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
+
+
+def _shard_bytes(x) -> int:
+    return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+
+
+def test_abstract_state_has_moments_for_the_trainable_part_only():
+    """LoRA: mu and nu of each adapter, with the adapter's sharding; new-token rows: [n, H]
+    moments; offload on the CPU (which has pinned_host): the moments' shardings say host memory."""
+    mesh = parallel.make_mesh(4, 2)
+    tx, _ = optim.make_optimizer(settings().optim, 10, "float32")
+    lora_mode = plan.Mode(types.SimpleNamespace(lora=LORA, trainable=("all",)))
+    _, _, state, _ = plan.abstract_train_state(CONFIG, ModelSettings(lora=LORA), mesh, tx, lora_mode)
+    adapters = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+                if any(str(k) == f"['{a}']" or getattr(k, "key", None) == a for k in p for a in ADAPTERS)]
+    assert len(adapters) == 2 * len(LORA.targets)
+    moments = _moments(state)
+    assert len(moments) == 2 * len(adapters)
+    assert sorted(m.shape for m in moments) == sorted([x.shape for _, x in adapters] * 2)
+    assert {m.sharding for m in moments} <= {x.sharding for _, x in adapters}
+
+    rows = plan.Mode(types.SimpleNamespace(lora=None, trainable=("new_token_embeddings",)), new_token_ids=(510, 511))
+    _, _, state, _ = plan.abstract_train_state(CONFIG, ModelSettings(), mesh, tx, rows)
+    assert [m.shape for m in _moments(state)] == [(2, CONFIG.hidden_size)] * 2  # tied: embed_tokens rows only
+
+    said = []
+    full_offload = plan.Mode(optimizer_offload=True)
+    _, _, state, shardings = plan.abstract_train_state(CONFIG, ModelSettings(), mesh, tx, full_offload, say=said.append)
+    assert {m.sharding.memory_kind for m in _moments(state)} == {offload.HOST} and said
+    assert all(s.memory_kind != offload.HOST for s in jax.tree.leaves(shardings["params"]))
+
+
+def test_h100_plans_of_lora_and_offload():
+    """From the run's settings on a deviceless h100:2: a LoRA plan's optimizer state is exactly its
+    adapters' moments (float32), far below full fine-tuning's; with optimizer_offload the plan is
+    the two-phase model — its peak the larger phase, the moments counted on the host."""
+    target = plan.get_target("h100:2")
+    keys = {"data.max_length": 128, "data.train_batch_size": 4, "data.micro_batch_size_per_gpu": 1,
+            "model.remat_policy": "full", "model.attn_implementation": "xla"}
+    train = [None] * 8
+
+    def planned(extra):
+        return plan._plan_for(settings({**keys, **extra}), target, CONFIG, train, dp=2).plan
+
+    lora = planned({"model.lora_rank": 4, "model.lora_alpha": 8, "model.target_modules": ["q_proj", "down_proj"]})
+    assert lora.cuda_binaries and lora.fits and lora.offload is None and lora.trained.startswith("LoRA adapters (rank 4)")
+    h, i, n = CONFIG.hidden_size, CONFIG.intermediate_size, CONFIG.num_hidden_layers
+    q_out = CONFIG.num_attention_heads * (h // CONFIG.num_attention_heads)
+    adapter_values = n * 4 * ((h + q_out) + (i + h))  # rank 4: A [in, r] + B [r, out], per layer
+    assert 0 < lora.opt_state_bytes <= 2 * 4 * adapter_values  # mu, nu in float32; sharded over 2 devices
+    assert lora.opt_state_bytes >= 2 * 4 * adapter_values / 2
+
+    # full fine-tuning with offload; its step with the state on the device is the plain full plan
+    off = planned({"model.fsdp_config.optimizer_offload": True})
+    o = off.offload
+    assert o and off.trained == "every parameter" and lora.opt_state_bytes < off.opt_state_bytes / 10
+    assert 0 <= off.opt_state_bytes - o["host_bytes"] < 64  # every moment on the host; Adam's count and the lr not
+    assert off.per_device_peak_bytes == max(o["grad_phase_peak_bytes"], o["update_phase_peak_bytes"])
+    assert o["on_device_peak_bytes"] == off.argument_bytes + off.output_bytes - off.alias_bytes + off.temp_bytes
+    assert o["grad_phase_peak_bytes"] < o["on_device_peak_bytes"]
+    assert o["update_phase_peak_bytes"] >= o["host_bytes"] + o["device_between_steps_bytes"]  # moments in for the update
+    batch = 4 * 2 * 1 * 128 * 4  # four int32 [K=2, rows/device=1, T] arrays
+    assert off.argument_bytes - o["host_bytes"] - o["device_between_steps_bytes"] == pytest.approx(batch, abs=64)
+    assert any("optimizer_offload (two-phase model" in line for line in off.describe())
