@@ -38,28 +38,29 @@ def default_block() -> int:
     return BLOCK.get(jax.default_backend(), DEFAULT_BLOCK)
 
 
-def _triples(rows: int, n: int) -> np.ndarray:
-    """(row, query block, key block) of the causal lower triangle, row-major: int32 [W, 3]."""
-    return np.array([(b, i, j) for b in range(rows) for i in range(n) for j in range(i + 1)], np.int32)
-
-
-def _work_list(segb: jax.Array, triples: np.ndarray):
-    """The triples to visit (indices into `triples`, compacted to the front), how many, and which
-    need no mask.
+def _work_list(segb: jax.Array):
+    """Which (row b, query block i, key block j) to visit, as flat indices w = (b*n + i)*n + j
+    compacted to the front; how many; and, per w, whether the pair needs no mask.
 
     segb [B, n, block]. Per row and block, the smallest and largest real segment id: a query block
-    and a key block can meet only if those ranges overlap (exact for packed rows, where ids
-    increase along the row; a superset otherwise). A pair below the diagonal needs no mask when
+    and a key block can meet only if j <= i and those ranges overlap (exact for packed rows, where
+    ids increase along the row; a superset otherwise). A pair below the diagonal needs no mask when
     both blocks hold one and the same segment and no padding.
     """
     real = segb != 0
     lo = jnp.min(jnp.where(real, segb, jnp.iinfo(jnp.int32).max), axis=-1)  # [B, n]
     hi = jnp.max(jnp.where(real, segb, 0), axis=-1)
     one = jnp.all(real, axis=-1) & (lo == hi)
-    b, i, j = (jnp.asarray(triples[:, c]) for c in range(3))
-    meet = (lo[b, i] <= hi[b, j]) & (lo[b, j] <= hi[b, i])
-    full = (i > j) & one[b, i] & one[b, j] & (lo[b, i] == lo[b, j])
+    n = segb.shape[1]
+    below = jnp.tril(jnp.ones((n, n), bool))  # [i, j]: j <= i
+    meet = below & (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])
+    full = below & ~jnp.eye(n, dtype=bool) & one[:, :, None] & one[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+    meet, full = meet.reshape(-1), full.reshape(-1)
     return jnp.argsort(~meet, stable=True), jnp.sum(meet), full
+
+
+def _unflat(w, n):
+    return w // (n * n), (w // n) % n, w % n
 
 
 def _mask(seg_q, seg_k, i, j, block, heads_per_kv, keys_first=False):
@@ -88,15 +89,14 @@ def _forward(qb, kb, vb, segb, block, scale):
     """Online softmax over the work list: out [B,n,Hkv,R,D] float32 and lse [B,n,Hkv,R] (R = G*block;
     lse = +inf for a row that sees nothing, i.e. a padding query)."""
     heads_per_kv = qb.shape[-2] // block
-    triples = _triples(qb.shape[0], qb.shape[1])
-    order, count, full = _work_list(segb, triples)
-    table = jnp.asarray(triples)
+    n = qb.shape[1]
+    order, count, full = _work_list(segb)
     state = (jnp.full(qb.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32),
              jnp.zeros(qb.shape, jnp.float32))
 
     def step(p, state):
         w = order[p]
-        b, i, j = table[w, 0], table[w, 1], table[w, 2]
+        b, i, j = _unflat(w, n)
         m, l, acc = state
         q, k, v = _get(qb, b, i), _get(kb, b, j), _get(vb, b, j)
         m_i, l_i, acc_i = _get(m, b, i), _get(l, b, i), _get(acc, b, i)
@@ -127,15 +127,14 @@ def _forward(qb, kb, vb, segb, block, scale):
 def _backward(qb, kb, vb, segb, out, lse, dout, block, scale):
     """dq, dk, dv (float32, block layout) from the saved output and log-sum-exp."""
     heads_per_kv = qb.shape[-2] // block
-    triples = _triples(qb.shape[0], qb.shape[1])
-    order, count, full = _work_list(segb, triples)
-    table = jnp.asarray(triples)
+    n = qb.shape[1]
+    order, count, full = _work_list(segb)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # rowsum(dO * O)
     grads = tuple(jnp.zeros(x.shape, jnp.float32) for x in (qb, kb, vb))
 
     def step(p, grads):
         w = order[p]
-        b, i, j = table[w, 0], table[w, 1], table[w, 2]
+        b, i, j = _unflat(w, n)
         dq, dk, dv = grads
         q, k, v, do = _get(qb, b, i), _get(kb, b, j), _get(vb, b, j), _get(dout, b, i)
         lse_i, delta_i = _get(lse, b, i), _get(delta, b, i)
