@@ -241,9 +241,10 @@ def _attention_loops(policy):
         "while[")
 
 
-def test_saving_the_context_saves_the_attention_forward():
-    """Policies that save the context keep the forward's output and log-sum-exp (named
-    attention_out / attention_lse), so the backward does not run the forward loop again."""
-    assert _attention_loops("minimal_with_context") == 2  # forward + backward
-    assert _attention_loops("save_dot_with_context_except_mlp") == 2
-    assert _attention_loops("minimal") == 3  # forward, forward again under remat, backward
+def test_minimal_remat_keeps_the_attention_forward():
+    """`minimal` and the `*_with_context` policies keep the forward's output and log-sum-exp
+    (named attention_out / attention_lse), so the backward does not run the forward loop again;
+    `full` recomputes it."""
+    for policy in ("minimal", "minimal_with_context", "save_dot_with_context_except_mlp"):
+        assert _attention_loops(policy) == 2, policy  # forward + backward
+    assert _attention_loops("full") == 3  # forward, forward again under remat, backward
