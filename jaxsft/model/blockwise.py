@@ -63,16 +63,27 @@ def _unflat(w, n):
     return w // (n * n), (w // n) % n, w % n
 
 
-def _mask(seg_q, seg_k, i, j, block, heads_per_kv, keys_first=False):
+def _mask_parts(segb, heads_per_kv):
+    """What the in-block masks are made of, computed once per call.
+
+    Returns the query code per block row [B, n, G*block] (its segment id, tiled over the G heads,
+    -1 for padding, so a padding query matches no key) and the causal pattern of a diagonal block
+    [G*block, block]. Built outside the loop: fused into the per-element comparison, the tiling
+    and slicing cost XLA:CPU several ns an element (measured in the backward).
+    """
+    block = segb.shape[-1]
+    q_code = jnp.tile(jnp.where(segb == 0, -1, segb), heads_per_kv)
+    diagonal = jnp.tile(jnp.arange(block), heads_per_kv)[:, None] >= jnp.arange(block)[None, :]
+    return q_code, diagonal
+
+
+def _mask(q_code_i, seg_k_j, diagonal, i, j, keys_first=False):
     """[1, G*block, block] boolean (or [1, block, G*block] with keys_first): query block i of a row
-    against its key block j — causal, same segment, query not padding."""
-    pos_q = i * block + jnp.tile(jnp.arange(block), heads_per_kv)
-    sq = jnp.tile(seg_q, heads_per_kv)
-    pos_k = j * block + jnp.arange(block)
+    against its key block j — same segment, query not padding, causal on the diagonal."""
     if keys_first:
-        mask = (pos_k[:, None] <= pos_q[None, :]) & (seg_k[:, None] == sq[None, :]) & (sq != 0)[None, :]
+        mask = (seg_k_j[:, None] == q_code_i[None, :]) & (diagonal.T | (j < i))
     else:
-        mask = (pos_q[:, None] >= pos_k[None, :]) & (sq[:, None] == seg_k[None, :]) & (sq != 0)[:, None]
+        mask = (q_code_i[:, None] == seg_k_j[None, :]) & (diagonal | (j < i))
     return mask[None]
 
 
@@ -91,6 +102,7 @@ def _forward(qb, kb, vb, segb, block, scale):
     heads_per_kv = qb.shape[-2] // block
     n = qb.shape[1]
     order, count, full = _work_list(segb)
+    q_code, diagonal = _mask_parts(segb, heads_per_kv)
     state = (jnp.full(qb.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32),
              jnp.zeros(qb.shape, jnp.float32))
 
@@ -114,7 +126,7 @@ def _forward(qb, kb, vb, segb, block, scale):
             pv = jnp.einsum("hrs,hsd->hrd", p_.astype(v.dtype), v, preferred_element_type=jnp.float32)
             return m_new, l_i * corr + jnp.sum(p_, axis=-1), acc_i * corr[..., None] + pv
 
-        masked = lambda: update(_mask(_get(segb, b, i), _get(segb, b, j), i, j, block, heads_per_kv))
+        masked = lambda: update(_mask(_get(q_code, b, i), _get(segb, b, j), diagonal, i, j))
         m_new, l_new, acc_new = jax.lax.cond(full[w], lambda: update(None), masked)
         return _set(m, b, i, m_new), _set(l, b, i, l_new), _set(acc, b, i, acc_new)
 
@@ -129,6 +141,7 @@ def _backward(qb, kb, vb, segb, out, lse, dout, block, scale):
     heads_per_kv = qb.shape[-2] // block
     n = qb.shape[1]
     order, count, full = _work_list(segb)
+    q_code, diagonal = _mask_parts(segb, heads_per_kv)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # rowsum(dO * O)
     grads = tuple(jnp.zeros(x.shape, jnp.float32) for x in (qb, kb, vb))
 
@@ -156,8 +169,7 @@ def _backward(qb, kb, vb, segb, out, lse, dout, block, scale):
             dq_i = jnp.swapaxes(jax.lax.optimization_barrier(dq_t), -1, -2)
             return dq_i, dk_j, dv_j
 
-        masked = lambda: block_grads(_mask(_get(segb, b, i), _get(segb, b, j), i, j, block, heads_per_kv,
-                                           keys_first=True))
+        masked = lambda: block_grads(_mask(_get(q_code, b, i), _get(segb, b, j), diagonal, i, j, keys_first=True))
         dq_i, dk_j, dv_j = jax.lax.cond(full[w], lambda: block_grads(None), masked)
         return (_set(dq, b, i, _get(dq, b, i) + dq_i), _set(dk, b, j, _get(dk, b, j) + dk_j),
                 _set(dv, b, j, _get(dv, b, j) + dv_j))
