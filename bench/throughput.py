@@ -87,7 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--append-md", default=None, help="append a row to this file's results table")
     p.add_argument("--compile-only", action="store_true",
                    help="jaxsft only: compile the train step for abstract (unallocated) state and report the "
-                        "compile time and XLA's memory plan; no torch, no steps. For real shapes on a CPU.")
+                        "compile time and XLA's memory plan for this machine's first device; no torch, no steps. "
+                        "On a CPU that is an XLA:CPU plan, not a GPU memory figure: for a GPU plan without a GPU "
+                        "use `python -m jaxsft.train ... --dry_run=h100:N`.")
     p.add_argument("--torch-inprocess", action="store_true",
                    help="run the baseline in this process, not a child (CPU only: on a GPU JAX would find "
                         "its memory taken)")
@@ -104,13 +106,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _has_accelerator() -> bool:
     """Whether JAX will run on a GPU, decided without initialising any backend (torch must get the
-    GPU first): JAX_PLATFORMS, else whether jaxlib's CUDA plugin is installed."""
+    GPU first): JAX_PLATFORMS, else whether jaxlib's CUDA plugin is installed *and* an NVIDIA
+    driver is loaded (the test extra installs the plugin on CPU machines too, for deviceless plans)."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return any(p in platforms for p in ("cuda", "gpu", "rocm"))
     import importlib.util
 
-    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    plugin = any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    return plugin and (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists())
 
 
 # ---- synthetic data -------------------------------------------------------------------------------
@@ -402,7 +406,8 @@ def run_jaxsft(args, model_cfg: dict, lengths: np.ndarray, dp: int) -> dict:
     optim_cfg = ml_collections.ConfigDict(jconfig.default_config().optim.to_dict())
     tx, schedule = optim.make_optimizer(optim_cfg, total_steps=1000, param_dtype=args.param_dtype)
     step_cfg = step.StepConfig(loss_normalization="global_tokens", balance_dp_token=False, dp=dp,
-                               chunk_size=args.chunk_size)
+                               chunk_size=args.chunk_size,  # as the trainer: in-backward sums under full remat
+                               accumulate_in_backward=settings.scan_layers and settings.remat_policy == "full")
     host_batches = jaxsft_batches(lengths, args.seq_len, dp, args.micro_batch, args.packing,
                                   model_cfg["vocab_size"], args.seed)
     batch_shape = list(host_batches[0]["input_ids"].shape)
@@ -502,7 +507,8 @@ def compile_only(args, model_cfg: dict, lengths: np.ndarray) -> dict:
                            args.seed)[0]["input_ids"].shape
     batch = {k: jax.ShapeDtypeStruct(shape, np.int32) for k in ("input_ids", "positions", "segment_ids", "loss_mask")}
     step_cfg = step.StepConfig(loss_normalization="global_tokens", balance_dp_token=False, dp=1,
-                               chunk_size=args.chunk_size)
+                               chunk_size=args.chunk_size,
+                               accumulate_in_backward=settings.scan_layers and settings.remat_policy == "full")
     fn = jax.jit(step.make_train_step(graphdef, rest, tx, schedule, step_cfg), donate_argnums=0)
     t0 = time.perf_counter()
     compiled = fn.lower(state, batch).compile()

@@ -31,4 +31,5 @@ def get_config():
     c.trainer.seed = 42
     c.trainer.checkpoint.save_contents = ("model", "optimizer", "extra", "hf_model")
     c.trainer.max_ckpt_to_keep = 2
+    c.trainer.device = "auto"  # the CPU here, a GPU where there is one
     return c

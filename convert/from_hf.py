@@ -27,20 +27,17 @@ def convert(hf_dir: str, out: str, *, dtype: str = "float32") -> Path:
         raise CheckpointError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     if checkpoint.step_dirs(out):
         raise CheckpointError(f"{out} already holds {checkpoint.STEP_PREFIX}_N directories; choose an empty --out")
-    cfg = config.default_config()
-    cfg.model.partial_pretrain = str(hf_dir)
-    cfg.model.param_dtype = dtype
-    cfg.trainer.default_local_dir = str(out)
-    cfg.trainer.checkpoint.save_contents = ("model",)
-    cfg.trainer.checkpoint.async_save = False
-    m = cfg.model
-    settings = ModelSettings(param_dtype=dtype, compute_dtype=m.compute_dtype, scan_layers=m.scan_layers,
-                             remat_policy=m.remat_policy, attn_implementation=m.attn_implementation)
+    s = config.settings_from({"model.partial_pretrain": str(hf_dir), "data.train_files": "(none: conversion only)",
+                              "model.param_dtype": dtype, "trainer.default_local_dir": str(out),
+                              "trainer.checkpoint.save_contents": ["model"], "trainer.checkpoint.async_save": False,
+                              "trainer.logger": ["console"], "trainer.device": "auto"})
+    settings = ModelSettings(param_dtype=dtype, compute_dtype=s.model.compute_dtype, scan_layers=s.model.scan_layers,
+                             remat_policy=s.model.remat_policy, attn_implementation=s.model.attn_implementation)
     mesh = parallel.make_mesh(jax.device_count(), 1)
     with jax.set_mesh(mesh):
         params = nnx.state(hf.load_model(hf_dir, mesh, settings), nnx.Param)
-    ckpt = checkpoint.Checkpointer(cfg)
-    step_dir = ckpt.save(0, {"params": params}, meta={"config": cfg.to_dict(), "base_model": str(hf_dir), "epoch": 0})
+    ckpt = checkpoint.Checkpointer(s.checkpoint, base_model_dir=hf_dir, max_length=s.data.max_length)
+    step_dir = ckpt.save(0, {"params": params}, meta={"config": s.config, "base_model": str(hf_dir), "epoch": 0})
     ckpt.close()
     return step_dir
 

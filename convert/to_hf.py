@@ -19,7 +19,6 @@ import jax
 
 from jaxsft import checkpoint, hf
 from jaxsft.checkpoint import CheckpointError
-from jaxsft.export import parse_size, write_hf_directory
 
 
 def find_step_dir(path: str) -> Path:
@@ -49,7 +48,7 @@ def _unwrap_variables(tree):
 
 def convert(checkpoint_path: str, out: str, *, dtype: str | None = None, max_shard_size: str = "5GB",
             base_model: str | None = None) -> Path:
-    parse_size(max_shard_size)  # a bad size fails before the slow part
+    hf.parse_size(max_shard_size)  # a bad size fails before the slow part
     step_dir = find_step_dir(checkpoint_path)
     meta = checkpoint.read_meta(step_dir)
     cfg = meta.get("config") or {}
@@ -64,8 +63,9 @@ def convert(checkpoint_path: str, out: str, *, dtype: str | None = None, max_sha
     fetch = lambda path: _unwrap_variables(checkpoint.restore_entry(step_dir, ("params", *path), cpu))  # noqa: E731
     tensors = hf.export_tensors(None, hf.read_config(base), fetch=fetch)
     print(f"[convert_to_hf] {step_dir} → {out} ({export_dtype})")
-    return write_hf_directory(tensors, out, base_model_dir=base, dtype=export_dtype, max_shard_size=max_shard_size,
-                              min_max_position_embeddings=cfg.get("data", {}).get("max_length"))
+    return hf.write_hf_directory(tensors, out, base_model_dir=base, dtype=export_dtype, max_shard_size=max_shard_size,
+                                 min_max_position_embeddings=cfg.get("data", {}).get("max_length"),
+                                 trust_remote_code=bool(cfg.get("model", {}).get("trust_remote_code")))
 
 
 def main(argv=None) -> None:

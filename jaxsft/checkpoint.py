@@ -35,13 +35,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxsft import __version__, distributed
+from jaxsft import __version__, distributed, hf
 from jaxsft.errors import UserError
-from jaxsft.export import write_hf_directory
 
 STEP_PREFIX = "global_step"
 TRACKER = "latest_checkpointed_iteration.txt"
-CONTENTS = ("model", "optimizer", "extra", "hf_model")
 _STEP_DIR = re.compile(rf"{STEP_PREFIX}_(\d+)")
 _GROUP = {"params": "model", "opt_state": "optimizer"}  # every other state key is "extra"
 
@@ -125,15 +123,14 @@ def latest_complete(root: str | os.PathLike) -> Path | None:
     return None
 
 
-def resolve_resume(trainer_cfg) -> Path | None:
-    """The step directory to resume from, or None to start fresh (verl's resume_mode semantics)."""
-    mode, path = trainer_cfg.resume_mode, trainer_cfg.resume_from_path
+def resolve_resume(ckpt) -> Path | None:
+    """The step directory to resume from, or None to start fresh (verl's resume_mode semantics),
+    for the checkpoint settings `ckpt` (`jaxsft.config.settings.CheckpointSettings`)."""
+    mode, path = ckpt.resume_mode, ckpt.resume_from_path
     if mode == "disable":
         return None
-    if mode not in ("auto", "resume_path"):
-        raise CheckpointError(f"trainer.resume_mode={mode!r} is not one of auto, disable, resume_path")
     if path:
-        p = Path(path)
+        p = Path(path).absolute()  # Orbax reads no metadata through a relative path
         if not p.is_dir():
             raise CheckpointError(f"trainer.resume_from_path={path!r} does not exist")
         if parse_step(p) is None:
@@ -142,18 +139,7 @@ def resolve_resume(trainer_cfg) -> Path | None:
             raise CheckpointError(f"trainer.resume_from_path={path!r} is an incomplete checkpoint (its save never "
                                   f"finished); choose an earlier {STEP_PREFIX}_N")
         return p
-    if mode == "resume_path":
-        raise CheckpointError("trainer.resume_mode=resume_path needs trainer.resume_from_path "
-                              f"(a .../{STEP_PREFIX}_N directory)")
-    return latest_complete(trainer_cfg.default_local_dir)
-
-
-def _contents(value, key: str) -> tuple[str, ...]:
-    items = (value,) if isinstance(value, str) else tuple(value)
-    unknown = [c for c in items if c not in CONTENTS]
-    if unknown:
-        raise CheckpointError(f"{key} has {unknown}: allowed are {', '.join(CONTENTS)}")
-    return items
+    return latest_complete(Path(ckpt.default_local_dir).absolute())
 
 
 def _gather_json(obj) -> list:
@@ -174,7 +160,35 @@ def _gather_json(obj) -> list:
 def _state_tree_metadata(step_dir: Path) -> dict:
     if not (step_dir / "state").is_dir():
         return {}
-    return ocp.PyTreeCheckpointer().metadata(step_dir / "state").item_metadata.tree
+    # The handler's own reader: the checkpointer's would warn about a step-level metadata file.
+    from etils import epath
+
+    return ocp.PyTreeCheckpointHandler().metadata(epath.Path(Path(step_dir).absolute() / "state")).tree
+
+
+def _check_same_shapes(step_dir: Path, target: dict, saved_tree: dict, meta: dict) -> None:
+    """Refuse, in one sentence, a checkpoint whose arrays are not those of the state to restore
+    (another base model, or another optimizer): Orbax would fail deep in tensorstore instead."""
+    saved = ocp.tree.to_flat_dict(saved_tree)
+    differ = []
+    flat = ocp.tree.to_flat_dict(target)
+    for key, leaf in sorted(flat.items(), key=lambda item: item[0][0] != "params"):  # parameters first
+        if getattr(leaf, "shape", None) is None:
+            continue
+        name = "/".join(k for k in key if k != "value")  # nnx variables are stored as {'value': ...}
+        if key not in saved:
+            differ.append(f"{name} is not in it")
+        elif tuple(saved[key].shape) != tuple(leaf.shape):
+            differ.append(f"{name} has shape {list(saved[key].shape)} there but {list(leaf.shape)} here")
+    for key, leaf in saved.items():  # e.g. an untied LM head that this (tied) model would drop
+        if key[0] in target and key not in flat and getattr(leaf, "shape", None) is not None:
+            differ.append(f"{'/'.join(k for k in key if k != 'value')} is in it but not in this model")
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise CheckpointError(
+            f"cannot resume from {step_dir}: it holds a different model — {differ[0]}{more}; it was trained from "
+            f"{meta.get('base_model', 'another base model')}: resume with that model.partial_pretrain, or choose "
+            f"another trainer.default_local_dir to start fresh")
 
 
 def _restore_state(step_dir: Path, target: dict, restore_args) -> dict:
@@ -210,20 +224,27 @@ def restore_entry(step_dir: str | os.PathLike, key: str | tuple[str, ...] = "par
 class Checkpointer:
     """Saves and restores train states under `trainer.default_local_dir` (see the module doc)."""
 
-    def __init__(self, cfg, *, process_index: int | None = None):
-        t = cfg.trainer
-        self.root = Path(t.default_local_dir).absolute()
-        self.contents = _contents(t.checkpoint.save_contents, "trainer.checkpoint.save_contents")
-        self.load_contents = _contents(t.checkpoint.load_contents if t.checkpoint.load_contents is not None
-                                       else t.checkpoint.save_contents, "trainer.checkpoint.load_contents")
-        self.keep = t.max_ckpt_to_keep or 0
+    def __init__(self, ckpt, *, base_model_dir, max_length: int, process_index: int | None = None,
+                 meta: dict | None = None, export=None, trust_remote_code: bool = False):
+        """`ckpt`: the checkpoint settings (`jaxsft.config.settings.CheckpointSettings`); the HF
+        export takes config and tokenizer from `base_model_dir` and raises its context to
+        `max_length`. `meta` goes into every step's meta; `export(params)` gives the HF tensors
+        of a state's parameters (`jaxsft.hf.export_tensors`)."""
+        self._meta, self._export_params = dict(meta or {}), export
+        self.root = Path(ckpt.default_local_dir).absolute()
+        self.contents, self.load_contents = ckpt.save_contents, ckpt.load_contents
+        self.keep = ckpt.max_ckpt_to_keep
         self.process_index = jax.process_index() if process_index is None else process_index
         self._primary = jax.process_index() == 0
-        self._async = bool(t.checkpoint.async_save)
-        self._export_args = dict(base_model_dir=cfg.model.partial_pretrain,
-                                 dtype=t.checkpoint.hf_dtype or cfg.model.param_dtype,
-                                 max_shard_size=t.checkpoint.max_shard_size,
-                                 min_max_position_embeddings=cfg.data.max_length)
+        self._async = ckpt.async_save
+        self._export_args = None
+        if "hf_model" in self.contents:
+            # The base model's config, generation config and tokenizer, read (and so checked) now
+            # rather than at the first save, hours later; only process 0 writes them.
+            self._export_args = dict(
+                base=hf.BaseModelFiles.read(Path(base_model_dir), trust_remote_code=trust_remote_code)
+                if self._primary else None,
+                dtype=ckpt.hf_dtype, max_shard_size=ckpt.max_shard_size, min_max_position_embeddings=max_length)
         self._pending: tuple[int, Path | None] | None = None  # (step, its HF export) awaiting commit
         if self._primary:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -235,6 +256,13 @@ class Checkpointer:
             enable_async_checkpointing=self._async, cleanup_tmp_directories=True, create=True)
         self._manager = ocp.CheckpointManager(self.root, options=options)
 
+    @classmethod
+    def for_run(cls, settings, model_dir: Path, export) -> "Checkpointer":
+        """The run's checkpointer: every step's meta records the configuration and the base model."""
+        return cls(settings.checkpoint, base_model_dir=model_dir, max_length=settings.data.max_length,
+                   meta={"config": settings.config, "base_model": str(Path(model_dir).resolve())}, export=export,
+                   trust_remote_code=settings.model.trust_remote_code)
+
     def step_dir(self, step: int) -> Path:
         return self.root / f"{STEP_PREFIX}_{step}"
 
@@ -242,9 +270,13 @@ class Checkpointer:
         """Start saving `state` ({params, opt_state, step, ...} of jax arrays) as global_step_`step`.
 
         Blocks only for the device→host copy, plus the HF export when `hf_model` is saved: `export()`
-        must return `jaxsft.hf.export_tensors(...)` of the live arrays, which the next (donating)
-        train step invalidates. Every process calls this. Returns the step directory.
+        (default: the constructor's `export` of `state["params"]`) must return
+        `jaxsft.hf.export_tensors(...)` of the live arrays, which the next (donating) train step
+        invalidates. Every process calls this. Returns the step directory.
         """
+        if export is None and self._export_params is not None and "params" in state:
+            export = lambda: self._export_params(state["params"])  # noqa: E731
+        meta = {**self._meta, **(meta or {})}
         self._finalize(block=True)
         self._replace_existing(step)
         tree = {k: v for k, v in state.items() if group_of(k) in self.contents}
@@ -262,7 +294,7 @@ class Checkpointer:
         if "hf_model" in saved:
             # Written beside the step (Orbax renames its own directory on commit) and moved in after.
             hf_tmp = self.root / f".{STEP_PREFIX}_{step}.huggingface.tmp"
-            write_hf_directory(export(), hf_tmp, **self._export_args)
+            hf.write_hf_directory(export(), hf_tmp, **self._export_args)
         self._pending = (step, hf_tmp)
         if not self._async:
             self._finalize(block=True)
@@ -291,16 +323,40 @@ class Checkpointer:
         """
         step_dir = Path(step_dir)
         meta = read_meta(step_dir)
-        saved = set(_state_tree_metadata(step_dir))
+        saved_tree = _state_tree_metadata(step_dir)
         wanted = [k for k in abstract_state if group_of(k) in self.load_contents]
-        missing = [k for k in wanted if k not in saved]
+        missing = [k for k in wanted if k not in saved_tree]
         if missing:
             log.warning("%s holds no %s (saved: %s); those start fresh", step_dir, ", ".join(missing),
                         ", ".join(meta.get("save_contents", ())))
-        target = {k: abstract_state[k] for k in wanted if k in saved}
+        target = {k: abstract_state[k] for k in wanted if k in saved_tree}
+        _check_same_shapes(step_dir, target, saved_tree, meta)
         state = _restore_state(step_dir, target, ocp.checkpoint_utils.construct_restore_args(target)) if target else {}
         data_state = self._restore_data_state(step_dir) if "extra" in self.load_contents else None
         return state, data_state, meta
+
+    def resume(self, ckpt, state: dict, shardings: dict, loader, say=print) -> dict:
+        """The train state to start from: `state` (fresh) unless the checkpoint settings `ckpt`
+        name a step to resume (`resolve_resume`); then that step's contents restored into
+        `shardings`, and the data loader set to its position."""
+        step_dir = resolve_resume(ckpt)
+        if step_dir is None:
+            return state
+        state, data_state = self.restore_state(step_dir, state, shardings)
+        if data_state is not None:
+            loader.set_state(data_state)
+        say(f"[jaxsft] resumed from {step_dir} at step {int(state['step'])}")
+        return state
+
+    def restore_state(self, step_dir: str | os.PathLike, state: dict, shardings: dict) -> tuple[dict, dict | None]:
+        """`state` (a fresh train state) with what `step_dir` holds restored into `shardings`;
+        returns (state, this process's data-iterator state or None)."""
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        restored, data_state, meta = self.restore(step_dir, abstract)
+        state = {**state, **restored}  # entries not saved / not in load_contents start fresh
+        if "step" not in restored:
+            state["step"] = jax.device_put(np.int32(meta["step"]), shardings["step"])
+        return state, data_state
 
     def _restore_data_state(self, step_dir: Path):
         own = step_dir / f"data_process_{self.process_index}"
@@ -383,7 +439,7 @@ class PreemptionFlag:
 
     def _on_signal(self, signum, frame) -> None:
         if self._set and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("interrupted again: not saving")
         self._set = True
 
     def check(self, step: int) -> bool:

@@ -1,91 +1,189 @@
-"""The command line's settings: verl's Hydra spelling translated to ml_collections flags, unknown
-keys refused with the nearest ones, free-form chat-template keyword arguments set aside."""
+"""The command line of `python -m jaxsft.train`: flags, settings, `--help`.
+
+    python -m jaxsft.train [--config RECIPE] [--print_config] [--help] [KEY=VALUE ...]
+
+RECIPE is a file (`configs/qwen7b.py`) or a bundled recipe's name (`qwen7b`). Settings are verl's
+Hydra spelling (`data.train_batch_size=128`, `+data.ignore_input_ids_mismatch=true`,
+`trainer.logger='["console","file"]'`, `key=null`, `${oc.env:HOME}`) or ml_collections'
+(`--config.optim.lr=2e-5`). With no recipe, settings start from verl's `sft_trainer.yaml` defaults;
+with no recipe and no settings at all, the smoke recipe runs.
+"""
 
 from __future__ import annotations
 
-import re
-import sys
+import dataclasses
+import textwrap
+
+from jaxsft.config import ConfigError, Settings, compose, resolve
+from jaxsft.config.keys import KEYS
+
+SMOKE_RECIPE = "smoke"
+FLAGS = ("--config", "--print_config", "--help", "--dry_run", "--dry_run_json")
+_VALUED = ("--config", "--dry_run", "--dry_run_json")
 
 
-def _fail(message: str) -> None:
-    print(f"jaxsft: error: {message}", file=sys.stderr)
-    sys.exit(2)
+@dataclasses.dataclass(frozen=True)
+class Command:
+    settings: Settings | None  # None with --help
+    print_config: bool = False
+    help: bool = False
+    dry_run: str | None = None  # a plan target: cpu, gpu, h100:N, h200:N (jaxsft.plan)
+    dry_run_json: str | None = None
 
 
-HYDRA_OVERRIDE = re.compile(r"^\+?([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(.*)$", re.S)
-
-
-def _hydra_value(value: str) -> str:
-    """Hydra reads `[model,optimizer]` as a list of strings; Python literals need the quotes."""
-    import ast
-
-    if value.startswith("[") and value.endswith("]"):
-        try:
-            ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            items = [v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip()]
-            return "(" + "".join(f"{v!r}," for v in items) + ")"
-    return value
-
-
-def verl_style_overrides(args: list[str]) -> list[str]:
-    """verl's Hydra overrides (`data.train_batch_size=128`, `+data.ignore_input_ids_mismatch=true`,
-    `trainer.logger='["console","file"]'`) become `--config.KEY=VALUE`, so a verl launch line
-    works as it is; any other bare argument is refused rather than silently ignored."""
-    out = []
-    for arg in args:
-        match = None if arg.startswith("-") else HYDRA_OVERRIDE.match(arg)
-        if match:
-            out.append(f"--config.{match.group(1)}={_hydra_value(match.group(2))}")
-        elif not arg.startswith("-") and out and out[-1] in ("--config", "--flagfile"):
-            out.append(arg)  # the value of a flag given as two words
-        elif arg.startswith("-"):
-            out.append(arg)
+def split_flags(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
+    """({flag: value}, settings) from argv; a flag's value as `--flag=v` or `--flag v`."""
+    flags: dict[str, str | bool] = {}
+    settings: list[str] = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg.startswith("--config."):
+            if "=" not in arg and args and not args[0].startswith("-"):
+                arg = f"{arg}={args.pop(0)}"  # `--config.KEY VALUE`, as absl flags allowed
+            settings.append(arg)
+            continue
+        if not arg.startswith("-"):
+            settings.append(arg)
+            continue
+        name, eq, value = arg.partition("=")
+        if name in ("-h",):
+            name = "--help"
+        if name not in FLAGS:
+            raise ConfigError(f"unknown flag {name!r}; the flags are {', '.join(FLAGS)}, and settings are KEY=VALUE")
+        if name in _VALUED:
+            if not eq:
+                if not args or args[0].startswith("-"):
+                    raise ConfigError(f"{name} needs a value ({name}=VALUE)")
+                value = args.pop(0)
+            flags[name] = value
         else:
-            _fail(f"unexpected argument {arg!r}: give settings as KEY=VALUE (verl style) or --config.KEY=VALUE")
-    return out
+            if eq:
+                raise ConfigError(f"{name} takes no value")
+            flags[name] = True
+    return flags, settings
 
 
-def check_override_keys(args: list[str]) -> None:
-    """Every --config.KEY must be a key of the configuration: one line with the nearest keys
-    instead of a traceback from flag parsing."""
-    import difflib
-
-    from jaxsft.config import default_config
-
-    def keys(node, prefix=""):
-        for k, v in node.items():
-            yield prefix + k
-            if hasattr(v, "items"):
-                yield from keys(v, prefix + k + ".")
-
-    known = set(keys(default_config()))
-    for arg in args:
-        if arg.startswith("--config.") and "=" in arg:
-            key = arg[len("--config."):].split("=", 1)[0]
-            if key not in known and not key.startswith(TEMPLATE_KWARGS + "."):
-                near = difflib.get_close_matches(key, sorted(known), n=3)
-                _fail(f"unknown setting {key!r}" + (f"; did you mean {', '.join(near)}?" if near else ""))
+def parse(argv: list[str]) -> Command:
+    """The command for `argv` (sys.argv[1:]), settings resolved; ConfigError on any mistake."""
+    flags, overrides = split_flags(argv)
+    if flags.get("--help"):
+        return Command(None, help=True)
+    if "--dry_run_json" in flags and "--dry_run" not in flags:
+        raise ConfigError("--dry_run_json needs --dry_run=TARGET (cpu, gpu, h100:N or h200:N)")
+    recipe = flags.get("--config")
+    if recipe is None and not overrides:
+        recipe = SMOKE_RECIPE
+    settings = resolve(compose(overrides, recipe))
+    return Command(settings, print_config=bool(flags.get("--print_config")), dry_run=flags.get("--dry_run"),
+                   dry_run_json=flags.get("--dry_run_json"))
 
 
-TEMPLATE_KWARGS = "data.apply_chat_template_kwargs"
-template_kwargs: dict = {}  # free-form keys for the chat template, applied after the config is read
+def help_text() -> str:
+    """Every key with its default and one-line meaning, by section."""
+    lines = [__doc__.strip(), "", "Flags: --config RECIPE, --print_config (print the resolved configuration and exit), "
+             "--dry_run=TARGET (plan the train step for cpu, gpu, h100:N or h200:N and exit; --dry_run_json=PATH "
+             "also writes it as JSON), --help.", "",
+             "Settings (verl's keys unless marked [jaxsft]; [inert] = accepted, changes nothing here):"]
+    section = None
+    for key in KEYS:
+        if key.recipe_only:
+            continue
+        top = key.name.split(".")[0] if "." in key.name else "(top level)"
+        if top != section:
+            lines.append(f"\n  {top}")
+            section = top
+        default = _show(key.default)
+        marks = "".join((" [jaxsft]" if not key.verl else "", " [inert]" if key.inert else ""))
+        choices = f" ({' | '.join(map(str, key.choices))})" if key.choices and len(key.choices) > 1 else ""
+        lines.append(f"    {key.name} = {default}{marks}")
+        lines.extend(textwrap.wrap(key.doc + choices + (f"; {key.inert}" if key.inert else ""), 96,
+                                   initial_indent="        ", subsequent_indent="        "))
+    return "\n".join(lines)
 
 
-def take_template_kwargs(args: list[str]) -> list[str]:
-    """`--config.data.apply_chat_template_kwargs.NAME=VALUE` adds a key verl's way; the locked
-    config cannot, so these are set aside here and merged in `main`."""
-    import ast
+def keys_table() -> str:
+    """The README's table of every key (kept equal to it by tests/test_config.py):
+    `python -c "from jaxsft import cli; print(cli.keys_table())"`."""
+    rows = ["| key | default | what it does in jaxsft |", "|---|---|---|"]
+    for key in KEYS:
+        if key.recipe_only:
+            continue
+        what = f"**inert** (said when set): {key.inert}" if key.inert else key.doc
+        if key.choices and len(key.choices) > 1:
+            what += f" — {' / '.join(map(str, key.choices))}"
+        own = "" if key.verl else " *(jaxsft)*"
+        rows.append(f"| `{key.name}`{own} | `{_show(key.default)}` | {what.replace('|', '/')} |")
+    return "\n".join(rows)
 
-    rest = []
-    for arg in args:
-        prefix = f"--config.{TEMPLATE_KWARGS}."
-        if arg.startswith(prefix) and "=" in arg:
-            name, value = arg[len(prefix):].split("=", 1)
-            try:
-                template_kwargs[name] = ast.literal_eval({"true": "True", "false": "False"}.get(value, value))
-            except (ValueError, SyntaxError):
-                template_kwargs[name] = value
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def run(argv: list[str], job) -> int:
+    """Parse `argv` and run `job(settings)`; --help and --print_config answer and return 0; a
+    user's mistake (any `UserError`) prints one `jaxsft: error:` line and returns 2."""
+    import sys
+
+    from absl import logging as absl_logging
+
+    from jaxsft import distributed
+    from jaxsft.errors import UserError
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    try:
+        command = parse(argv)
+        if command.help:
+            print(help_text())
+        elif command.print_config:
+            import yaml
+
+            print(yaml.safe_dump(command.settings.config, sort_keys=False), end="")
         else:
-            rest.append(arg)
-    return rest
+            from jaxsft import plan
+
+            plan.prepare_environment(command.dry_run)  # before any JAX backend starts
+            if command.dry_run:
+                plan.dry_run(command.settings, command.dry_run, command.dry_run_json)
+            else:
+                job(command.settings)
+        return 0
+    except UserError as e:
+        print(f"jaxsft: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt as e:  # in training the first Ctrl-C saves and stops; this is the second
+        print(f"jaxsft: {e or 'interrupted before training started: nothing saved'}", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:
+        if distributed.is_multiprocess():
+            distributed.abort(e)  # exits at once: jax's exit hook would wait for processes that may be gone
+        raise
+
+
+def exit(code: int) -> None:
+    """End the process with `code`; a non-zero exit skips atexit, where jax's shutdown barrier would
+    wait for the processes of a multi-process job that are gone."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    if code:
+        os._exit(code)
+
+
+def entry_point() -> None:
+    """The `jaxsft-train` console script."""
+    import sys
+
+    from jaxsft import train
+
+    exit(train.main(sys.argv[1:]))

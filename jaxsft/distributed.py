@@ -22,7 +22,7 @@ _initialised = False
 
 
 def _setting(trainer_cfg, key: str, env: str, cast):
-    value = trainer_cfg.get(key) if trainer_cfg is not None else None
+    value = getattr(trainer_cfg, key, None) if trainer_cfg is not None else None
     if value is None and os.environ.get(env):
         value = os.environ[env]
     return cast(value) if value is not None else None
@@ -82,9 +82,37 @@ def maybe_initialize(trainer_cfg=None) -> bool:
     return jax.process_count() > 1
 
 
+def start(trainer) -> None:
+    """Pick the platform (`trainer.device`), start `jax.distributed` when asked, and check that
+    the platform asked for is the one JAX found — before anything is loaded."""
+    from jaxsft.config import ConfigError
+
+    if trainer.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    maybe_initialize(trainer)
+    if trainer.device in ("cuda", "gpu") and jax.default_backend() != "gpu":
+        raise ConfigError(f"trainer.device={trainer.device} (verl's default) but JAX found no GPU (it runs on "
+                          f"{jax.default_backend()}): install jax[cuda12] on a machine with a GPU, or set "
+                          f"trainer.device=cpu (or auto)")
+
+
 def is_multiprocess() -> bool:
     """Whether this process started `jax.distributed` with others (never initialises a backend)."""
     return _initialised and jax.process_count() > 1
+
+
+def abort(error: BaseException) -> None:
+    """End this process of a multi-process job at once with its cause in one line (exit 1)."""
+    import sys
+    import traceback
+
+    traceback.print_exc()
+    cause = (str(error).strip().splitlines() or [""])[0][:300]
+    print(f"[jaxsft] process {jax.process_index()} of {jax.process_count()} stopped: {type(error).__name__}: {cause}\n"
+          f"[jaxsft] a failed collective usually means another process died (its log has the cause); "
+          f"relaunch every process to resume from the last checkpoint", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def check_process_rows(mesh: jax.sharding.Mesh) -> None:
@@ -111,6 +139,10 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    return {k: global_array(v, sharding) for k, v in batch.items()}
 
 
 def global_array(local: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from jaxsft.config import ConfigError
 
 # ---- FLOPs ----------------------------------------------------------------------------------------
 
@@ -85,19 +85,6 @@ def peak_flops_per_device(device) -> float | None:
 
 # ---- logging --------------------------------------------------------------------------------------
 
-BACKENDS = ("console", "tqdm", "tensorboard", "file", "wandb")
-
-
-def parse_backends(spec) -> tuple[str, ...]:
-    """verl's list syntax: a list/tuple, one name, or a string such as "['console','file']"."""
-    if isinstance(spec, str):
-        spec = spec.strip().strip("[]()").split(",")
-    names = tuple(n for n in (str(s).strip().strip("'\"") for s in spec) if n)
-    for name in names:
-        if name not in BACKENDS:
-            raise ConfigError(f"trainer.logger: unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    return names
-
 
 def _scalar(v):
     """A python number (or string) from a python, numpy or jax scalar; reading a jax scalar syncs."""
@@ -108,44 +95,87 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+def trim_metrics_file(path: Path, last_step: int) -> int:
+    """Drop the rows of steps after `last_step` (logged after the checkpoint a run resumes from,
+    so the resumed run logs them again); returns how many were dropped. Atomic (tmp + rename)."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill mid-write
+        if step <= last_step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    dropped = len(lines) - len(keep)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsLogger:
     """Writes each `log(step, data)` to the chosen backends; a no-op off the main process.
 
     - console: `step:N - key:value - ...` on stdout (through tqdm.write when the bar is shown).
-    - tqdm: a progress bar over total_steps with ETA.
-    - tensorboard: tensorboardX events under $TENSORBOARD_DIR, else run_dir/tensorboard.
-    - file: run_dir/metrics.jsonl, one `{"step": N, "data": {...}}` per line, flushed per line,
-      appended to so a resumed run continues it (non-finite values are written as NaN/Infinity).
+    - tqdm: a progress bar over total_steps with ETA; shown also with `console` alone when stdout
+      is an interactive terminal (verl always shows one).
+    - tensorboard: tensorboardX events under $TENSORBOARD_DIR, else run_dir/tensorboard; events of
+      steps after `initial_step` (a resumed run's) are purged.
+    - file: run_dir/metrics.jsonl, one `{"step": N, "data": {...}}` per line, flushed per line;
+      a resumed run first drops the rows after `initial_step` and continues the file (non-finite
+      values are written as NaN/Infinity).
     - wandb: project, name = experiment_name, config = config_dict (entity from WANDB_ENTITY).
+
+    `backends` are checked names (`jaxsft.config.settings.LOGGERS`).
     """
 
     def __init__(self, backends, run_dir, project_name: str, experiment_name: str, config_dict: dict,
                  total_steps: int, is_main_process: bool = True, initial_step: int = 0):
-        names = parse_backends(backends)
+        names = tuple(backends)
         self._bar = self._tb = self._file = self._wandb = None
         self._active = is_main_process and bool(names)
         self._console = is_main_process and "console" in names
+        self.dropped_rows = 0
+        self._main, self._said = is_main_process, set()
         if not is_main_process:
             return
         run_dir = Path(run_dir)
-        if "tqdm" in names:
+        if "tqdm" in names or (self._console and sys.stdout.isatty()):
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
         if "tensorboard" in names:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=os.environ.get("TENSORBOARD_DIR") or str(run_dir / "tensorboard"))
+            # A unique file suffix: tensorboardX names files by the second and the host, so a relaunch
+            # within the same second would overwrite the earlier launch's events.
+            self._tb = SummaryWriter(logdir=os.environ.get("TENSORBOARD_DIR") or str(run_dir / "tensorboard"),
+                                     purge_step=initial_step + 1, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
         if "file" in names:
             run_dir.mkdir(parents=True, exist_ok=True)
+            self.dropped_rows = trim_metrics_file(run_dir / "metrics.jsonl", initial_step)
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if "wandb" in names:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("trainer.logger includes wandb but the wandb package is not installed: "
-                                  "pip install wandb or remove wandb from trainer.logger") from None
+            import wandb
+
             self._wandb = wandb.init(project=project_name, name=experiment_name, config=config_dict)
+
+    @classmethod
+    def for_run(cls, settings, run_dir, *, initial_step: int, last_step: int, say=print) -> "MetricsLogger":
+        """The logger of a run (process 0 writes); says when a resumed run drops rows of its metrics file."""
+        import jax
+
+        t = settings.trainer
+        logger = cls(t.logger, run_dir, t.project_name, t.experiment_name, settings.config, total_steps=last_step,
+                     is_main_process=jax.process_index() == 0, initial_step=initial_step)
+        if logger.dropped_rows:
+            say(f"[jaxsft] metrics.jsonl: dropped {logger.dropped_rows} row(s) logged after step {initial_step}, "
+                f"the step this run resumes from")
+        return logger
 
     def log(self, step: int, data: dict) -> None:
         if not self._active:
@@ -167,10 +197,21 @@ class MetricsLogger:
                 self._bar.set_postfix(loss=_fmt(row["train/loss"]), refresh=False)
         if self._console:
             line = " - ".join([f"step:{step}"] + [f"{k}:{_fmt(v)}" for k, v in row.items()])
-            if self._bar:
-                self._bar.write(line, file=sys.stdout)
-            else:
-                print(line, flush=True)
+            self.say(line)
+
+    def say_once(self, line: str) -> None:
+        if line not in self._said:
+            self._said.add(line)
+            self.say(line)
+
+    def say(self, line: str) -> None:
+        """A console line that does not break the progress bar (main process only)."""
+        if not self._main:
+            return
+        if self._bar:
+            self._bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
         if self._bar:

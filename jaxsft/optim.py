@@ -14,49 +14,58 @@ import optax
 _TORCH_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6)
 
 
-def warmup_steps(total_steps: int, ratio: float) -> int:
-    return int(total_steps * ratio)
+def warmup_steps(total_steps: int, ratio: float, steps: int = -1) -> int:
+    """verl: int(total × ratio); optim.lr_warmup_steps > 0 overrides it (verl's engine trainer)."""
+    return steps if steps > 0 else int(total_steps * ratio)
 
 
-def lr_multiplier(step, total_steps: int, warmup_steps: int, kind: str):
-    """verl's λ(s) for scheduler counter s (0-based; traced or python int) as a float32 scalar.
+def lr_multiplier(step, total_steps: int, warmup_steps: int, kind: str, min_lr_ratio: float = 0.0,
+                  num_cycles: float = 0.5):
+    """verl's λ(s) for scheduler counter s (0-based; traced or python int) as a float32 scalar
+    (verl 0.7.0 `get_cosine_schedule_with_warmup` / `get_wsd_schedule_with_warmup`, m = min_lr_ratio,
+    c = num_cycles).
 
-    cosine: linear warmup s/W, then 0.5·(1 + cos(π·p)), p = (s − W)/max(1, T − W) (min ratio 0,
-    half a cycle). wsd: warmup, then 1 for 90% of the remaining steps, a half-cosine down to 0 over
-    the rest, and 0 from T on. 0.5·(1 + cos(π·p)) is evaluated as sin²(π/2·(1 − p)) with 1 − p
-    formed from integers: identical in exact arithmetic, but float32 keeps full relative precision
-    near the end of the decay, where the cosine form cancels to a few significant digits.
+    Warmup: s/W. cosine: max(m, m + (1 − m)·½(1 + cos(2π·c·p))), p = (s − W)/max(1, T − W). wsd:
+    1 for 90% of the steps after warmup, then m + (1 − m)·max(0, ½(1 + cos(2π·c·p))) over the rest,
+    and m from T on. For the half cosine (c = ½), ½(1 + cos(π·p)) is evaluated as sin²(π/2·(1 − p))
+    with 1 − p formed from integers: identical in exact arithmetic, but float32 keeps full relative
+    precision near the end of the decay, where the cosine form cancels to a few significant digits.
     """
     s = jnp.asarray(step, jnp.float32)
     warm = s / max(1, warmup_steps)
 
-    def half_cosine(start, length):  # 0.5·(1 + cos(π·(s − start)/length))
-        return jnp.sin(0.5 * jnp.pi * ((start + length) - s) / length) ** 2
+    def decay_from(start, length):  # m + (1 − m)·½(1 + cos(2π·c·(s − start)/length)), floored at m
+        if num_cycles == 0.5:
+            half = jnp.sin(0.5 * jnp.pi * ((start + length) - s) / length) ** 2
+        else:
+            half = 0.5 * (1.0 + jnp.cos(2.0 * jnp.pi * num_cycles * (s - start) / length))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * jnp.maximum(half, 0.0)
 
     if kind == "cosine":
-        decay = half_cosine(warmup_steps, max(1, total_steps - warmup_steps))
+        decay = decay_from(warmup_steps, max(1, total_steps - warmup_steps))
     elif kind == "wsd":
         remaining = max(0, total_steps - warmup_steps)
         stable = int(remaining * 0.9)
-        cos = half_cosine(warmup_steps + stable, max(1, remaining - stable))
-        decay = jnp.where(s < warmup_steps + stable, 1.0, jnp.where(s < total_steps, cos, 0.0))
+        cos = decay_from(warmup_steps + stable, max(1, remaining - stable))
+        decay = jnp.where(s < warmup_steps + stable, 1.0, jnp.where(s < total_steps, cos, min_lr_ratio))
     else:
         raise ValueError(f"optim.lr_scheduler={kind!r} is not one of cosine, wsd")
     return jnp.where(s < warmup_steps, warm, decay)
 
 
 def make_optimizer(optim_cfg, total_steps: int, param_dtype):
-    """(tx, lr_schedule) for `optim.*`; lr_schedule(g − 1) is the lr of optimizer step g (1-based).
+    """(tx, lr_schedule) for the optim settings; lr_schedule(g − 1) is the lr of optimizer step g (1-based).
 
     tx = torch-exact global-norm clipping, then AdamW (decay on every parameter, as verl's single
     param group). First moments use optim.mu_dtype, else the parameter dtype; second moments always
     take the parameter dtype (optax), as torch does.
     """
-    w = warmup_steps(total_steps, optim_cfg.lr_warmup_steps_ratio)
+    w = warmup_steps(total_steps, optim_cfg.lr_warmup_steps_ratio, optim_cfg.lr_warmup_steps)
     base_lr, kind = float(optim_cfg.lr), optim_cfg.lr_scheduler
+    m, c = float(optim_cfg.min_lr_ratio), float(optim_cfg.num_cycles)
 
     def lr_schedule(count):
-        return base_lr * lr_multiplier(count, total_steps, w, kind)
+        return base_lr * lr_multiplier(count, total_steps, w, kind, m, c)
 
     b1, b2 = (float(b) for b in optim_cfg.betas)
     # Only the lr is injected, and in float32: by default inject_hyperparams would store every float

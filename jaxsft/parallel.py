@@ -48,6 +48,28 @@ def make_mesh(dp: int, sp: int, devices: Sequence[jax.Device] | None = None) -> 
     return jax.make_mesh((dp, sp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[:dp * sp])
 
 
+def mesh_for(settings) -> Mesh:
+    """The run's mesh: dp = devices / sp, after the batch settings are checked against it."""
+    from jaxsft import distributed
+    from jaxsft.config import check_devices
+
+    dp, sp = check_devices(settings, jax.device_count())
+    mesh = make_mesh(dp, sp)
+    distributed.check_process_rows(mesh)
+    return mesh
+
+
+def check_heads(model_config, mesh: Mesh) -> None:
+    """The model's heads must split over sp (Ulysses); a ConfigError naming the key otherwise."""
+    from jaxsft.config import ConfigError
+    from jaxsft.model.ulysses import check_ulysses
+
+    try:
+        check_ulysses(model_config.num_attention_heads, model_config.num_key_value_heads, mesh.shape["sp"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _size(mesh, axes) -> int:
     axes = (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)

@@ -45,12 +45,29 @@ class StepConfig:
     balance_dp_token: bool
     dp: int  # data-parallel size (rows of a micro-batch come in dp blocks)
     chunk_size: int  # cross-entropy chunk (tokens)
+    grad_accum_dtype: str = "float32"  # the sum of micro-batch gradients (K > 1): float32 | bfloat16
+    # K > 1: the backward pass adds the layer gradients into the running sum in place (one
+    # weight-sized buffer fewer); needs scan_layers and remat `full` (jaxsft.model.sink_scan)
+    accumulate_in_backward: bool = False
+
+    @classmethod
+    def of(cls, settings, mesh) -> "StepConfig":
+        t = settings.trainer
+        return cls(loss_normalization=t.loss_normalization, balance_dp_token=t.balance_dp_token, dp=mesh.shape["dp"],
+                   chunk_size=t.loss_chunk_size, grad_accum_dtype=settings.optim.grad_accum_dtype,
+                   accumulate_in_backward=accumulates_in_backward(settings.model))
 
 
-def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int):
+def accumulates_in_backward(model_settings) -> bool:
+    """Whether the train step can add layer gradients into the running sum during the backward
+    pass (jaxsft.model.sink_scan): scanned layers under the `full` policy."""
+    return model_settings.scan_layers and model_settings.remat_policy == "full"
+
+
+def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, grad_sink=None):
     """Per-row (Σ masked CE, Σ weights) of one micro-batch [rows, T], in float32."""
     model = nnx.merge(graphdef, params, rest)
-    hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"])
+    hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"], grad_sink=grad_sink)
     targets, weights = shift_targets(mb["input_ids"], mb["segment_ids"], mb["loss_mask"])
     return masked_ce_per_row(hidden, model.lm_head_kernel(), targets, weights, chunk_size)
 
@@ -83,8 +100,9 @@ def init_train_state(model, tx, mesh):
 
 
 def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig):
-    """Σ over the K micro-batches of the normalised loss and its gradients, summed in float32
-    (with K = 1 the gradients stay in the parameter dtype): returns (loss, grads, loss-token count)."""
+    """Σ over the K micro-batches of the normalised loss and its gradients, summed in
+    cfg.grad_accum_dtype (with K = 1 the gradients stay in the parameter dtype): returns (loss,
+    grads, loss-token count)."""
     num_micro = batch["input_ids"].shape[0]
     _, all_w = shift_targets(batch["input_ids"], batch["segment_ids"], batch["loss_mask"])
     total_weight = jnp.sum(all_w)
@@ -94,17 +112,29 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig):
         return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
 
     grad_fn = jax.value_and_grad(objective)
-    if num_micro == 1:  # nothing to sum: skip the float32 accumulator (28 GiB for a 7B)
+    if num_micro == 1:  # nothing to sum: skip the accumulator (28 GiB in float32 for a 7B)
         loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
         return loss, grads, total_weight
 
+    acc_dtype = jnp.dtype(cfg.grad_accum_dtype)
+
+    def sink_objective(p, sink, mb):
+        loss_rows, w_rows = row_losses(graphdef, p, rest, mb, cfg.chunk_size, grad_sink=sink)
+        return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
+
     def accumulate(carry, mb):
         loss_sum, grad_sum = carry
-        loss, grads = grad_fn(params, mb)
-        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        if cfg.accumulate_in_backward:  # the layers' "gradient" of the sink is the new running sum
+            loss, (grads, layers_sum) = jax.value_and_grad(sink_objective, argnums=(0, 1))(
+                params, grad_sum["layers"], mb)
+        else:
+            loss, grads = grad_fn(params, mb)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grad_sum, grads)
+        if cfg.accumulate_in_backward:
+            grad_sum["layers"] = layers_sum
         return (loss_sum + loss, grad_sum), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params)
     (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
     return loss, grads, total_weight
 
@@ -137,3 +167,20 @@ def make_eval_step(graphdef, rest, chunk_size: int):
         return jnp.sum(loss_rows), jnp.sum(w_rows)
 
     return eval_step
+
+
+def compile_steps(graphdef, rest, tx, lr_schedule, cfg: StepConfig, shardings, mesh):
+    """(train_step, eval_step) jitted: the train step donates the state and keeps its shardings."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = jax.jit(make_train_step(graphdef, rest, tx, lr_schedule, cfg), donate_argnums=0,
+                         out_shardings=(shardings, replicated))
+    return train_step, jax.jit(make_eval_step(graphdef, rest, cfg.chunk_size))
+
+
+def evaluate(eval_step, params, batches) -> tuple[float, float]:
+    """(Σ masked CE, Σ loss tokens) over `batches` (global arrays): divide once for the mean."""
+    total = count = 0.0
+    for batch in batches:
+        s, n = eval_step(params, batch)
+        total, count = total + float(s), count + float(n)
+    return total, count

@@ -1,8 +1,8 @@
 """Build a tiny random Qwen2 as a Hugging Face directory (for the smoke recipe and the benchmark).
 
-The directory is written the way a user's model directory looks — `config.json` by transformers,
-`model.safetensors`, `generation_config.json` and the tokenizer files — so the smoke run exercises
-the real HF loading path. Weights follow HF's init (normal, std = initializer_range; norms 1;
+The directory is written by the same code as an export (`jaxsft.hf`: `model.safetensors`, then
+config.json, generation_config.json and the tokenizer saved by transformers), so the smoke run
+exercises the real HF loading path. Weights follow HF's init (normal, std = initializer_range; norms 1;
 biases small random) from a fixed numpy seed, so no torch is needed at run time.
 """
 
@@ -58,21 +58,21 @@ def random_hf_tensors(config, seed: int = 0) -> dict[str, np.ndarray]:
 def ensure_tiny_model(model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, seed: int = 0,
                       **shape) -> Path:
     """Write a tiny random Qwen2 HF directory at `model_dir` unless one is already there."""
-    from safetensors.numpy import save_file
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
+
+    from jaxsft import hf
 
     model_dir = Path(model_dir)
     if (model_dir / "config.json").exists():
         return model_dir
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = hf.open_tokenizer(tokenizer_dir)
     vocab = ((len(tok) + 63) // 64) * 64  # padded like Qwen's embedding tables
     ids = dict(bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = tiny_qwen2_config(vocab, **shape, **ids)
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(tmp)
-    save_file(random_hf_tensors(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    hf.write_weights(random_hf_tensors(config, seed).items(), tmp, dtype="float32")
+    generation = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    hf.BaseModelFiles(config, generation, tok).write(tmp, dtype="float32")
     os.replace(tmp, model_dir)  # atomic: a half-written model directory is never used
     return model_dir

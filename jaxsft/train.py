@@ -1,263 +1,98 @@
-"""`python -m jaxsft.train --config configs/NAME.py --config.KEY=VALUE ...` — the whole SFT job.
+"""`python -m jaxsft.train [--config RECIPE] [KEY=VALUE ...]` — the whole SFT job, top to bottom.
 
-Read top to bottom: configuration → devices and mesh → data → model → optimizer and train state →
-resume → the loop (train step, metrics, validation, checkpoints, preemption) → final export.
-With no --config the smoke recipe runs.
+Settings resolved once (jaxsft.cli, jaxsft.config) → devices and mesh → run directory (locked,
+config.yaml) → base model, tokenizer, data → train state → resume → compiled steps → the loop:
+train step, metrics one step late, validation, checkpoints, preemption.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import signal
 import sys
 import time
-import traceback
-from pathlib import Path
 
-from absl import app, logging as absl_logging
-from ml_collections import config_flags
+import jax
 
-from jaxsft import cli
-from jaxsft.errors import UserError
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/NAME.py).", lock_config=True)
-_DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "smoke.py"
+from jaxsft import checkpoint, cli, data, distributed, hf, metrics, optim, parallel, plan, reporting, run_dir, step
 
 
-def main(argv) -> None:
-    del argv
-    import jax
-    import numpy as np
+class Trainer:
+    """`Trainer(settings).fit()`; each of `hooks` is called as hook(trainer, step) after every step."""
 
-    from jaxsft import checkpoint, config, data, distributed, hf, metrics, optim, parallel, step, tiny
-    from jaxsft.model.qwen2 import ModelSettings
-    from jaxsft.model.ulysses import check_ulysses
+    def __init__(self, settings, hooks=()):
+        s, self.settings, self.hooks = settings, settings, list(hooks)
+        distributed.start(s.trainer)  # first: nothing may touch a JAX backend before it
+        self.say = print if jax.process_index() == 0 else lambda *a, **k: None
+        self.mesh = parallel.mesh_for(s)
+        self.run = run_dir.RunDirectory(s.trainer.default_local_dir, primary=jax.process_index() == 0)
+        self.run.announce(s, self.mesh, self.say)
 
-    # ---- configuration, devices, mesh ---------------------------------------------------------
-    cfg = config.normalise(_CONFIG.value)
-    cfg.data.apply_chat_template_kwargs.update(cli.template_kwargs)
-    distributed.maybe_initialize(cfg.trainer)
-    n_dev = jax.device_count()
-    config.validate(cfg, num_devices=n_dev)
-    sp = cfg.ulysses_sequence_parallel_size
-    dp = n_dev // sp
-    mesh = parallel.make_mesh(dp, sp)
-    distributed.check_process_rows(mesh)
-    main_process = jax.process_index() == 0
-    run_dir = Path(cfg.trainer.default_local_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    say = print if main_process else (lambda *a, **k: None)
-    say(f"[jaxsft] {n_dev} device(s) ({jax.devices()[0].device_kind}), {jax.process_count()} process(es), "
-        f"mesh dp={dp} sp={sp}")
+        self.model_dir = hf.model_directory(s.model)
+        self.model_config = hf.read_config(self.model_dir)
+        hf.check_weights(self.model_dir, self.model_config)  # from the files' headers: before the data work
+        parallel.check_heads(self.model_config, self.mesh)
+        tokenizer = hf.load_tokenizer(self.model_dir, trust_remote_code=s.model.trust_remote_code)
+        train, val = data.build_datasets(s.data, tokenizer, vocab_size=self.model_config.vocab_size)
+        s = self.settings = plan.settle_auto(s, train, self.model_config, self.mesh, say=self.say)  # `auto` settings
+        self.data = data.RunData.build(s, train, val, pad_token_id=tokenizer.pad_token_id, dp=self.mesh.shape["dp"],
+                                       process_index=jax.process_index(), process_count=jax.process_count(), say=self.say)
 
-    # ---- data ---------------------------------------------------------------------------------
-    model_dir = Path(cfg.model.partial_pretrain)
-    if cfg.model.build_tiny_from:
-        if main_process and not (model_dir / "config.json").exists():
-            tiny.ensure_tiny_model(model_dir, cfg.model.build_tiny_from, seed=cfg.trainer.seed, **cfg.model.tiny)
-        # Unconditional: a process that already sees process 0's model must still meet it here.
-        distributed.barrier("tiny-model")
-    if not (model_dir / "config.json").is_file():  # else transformers would try to download it
-        raise config.ConfigError(f"model.partial_pretrain={str(model_dir)!r} is not a Hugging Face model directory "
-                                 f"(no config.json there); jaxsft reads local directories only")
-    tokenizer = data.load_tokenizer(model_dir)
-    train_set = data.build_dataset(cfg.data.train_files, cfg.data, tokenizer, split="train")
-    val_set = data.build_dataset(cfg.data.val_files, cfg.data, tokenizer, split="val") if cfg.data.val_files else None
-    loader = data.TrainLoader(
-        train_set, train_batch_size=cfg.data.train_batch_size, micro_batch_size_per_gpu=cfg.data.micro_batch_size_per_gpu,
-        dp=dp, max_length=cfg.data.max_length, packing=cfg.data.packing, seed=cfg.trainer.seed,
-        total_epochs=cfg.trainer.total_epochs, pad_token_id=tokenizer.pad_token_id,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    # verl: the schedule horizon comes from the epochs; total_training_steps only stops early.
-    steps_per_epoch = loader.steps_per_epoch
-    total_steps = steps_per_epoch * cfg.trainer.total_epochs
-    last_step = min(cfg.trainer.total_training_steps or total_steps, total_steps)
-    say(f"[jaxsft] {len(train_set)} train samples, {steps_per_epoch} steps/epoch, schedule over {total_steps} steps, "
-        f"running to step {last_step}")
+        model = hf.load_model(self.model_dir, self.mesh, s.model.compute_settings())
+        tx, lr_schedule = optim.make_optimizer(s.optim, self.data.total_steps, s.model.param_dtype)
+        with jax.set_mesh(self.mesh):
+            graphdef, rest, state, shardings = step.init_train_state(model, tx, self.mesh)
+        self.ckpt = checkpoint.Checkpointer.for_run(s, self.model_dir,
+                                                    export=lambda params: hf.export_tensors(params, self.model_config))
+        self.state = self.ckpt.resume(s.checkpoint, state, shardings, self.data.loader, say=self.say)
+        self.step = int(self.state["step"])
+        self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule,
+                                                             step.StepConfig.of(s, self.mesh), shardings, self.mesh)
+        self.preempted = checkpoint.PreemptionFlag()
 
-    # ---- model, optimizer, train state --------------------------------------------------------
-    model_config = hf.read_config(model_dir)
-    try:  # both name the offending key (model.* or ulysses_sequence_parallel_size)
-        settings = ModelSettings(param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
-                                 scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat_policy,
-                                 attn_implementation=cfg.model.attn_implementation)
-        check_ulysses(model_config.num_attention_heads, model_config.num_key_value_heads, sp)
-    except ValueError as e:
-        raise config.ConfigError(str(e)) from None
-    tx, lr_schedule = optim.make_optimizer(cfg.optim, total_steps, cfg.model.param_dtype)
-    with jax.set_mesh(mesh):
-        graphdef, rest, state, state_shardings = step.init_train_state(
-            hf.load_model(model_dir, mesh, settings), tx, mesh)
+    def fit(self) -> None:
+        s, last_step = self.settings, self.data.last_step
+        logger = metrics.MetricsLogger.for_run(s, self.run.path, initial_step=self.step, last_step=last_step, say=self.say)
+        reporter = reporting.StepReporter.for_run(logger, s, self.model_config, last_step=last_step)
+        with jax.set_mesh(self.mesh):
+            while self.step < last_step:
+                epoch, batch = next(self.data.loader)
+                t0 = time.perf_counter()
+                self.state, m = self.train_step(self.state, distributed.global_batch(batch, parallel.batch_sharding(self.mesh)))
+                self.step += 1
+                reporter.dispatched(self.step, m, epoch, self.data.step_lengths(), t0)
+                stop = self.preempted.check(self.step)  # every process agrees on the step to stop at
+                test_due, save_due = self.data.due(self.step, stop)
+                if test_due or save_due:
+                    reporter.flush()  # the step's time ends here: validating and saving are not training
+                    if test_due:
+                        self.validate(logger)
+                    if save_due:
+                        self.ckpt.save(self.step, self.state, data_state=self.data.loader.get_state(), meta={"epoch": epoch})
+                    reporter.restart_clock()
+                for hook in self.hooks:
+                    hook(self, self.step)
+                self.ckpt.poll()  # finish a completed background save (tracker, retention) without blocking
+                if stop:
+                    self.ckpt.wait()
+                    self.say(f"[jaxsft] preempted: saved step {self.step} to {self.ckpt.step_dir(self.step)}; exiting")
+                    break
+            reporter.flush()
+        for close in (self.ckpt.close, logger.close, self.preempted.restore, self.run.close):
+            close()
+        self.say(f"[jaxsft] done at step {self.step}; run directory {self.run.path}")
 
-    # ---- resume -------------------------------------------------------------------------------
-    ckpt = checkpoint.Checkpointer(cfg, process_index=jax.process_index())
-    resume_dir = checkpoint.resolve_resume(cfg.trainer)
-    if resume_dir is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-        restored, data_state, saved_meta = ckpt.restore(resume_dir, abstract)
-        state = {**state, **restored}  # entries not saved / not in load_contents start fresh
-        if "step" not in restored:
-            state["step"] = jax.device_put(np.int32(saved_meta["step"]), state_shardings["step"])
-        if data_state is not None:
-            loader.set_state(data_state)
-        say(f"[jaxsft] resumed from {resume_dir} at step {int(state['step'])}")
-    global_step = int(state["step"])
-
-    # ---- compiled steps -----------------------------------------------------------------------
-    step_cfg = step.StepConfig(loss_normalization=cfg.trainer.loss_normalization,
-                               balance_dp_token=cfg.data.balance_dp_token, dp=dp,
-                               chunk_size=cfg.trainer.loss_chunk_size)
-    batch_sharding = parallel.batch_sharding(mesh)
-    train_step = jax.jit(step.make_train_step(graphdef, rest, tx, lr_schedule, step_cfg),
-                         donate_argnums=0, out_shardings=(state_shardings, parallel.replicated(mesh)))
-    eval_step = jax.jit(step.make_eval_step(graphdef, rest, cfg.trainer.loss_chunk_size))
-
-    def put(batch, sharding):
-        return {k: distributed.global_array(v, sharding) for k, v in batch.items()}
-
-    def validate() -> float:
-        total = count = 0.0
-        for vb in data.val_batches(val_set, rows=dp * cfg.data.micro_batch_size_per_gpu, max_length=cfg.data.max_length,
-                                   pad_token_id=tokenizer.pad_token_id, process_index=jax.process_index(),
-                                   process_count=jax.process_count()):
-            with jax.set_mesh(mesh):
-                s, n = eval_step(state["params"], put(vb, parallel.eval_batch_sharding(mesh)))
-            total, count = total + float(s), count + float(n)
-        return total / max(count, 1.0)
-
-    # ---- the loop -----------------------------------------------------------------------------
-    logger = metrics.MetricsLogger(cfg.trainer.logger, run_dir, cfg.trainer.project_name, cfg.trainer.experiment_name,
-                                   cfg.to_dict(), total_steps=last_step, is_main_process=main_process,
-                                   initial_step=global_step)
-    flops_model = metrics.FlopCounter(model_config)
-    peak = cfg.trainer.peak_flops_per_device or metrics.peak_flops_per_device(jax.devices()[0])
-    preempted = checkpoint.PreemptionFlag()
-    meta = {"config": cfg.to_dict(), "base_model": str(model_dir.resolve())}
-    pending = None  # the previous step's metrics, read after the next step is dispatched (no host sync)
-    compile_done = False
-    t_last = time.perf_counter()
-
-    def report(p) -> None:
-        nonlocal t_last
-        g, m, host = p
-        m = jax.device_get(m)
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        row = {"train/loss": float(m["loss"]), "train/lr": float(m["lr"]), "train/grad_norm": float(m["grad_norm"]),
-               "train/loss_tokens": float(m["loss_tokens"]), "train/time(s)": dt,
-               "train/tokens_per_sec": float(host["lengths"].sum()) / dt,
-               "train/loss_tokens_per_sec": float(m["loss_tokens"]) / dt,
-               "train/epoch": host["epoch"]}
-        if peak:
-            row["train/mfu"] = flops_model.step_flops(host["lengths"]) / dt / (peak * n_dev)
-        if not math.isfinite(row["train/grad_norm"]):
-            say(f"[jaxsft] step {g}: non-finite gradient norm; update skipped (lr schedule advanced)")
-        logger.log(g, row)
-
-    with jax.set_mesh(mesh):
-        while global_step < last_step:
-            epoch, batch = next(loader)
-            # every sample of the step, on every process (not only this process's rows)
-            host = {"epoch": epoch, "lengths": loader.step_lengths(loader.next_step - 1)}
-            t0 = time.perf_counter()
-            state, m = train_step(state, put(batch, batch_sharding))
-            global_step += 1
-            if not compile_done:
-                jax.block_until_ready(m)
-                compile_s = time.perf_counter() - t0
-                logger.log(global_step, {"perf/compile_and_first_step(s)": compile_s})
-                compile_done, t_last = True, t0  # step 1's time includes the compilation
-                report((global_step, m, host))
-            else:
-                if pending is not None:
-                    report(pending)
-                pending = (global_step, m, host)
-            is_last = global_step >= last_step
-            test_due = val_set is not None and (is_last or (cfg.trainer.test_freq > 0 and global_step % cfg.trainer.test_freq == 0))
-            stop = preempted.check(global_step)  # all processes agree on the step to stop at
-            save_due = is_last or stop or (cfg.trainer.save_freq > 0 and global_step % cfg.trainer.save_freq == 0)
-            if (test_due or save_due) and pending is not None:
-                report(pending)
-                pending = None
-            if test_due:
-                logger.log(global_step, {"val/loss": validate()})
-            if save_due:
-                ckpt.save(global_step, state, data_state=loader.get_state(), meta={**meta, "epoch": epoch},
-                          export=lambda s=state: hf.export_tensors(s["params"], model_config))
-                t_last = time.perf_counter()
-            _test_hook(global_step, ckpt, preempted, say)
-            ckpt.poll()  # finish a completed background save (tracker, retention) without blocking
-            if stop:
-                ckpt.wait()
-                say(f"[jaxsft] preempted: saved step {global_step} to {ckpt.step_dir(global_step)}; exiting")
-                break
-        if pending is not None:
-            report(pending)
-    ckpt.close()
-    logger.close()
-    preempted.restore()
-    say(f"[jaxsft] done at step {global_step}; run directory {run_dir}")
+    def validate(self, logger) -> None:
+        """Token-weighted loss over every validation sample; nothing is logged when nothing is scored."""
+        total, count = step.evaluate(self.eval_step, self.state["params"], self.data.val_batches(self.mesh))
+        if count:
+            logger.log(self.step, {"val/loss": total / count})
+        else:
+            logger.say_once("[jaxsft] validation: no loss tokens in data.val_files (every row's targets are cut or "
+                            "absent); val/loss is not logged")
 
 
-def _test_hook(step: int, ckpt, preempted, say) -> None:
-    """Deterministic kill points for tests/test_resume.py, off unless JAXSFT_TEST_HOOK is set:
-    `kill_mid_save:N` SIGKILLs this process once step N's save has put its temporary directory
-    on disk (Orbax still writing, tracker not yet moved); `pause:N` completes step N's save, prints
-    a line and waits for a signal (then goes on to the next step), so a test can kill or preempt it
-    at a known step."""
-    hook = os.environ.get("JAXSFT_TEST_HOOK", "")
-    if not hook or hook.rsplit(":", 1)[1] != str(step):
-        return
-    if hook.startswith("kill_mid_save:"):
-        # Orbax may create the directory in its background thread: wait for it (or for the commit).
-        while not (list(ckpt.root.glob(f"{ckpt.step_dir(step).name}.orbax-checkpoint-tmp*"))
-                   or ckpt.step_dir(step).exists()):
-            time.sleep(0.001)
-        os.kill(os.getpid(), signal.SIGKILL)
-    if hook.startswith("pause:"):
-        ckpt.wait()
-        say(f"[jaxsft] test hook: paused after step {step}", flush=True)
-        while not preempted.is_set():
-            time.sleep(0.02)
-
-
-def _main_or_exit(argv) -> None:
-    """`main`; a user-input error prints one line and exits 2. In a multi-process job any error
-    ends this process at once with its cause in one line: otherwise jax's exit hook would wait at
-    a shutdown barrier for processes that may be gone, then abort with a C++ trace."""
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"jaxsft: error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)
-    except Exception as e:
-        from jaxsft import distributed
-
-        if not distributed.is_multiprocess():
-            raise
-        import jax
-
-        traceback.print_exc()
-        cause = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"[jaxsft] process {jax.process_index()} of {jax.process_count()} stopped: {type(e).__name__}: {cause}\n"
-              f"[jaxsft] a failed collective usually means another process died (its log has the cause); "
-              f"relaunch every process to resume from the last checkpoint", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
-
-
-def run() -> None:
-    """Console entry point: verl-style settings translated, the smoke recipe when no --config."""
-    sys.argv[1:] = cli.verl_style_overrides(sys.argv[1:])
-    cli.check_override_keys(sys.argv[1:])
-    sys.argv[1:] = cli.take_template_kwargs(sys.argv[1:])
-    if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
-        sys.argv[1:1] = [f"--config={_DEFAULT_RECIPE}"]
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(_main_or_exit)
+def main(argv: list[str], hooks=()) -> int:
+    return cli.run(argv, lambda settings: Trainer(settings, hooks).fit())
 
 
 if __name__ == "__main__":
-    run()
+    cli.exit(main(sys.argv[1:]))

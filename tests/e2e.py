@@ -16,7 +16,8 @@ SMOKE = str(ROOT / "configs" / "smoke.py")
 def env_for(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
     env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-                "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+                "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(ROOT)})  # this checkout's jaxsft, also for scripts run from tests/
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -37,9 +38,14 @@ def run_train(run_dir: Path, base_model: Path, *overrides: str, devices: int = 8
     return proc
 
 
-def start_train(run_dir: Path, base_model: Path, *overrides: str, devices: int = 8, **env) -> subprocess.Popen:
-    return subprocess.Popen(train_args(run_dir, base_model, *overrides), cwd=ROOT, env=env_for(devices, **env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_train(run_dir: Path, base_model: Path, *overrides: str, devices: int = 8, hook: str | None = None,
+                **env) -> subprocess.Popen:
+    """The trainer in the background; `hook` installs a kill point of tests/hooked_train.py."""
+    args = train_args(run_dir, base_model, *overrides)
+    if hook is not None:
+        args[1:3] = [str(ROOT / "tests" / "hooked_train.py"), hook]
+    return subprocess.Popen(args, cwd=ROOT, env=env_for(devices, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 
@@ -15,7 +16,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsft import checkpoint, config
+from cfg import settings
+
+from jaxsft import checkpoint
+from jaxsft.config import ConfigError
 from jaxsft.checkpoint import TRACKER, Checkpointer, CheckpointError, resolve_resume
 
 AUTO = (jax.sharding.AxisType.Auto,) * 2
@@ -57,16 +61,17 @@ def abstract(state, shape):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings(shape))
 
 
-def make_cfg(root, *, base=None, **trainer):
-    cfg = config.default_config()
-    cfg.trainer.default_local_dir = str(root)
-    cfg.model.partial_pretrain = str(base or root)
+def make_settings(root, **trainer):
+    keys = {"trainer.default_local_dir": str(root)}
     for k, v in trainer.items():
-        if k in ("save_contents", "load_contents", "async_save", "hf_dtype", "max_shard_size"):
-            cfg.trainer.checkpoint[k] = v
-        else:
-            cfg.trainer[k] = v
-    return cfg
+        in_checkpoint = k in ("save_contents", "load_contents", "async_save", "hf_dtype", "max_shard_size")
+        keys[f"trainer.checkpoint.{k}" if in_checkpoint else f"trainer.{k}"] = v
+    return settings(keys)
+
+
+def make_ckpt(root, *, base=None, **trainer) -> Checkpointer:
+    s = make_settings(root, **trainer)
+    return Checkpointer(s.checkpoint, base_model_dir=base or root, max_length=s.data.max_length)
 
 
 def host(tree):
@@ -83,14 +88,14 @@ def assert_identical(a, b):
 def test_round_trip_onto_other_meshes(tmp_path):
     state = make_state()
     expected = host(state)
-    ckpt = Checkpointer(make_cfg(tmp_path))
+    ckpt = make_ckpt(tmp_path)
     meta = {"config": {"data": {"max_length": 16}}, "epoch": 1, "base_model": "/models/x"}
     step_dir = ckpt.save(7, state, data_state={"epoch": 1, "position": 3}, meta=meta)
     jax.tree.map(lambda x: x.delete(), state)  # the next train step donates these buffers
     ckpt.close()
     assert step_dir == tmp_path / "global_step_7" and checkpoint.is_complete(step_dir)
     for shape in [(8, 1), (2, 4)]:
-        restored, data_state, got_meta = Checkpointer(make_cfg(tmp_path)).restore(step_dir, abstract(expected, shape))
+        restored, data_state, got_meta = make_ckpt(tmp_path).restore(step_dir, abstract(expected, shape))
         assert_identical(restored, expected)
         for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings(shape))):
             assert x.sharding == s
@@ -100,7 +105,7 @@ def test_round_trip_onto_other_meshes(tmp_path):
 
 
 def test_step_naming_and_tracker_written_after_completion(tmp_path):
-    ckpt = Checkpointer(make_cfg(tmp_path))
+    ckpt = make_ckpt(tmp_path)
     ckpt.save(3, make_state(), data_state={"position": 0})
     assert not (tmp_path / TRACKER).exists()  # the background write is not yet known to be complete
     ckpt.wait()
@@ -121,7 +126,7 @@ def test_step_naming_and_tracker_written_after_completion(tmp_path):
 
 def test_retention_counts_directories_of_earlier_launches(tmp_path):
     state = make_state()
-    first = Checkpointer(make_cfg(tmp_path, max_ckpt_to_keep=2))
+    first = make_ckpt(tmp_path, max_ckpt_to_keep=2)
     for s in (1, 2, 3):
         first.save(s, state)
     first.close()
@@ -129,7 +134,7 @@ def test_retention_counts_directories_of_earlier_launches(tmp_path):
 
     # A second launch (resumed at 3) keeps counting the directories already on disk.
     (tmp_path / "global_step_9").mkdir()  # an abandoned run's leftover goes before real steps
-    second = Checkpointer(make_cfg(tmp_path, max_ckpt_to_keep=2))
+    second = make_ckpt(tmp_path, max_ckpt_to_keep=2)
     second.save(4, state)
     second.wait()
     assert sorted(checkpoint.step_dirs(tmp_path)) == [3, 4]
@@ -138,7 +143,7 @@ def test_retention_counts_directories_of_earlier_launches(tmp_path):
     assert sorted(checkpoint.step_dirs(tmp_path)) == [4, 5]
     assert (tmp_path / TRACKER).read_text() == "5"
 
-    keep_all = Checkpointer(make_cfg(tmp_path, max_ckpt_to_keep=None))
+    keep_all = make_ckpt(tmp_path, max_ckpt_to_keep=None)
     keep_all.save(6, state)
     keep_all.close()
     assert sorted(checkpoint.step_dirs(tmp_path)) == [4, 5, 6]
@@ -146,7 +151,7 @@ def test_retention_counts_directories_of_earlier_launches(tmp_path):
 
 def test_incomplete_latest_step_is_skipped(tmp_path, caplog):
     state = make_state()
-    ckpt = Checkpointer(make_cfg(tmp_path))
+    ckpt = make_ckpt(tmp_path)
     for s in (1, 2):
         ckpt.save(s, state)
     ckpt.close()
@@ -174,7 +179,7 @@ def test_incomplete_latest_step_is_skipped(tmp_path, caplog):
 
     # Resuming from step 1 and saving step 2 or 3 again replaces the leftovers.
     (tmp_path / "global_step_2" / "commit_success.txt").unlink()
-    again = Checkpointer(make_cfg(tmp_path))
+    again = make_ckpt(tmp_path)
     again.save(2, state)
     again.save(3, state)
     again.close()
@@ -182,20 +187,20 @@ def test_incomplete_latest_step_is_skipped(tmp_path, caplog):
     assert checkpoint.latest_complete(tmp_path) == tmp_path / "global_step_3"
 
 
-def test_hf_export_lands_inside_the_step_before_the_tracker(tmp_path):
+def test_hf_export_lands_inside_the_step_before_the_tracker(tmp_path, base_model):
     base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 8}))
+    shutil.copytree(base_model, base)
+    (base / "config.json").write_text(json.dumps({**json.loads((base / "config.json").read_text()),
+                                                  "max_position_embeddings": 8}))
     root = tmp_path / "run"
-    cfg = make_cfg(root, base=base, save_contents=("model", "hf_model"), hf_dtype="bfloat16")
+    ckpt = make_ckpt(root, base=base, save_contents=("model", "hf_model"), hf_dtype="bfloat16")
     state = make_state()
-    ckpt = Checkpointer(cfg)
     ckpt.save(2, state, export=lambda: iter(state["params"].items()))
     assert not (root / "global_step_2" / "huggingface").exists() and not (root / TRACKER).exists()
     ckpt.close()
     hf_dir = root / "global_step_2" / "huggingface"
     hf_config = json.loads((hf_dir / "config.json").read_text())
-    assert hf_config["dtype"] == "bfloat16" and hf_config["max_position_embeddings"] == cfg.data.max_length
+    assert hf_config["dtype"] == "bfloat16" and hf_config["max_position_embeddings"] == settings().data.max_length
     assert (hf_dir / "model.safetensors").is_file() and (root / TRACKER).read_text() == "2"
     assert checkpoint.is_complete(root / "global_step_2")
     (hf_dir / "config.json").unlink()  # a step that was to carry an export is incomplete without it
@@ -205,18 +210,18 @@ def test_hf_export_lands_inside_the_step_before_the_tracker(tmp_path):
 def test_save_and_load_contents(tmp_path):
     state = make_state()
     expected = host(state)
-    model_only = Checkpointer(make_cfg(tmp_path / "a", save_contents=("model",)))
+    model_only = make_ckpt(tmp_path / "a", save_contents=("model",))
     model_only.save(1, state, data_state={"position": 1})
     model_only.close()
-    restored, data_state, meta = Checkpointer(make_cfg(tmp_path / "a")).restore(
+    restored, data_state, meta = make_ckpt(tmp_path / "a").restore(
         tmp_path / "a" / "global_step_1", abstract(expected, (8, 1)))
     assert list(restored) == ["params"] and data_state is None and meta["save_contents"] == ["model"]
     assert_identical(restored["params"], expected["params"])
 
-    full = Checkpointer(make_cfg(tmp_path / "b"))
+    full = make_ckpt(tmp_path / "b")
     full.save(1, state, data_state={"position": 1})
     full.close()
-    reader = Checkpointer(make_cfg(tmp_path / "b", load_contents=("model", "extra")))
+    reader = make_ckpt(tmp_path / "b", load_contents=("model", "extra"))
     restored, data_state, _ = reader.restore(tmp_path / "b" / "global_step_1", abstract(expected, (2, 4)))
     assert sorted(restored) == ["params", "step"] and data_state == {"position": 1}
     assert_identical(restored["step"], expected["step"])
@@ -225,16 +230,16 @@ def test_save_and_load_contents(tmp_path):
     assert isinstance(on_host["w"], np.ndarray) and on_host["w"].tobytes() == expected["params"]["w"].tobytes()
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     assert checkpoint.restore_entry(tmp_path / "b" / "global_step_1", "step", cpu).sharding == cpu
-    with pytest.raises(CheckpointError, match="save_contents"):
-        Checkpointer(make_cfg(tmp_path / "c", save_contents=("model", "weights")))
+    with pytest.raises(ConfigError, match=r"trainer\.checkpoint\.save_contents has \['weights'\]"):
+        make_ckpt(tmp_path / "c", save_contents=("model", "weights"))
 
 
 def test_resolve_resume(tmp_path):
     def trainer(**kw):
-        return make_cfg(tmp_path / "run", **kw).trainer
+        return make_settings(tmp_path / "run", **kw).checkpoint
 
     assert resolve_resume(trainer(resume_mode="auto")) is None  # nothing saved yet
-    ckpt = Checkpointer(make_cfg(tmp_path / "run"))
+    ckpt = make_ckpt(tmp_path / "run")
     ckpt.save(4, make_state())
     ckpt.close()
     step4 = tmp_path / "run" / "global_step_4"
@@ -243,8 +248,9 @@ def test_resolve_resume(tmp_path):
     assert resolve_resume(trainer(resume_mode="resume_path", resume_from_path=str(step4))) == step4
     assert resolve_resume(trainer(resume_mode="auto", resume_from_path=str(step4))) == step4
 
+    with pytest.raises(ConfigError, match="needs trainer.resume_from_path"):
+        trainer(resume_mode="resume_path")
     for kw, message in [
-        (dict(resume_mode="resume_path"), "needs trainer.resume_from_path"),
         (dict(resume_mode="resume_path", resume_from_path=str(tmp_path / "nope")), "does not exist"),
         (dict(resume_mode="auto", resume_from_path=str(tmp_path)), "is not a global_step_N directory"),
     ]:
@@ -276,7 +282,7 @@ def test_async_versus_sync_save_cost(tmp_path):
     mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
     timings = {}
     for mode in ("sync", "async"):
-        ckpt = Checkpointer(make_cfg(tmp_path / mode, async_save=mode == "async"))
+        ckpt = make_ckpt(tmp_path / mode, async_save=mode == "async")
         ckpt.save(1, state)  # warm-up (first save compiles and creates the layout)
         ckpt.wait()
         t0 = time.perf_counter()

@@ -2,10 +2,10 @@
 
 import pyarrow.parquet as pq
 import pytest
+from cfg import settings
 from transformers import AutoTokenizer
 
 from jaxsft import bundled
-from jaxsft.config import default_config, normalise
 from jaxsft.data import TrainLoader, build_dataset, load_tokenizer
 
 TRAIN = str(bundled.path("humaneval_chat", "train.parquet"))
@@ -18,11 +18,7 @@ def tok():
 
 
 def cfg(max_length):
-    c = default_config()
-    c.data.multiturn.enable = True
-    c.data.max_length = max_length
-    c.data.truncation = "right"
-    return normalise(c).data
+    return settings({"data.multiturn.enable": True, "data.max_length": max_length, "data.truncation": "right"}).data
 
 
 def test_tokenizer_loads_like_a_qwen_tokenizer():

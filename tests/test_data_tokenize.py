@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cfg import settings
 
 from jaxsft import bundled
-from jaxsft.config import default_config, normalise
 from jaxsft.data import DataError, DataWarning, build_dataset, load_tokenizer
 from jaxsft.data.tokenize import ChatEncoder
 
@@ -23,16 +23,8 @@ def tok():
 
 
 def data_cfg(**overrides):
-    c = default_config()
-    c.data.multiturn.enable = True
-    c.data.max_length = 4096
-    for k, v in overrides.items():
-        node = c.data
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return normalise(c).data
+    keys = {"data.multiturn.enable": True, "data.max_length": 4096}
+    return settings({**keys, **{f"data.{k}": v for k, v in overrides.items()}}).data
 
 
 def write(tmp_path, columns, name="d.parquet"):
@@ -179,7 +171,8 @@ def test_truncation_modes(tok, tmp_path):
     full = build(tok, tmp_path, [chat])
     ids, mask = full.tokens(0)
     n, t = len(ids), 60
-    right = build(tok, tmp_path, [chat], max_length=t, truncation="right")
+    short = [user("2+2?"), assistant("4")]  # a row that keeps its targets (all rows at zero is an error)
+    right = build(tok, tmp_path, [chat, short], max_length=t, truncation="right")
     assert right.tokens(0)[0].tolist() == ids[:t].tolist() and right.tokens(0)[1].tolist() == mask[:t].tolist()
     assert right.loss_tokens[0] == 0 and right.stats["truncated"] == 1  # the user turn fills the window
     left = build(tok, tmp_path, [chat], max_length=t, truncation="left")
@@ -197,3 +190,29 @@ def test_summary_and_max_samples(tok, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("[jaxsft] train data: 4 rows from 2 file(s); tokens per row p50") == 1
     assert "0 row(s) with zero loss tokens" in out and f"{int(ds.loss_tokens.sum())} loss tokens" in out
+
+
+def test_a_turn_shorter_than_the_generation_prompt_masks_no_more_than_its_tokens(tmp_path):
+    """Issue 10: a Qwen3-style template whose generation prompt holds an empty think block (13
+    tokens here) and a one-token answer (6 tokens alone). The turn is all prompt, as in verl, and
+    the next row's mask is not shifted; every such turn is counted in one warning."""
+    from reference.verl_cases import TEMPLATES
+
+    tok3 = load_tokenizer(bundled.path("tokenizer"))
+    tok3.chat_template = TEMPLATES["qwen3_thinking_off_by_default"]
+    path = write(tmp_path, {"messages": [[user("2+2?"), assistant("4")], [user("Colours?"), assistant("Blue, red and green.")]]})
+    with pytest.warns(DataWarning) as caught:
+        ds = build_dataset(path, data_cfg(ignore_input_ids_mismatch=True), tok3, verbose=False)
+    enc = ChatEncoder(tok3)
+    assert len(enc.generation_prompt) == 13
+    for i in range(2):
+        ids, mask = ds.tokens(i)
+        assert len(ids) == len(mask) and ds.offsets[i + 1] - ds.offsets[i] == len(ids)
+    assert targets(tok3, ds, 0) == "" and ds.loss_tokens[0] == 0
+    # verl's count: the first 13 tokens of the turn are not targets, 10 of them the turn's own
+    assert targets(tok3, ds, 1) == tok3.decode(tok3("<|im_start|>assistant\nBlue, red and green.<|im_end|>\n",
+                                                    add_special_tokens=False)["input_ids"][13:])
+    (warning,) = [str(w.message) for w in caught if "do not start with" in str(w.message)]
+    assert warning == (f"2 assistant turn(s) of {path} (first: {path} row 0) do not start with the template's generation "
+                       f"prompt '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'; as in verl, the first 13 tokens of "
+                       f"each are not targets, so 13 of their own tokens are not trained")

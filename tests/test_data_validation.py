@@ -3,9 +3,9 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cfg import settings
 
 from jaxsft import bundled
-from jaxsft.config import default_config, normalise
 from jaxsft.data import DataError, DataWarning, build_dataset, load_tokenizer
 
 OK = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -17,10 +17,7 @@ def tok():
 
 
 def cfg(multiturn=True, **overrides):
-    c = default_config()
-    c.data.multiturn.enable = multiturn
-    c.data.update(overrides)
-    return normalise(c).data
+    return settings({"data.multiturn.enable": multiturn, **{f"data.{k}": v for k, v in overrides.items()}}).data
 
 
 def write(tmp_path, table, name="bad.parquet"):

@@ -16,7 +16,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from jaxsft.export import INDEX_FILE, SINGLE_FILE, parse_size, write_hf_directory
+from jaxsft.hf import INDEX_FILE, SINGLE_FILE, parse_size, write_hf_directory
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "jaxsft" / "assets" / "tokenizer"
 
@@ -44,6 +44,18 @@ def load(out: Path, dtype: torch.dtype):
     return model
 
 
+def assert_same_metadata(out: Path, base_dir: Path) -> None:
+    """Generation config and tokenizer are saved by transformers (not copied): the same objects."""
+    assert transformers.GenerationConfig.from_pretrained(out).to_dict() == \
+        transformers.GenerationConfig.from_pretrained(base_dir).to_dict()
+    ours, theirs = transformers.AutoTokenizer.from_pretrained(out), transformers.AutoTokenizer.from_pretrained(base_dir)
+    assert type(ours) is type(theirs) and ours.get_vocab() == theirs.get_vocab()
+    assert ours.chat_template == theirs.chat_template and ours.special_tokens_map == theirs.special_tokens_map
+    chat = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "def f():\n    return 1"}]
+    assert ours.apply_chat_template(chat, tokenize=True, return_dict=False) == \
+        theirs.apply_chat_template(chat, tokenize=True, return_dict=False)
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def base(request, tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("base"), tied=request.param), request.param
@@ -58,8 +70,7 @@ def test_round_trip_single_file(base, tmp_path, dtype):
     assert ("lm_head.weight" in load_file(out / SINGLE_FILE)) is (not tied)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == cfg["torch_dtype"] == dtype and cfg["max_position_embeddings"] == 256
-    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        assert (out / name).read_bytes() == (base_dir / name).read_bytes()
+    assert_same_metadata(out, base_dir)
 
     torch_dtype = getattr(torch, dtype)
     expected = load(base_dir, torch.float32).to(torch_dtype).state_dict()  # torch's own fp32 → bf16 rounding
@@ -67,8 +78,6 @@ def test_round_trip_single_file(base, tmp_path, dtype):
     assert got.keys() == expected.keys()
     for k in expected:
         assert got[k].dtype == torch_dtype and torch.equal(got[k], expected[k]), k
-    assert transformers.AutoTokenizer.from_pretrained(out).encode("hello world") == \
-        transformers.AutoTokenizer.from_pretrained(base_dir).encode("hello world")
 
 
 def test_sharded_with_index(base, tmp_path):
@@ -117,7 +126,7 @@ def test_parse_size():
 _MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from jaxsft.export import write_hf_directory
+    from jaxsft.hf import BaseModelFiles, write_hf_directory
 
     base, out, dtype = sys.argv[1:4]
     shapes = {"model.embed_tokens.weight": (4096, 1024), "lm_head.weight": (4096, 1024)}
@@ -133,9 +142,10 @@ _MEMORY_PROBE = textwrap.dedent("""
         for name, p in params.items():
             yield name, np.array(p)
 
+    files = BaseModelFiles.read(base)  # config and tokenizer: a fixed cost, not the streaming measured here
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
     before = rss("VmRSS:")
-    write_hf_directory(gathered(), out, base_model_dir=base, dtype=dtype, max_shard_size="20MB")
+    write_hf_directory(gathered(), out, base=files, dtype=dtype, max_shard_size="20MB")
     print(json.dumps({"growth": rss("VmHWM:") - before, "model": sum(p.nbytes for p in params.values()),
                       "largest": max(p.nbytes for p in params.values())}))
 """)

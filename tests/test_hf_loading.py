@@ -250,7 +250,7 @@ def test_config_refusals(change, sentence):
 
 
 def test_missing_config_json(tmp_path):
-    with pytest.raises(FileNotFoundError, match="must be a Hugging Face model directory"):
+    with pytest.raises(hf.ModelDirError, match="must be a Hugging Face model directory"):
         hf.read_config(tmp_path)
 
 

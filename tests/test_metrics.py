@@ -55,14 +55,14 @@ def read_jsonl(path):
 
 
 def test_file_sink_appends_and_holds_every_key(tmp_path):
-    def logger():
-        return metrics.MetricsLogger(["file"], tmp_path, "p", "e", {}, total_steps=3)
+    def logger(initial_step=0):
+        return metrics.MetricsLogger(["file"], tmp_path, "p", "e", {}, total_steps=3, initial_step=initial_step)
 
     lg = logger()
     lg.log(1, {"train/loss": jnp.float32(2.5), "train/lr": np.float32(1e-5), "train/loss_tokens": jnp.int32(7)})
     lg.log(1, {"val/loss": 2.25})
     lg.close()
-    lg = logger()  # a resumed run continues the same file
+    lg = logger(initial_step=1)  # a run resumed from step 1 continues the same file
     lg.log(2, {"train/loss": 2.0, "train/grad_norm": float("nan")})
     lg.close()
     rows = read_jsonl(tmp_path / "metrics.jsonl")
@@ -72,8 +72,32 @@ def test_file_sink_appends_and_holds_every_key(tmp_path):
     assert set(rows[2]["data"]) == {"train/loss", "train/grad_norm"} and np.isnan(rows[2]["data"]["train/grad_norm"])
 
 
-def read_scalars(event_dir):
-    """(tag, step, value) from tensorboard event files (TFRecord: len, crc, data, crc)."""
+def test_a_resumed_run_drops_the_rows_after_its_checkpoint(tmp_path, monkeypatch):
+    """Killed after step 3 with the last checkpoint at step 2: the relaunch logs step 3 again, so
+    the first launch's step-3 rows go (metrics.jsonl and tensorboard), and nothing is duplicated."""
+    monkeypatch.delenv("TENSORBOARD_DIR", raising=False)
+    first = metrics.MetricsLogger(["file", "tensorboard"], tmp_path, "p", "e", {}, total_steps=4)
+    for step in (1, 2, 3):
+        first.log(step, {"train/loss": float(10 - step)})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "da')  # a line cut by the kill
+    again = metrics.MetricsLogger(["file", "tensorboard"], tmp_path, "p", "e", {}, total_steps=4, initial_step=2)
+    assert again.dropped_rows == 2
+    again.log(3, {"train/loss": 6.5})
+    again.log(4, {"train/loss": 6.0})
+    again.close()
+    assert [(r["step"], r["data"]["train/loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == \
+        [(1, 9.0), (2, 8.0), (3, 6.5), (4, 6.0)]
+    # TensorBoard drops the events of steps >= 3 written before a START session log at step 3.
+    events = read_events(tmp_path / "tensorboard")
+    purge = [i for i, e in enumerate(events) if e.session_log.status == e.session_log.START and e.step == 3]
+    first_step3 = [i for i, e in enumerate(events) if e.step == 3 and e.summary.value]
+    assert purge and first_step3[0] < purge[-1] < first_step3[-1]
+
+
+def read_events(event_dir):
+    """Every event of the tensorboard event files, in the order written (TFRecord: len, crc, data, crc)."""
     from tensorboardX.proto import event_pb2
 
     out = []
@@ -82,15 +106,19 @@ def read_scalars(event_dir):
         pos = 0
         while pos < len(buf):
             (n,) = struct.unpack("<Q", buf[pos:pos + 8])
-            event = event_pb2.Event.FromString(buf[pos + 12:pos + 12 + n])
+            out.append(event_pb2.Event.FromString(buf[pos + 12:pos + 12 + n]))
             pos += 12 + n + 4
-            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
-    return out
+    return sorted(out, key=lambda e: e.wall_time)  # stable: file order within one writer
+
+
+def read_scalars(event_dir):
+    """(tag, step, value) from tensorboard event files."""
+    return [(v.tag, e.step, v.simple_value) for e in read_events(event_dir) for v in e.summary.value]
 
 
 def test_tensorboard_events_written(tmp_path, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_DIR", raising=False)
-    lg = metrics.MetricsLogger("['tensorboard']", tmp_path, "p", "e", {}, total_steps=2)
+    lg = metrics.MetricsLogger(["tensorboard"], tmp_path, "p", "e", {}, total_steps=2)
     lg.log(1, {"train/loss": jnp.float32(3.0)})
     lg.log(2, {"train/loss": 2.0, "train/lr": 1e-5})
     lg.close()
@@ -113,7 +141,7 @@ def test_console_format(tmp_path, capsys):
 
 
 def test_console_with_tqdm_and_non_main_process(tmp_path, capsys):
-    lg = metrics.MetricsLogger("console,tqdm", tmp_path, "p", "e", {}, total_steps=4, initial_step=1)
+    lg = metrics.MetricsLogger(("console", "tqdm"), tmp_path, "p", "e", {}, total_steps=4, initial_step=1)
     lg.log(2, {"train/loss": 1.0})
     lg.log(3, {"train/loss": 0.5})
     lg.close()
@@ -128,10 +156,27 @@ def test_console_with_tqdm_and_non_main_process(tmp_path, capsys):
     assert capsys.readouterr().out == "" and not (tmp_path / "other").exists()
 
 
-def test_unknown_backend_and_missing_wandb_name_the_key(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="trainer.logger.*'mlflow'"):
-        metrics.MetricsLogger(["console", "mlflow"], tmp_path, "p", "e", {}, total_steps=1)
-    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
-    with pytest.raises(ValueError, match="trainer.logger") as err:
-        metrics.MetricsLogger(["wandb"], tmp_path, "p", "e", {}, total_steps=1)
+def test_missing_wandb_is_named_before_anything_runs(monkeypatch):
+    from cfg import settings
+
+    from jaxsft.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ConfigError, match="trainer.logger includes wandb .* not installed") as err:
+        settings({"trainer.logger": ["console", "wandb"]})
     assert "\n" not in str(err.value)
+
+
+def test_a_progress_bar_on_an_interactive_console(tmp_path, capsys, monkeypatch):
+    """verl's default loggers are console and wandb, and verl always shows a bar: so does jaxsft
+    when stdout is a terminal (and not in a log file)."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    lg = metrics.MetricsLogger(("console",), tmp_path, "p", "e", {}, total_steps=2)
+    lg.log(1, {"train/loss": 1.0})
+    lg.close()
+    assert "1/2" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    lg = metrics.MetricsLogger(("console",), tmp_path, "p", "e", {}, total_steps=2)
+    lg.log(1, {"train/loss": 1.0})
+    lg.close()
+    assert "1/2" not in capsys.readouterr().err

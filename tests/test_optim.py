@@ -31,6 +31,47 @@ def verl_wsd(s, total, warmup):
     return 0.0
 
 
+# verl 0.7.0's get_cosine_schedule_with_warmup / get_wsd_schedule_with_warmup with a floor m and
+# c cosine cycles (verl/utils/torch_functional.py), in plain python
+def verl_cosine_general(s, total, warmup, m, c):
+    if s < warmup:
+        return s / max(1, warmup)
+    p = (s - warmup) / max(1, total - warmup)
+    return max(m, math.cos(math.pi * c * 2.0 * p) * (1 - m) * 0.5 + (1 + m) * 0.5)
+
+
+def verl_wsd_general(s, total, warmup, m, c):
+    remaining = max(0, total - warmup)
+    stable = int(remaining * 0.9)
+    decay = remaining - stable
+    if s < warmup:
+        return s / max(1, warmup)
+    if s < warmup + stable:
+        return 1.0
+    if s < total:
+        value = max(0.0, 0.5 * (1.0 + math.cos(math.pi * c * 2.0 * (s - warmup - stable) / max(1, decay))))
+        return (1.0 - m) * value + m
+    return m
+
+
+@pytest.mark.parametrize("kind, reference", [("cosine", verl_cosine_general), ("wsd", verl_wsd_general)])
+@pytest.mark.parametrize("m, c", [(0.1, 0.5), (0.0, 1.0), (0.25, 0.3), (1.0, 0.5)])
+def test_min_lr_ratio_and_num_cycles_follow_verl(kind, reference, m, c):
+    total, w = 50, 5
+    steps = list(range(total + 2))
+    want = np.array([reference(s, total, w, m, c) for s in steps])
+    got = np.array([float(optim.lr_multiplier(s, total, w, kind, m, c)) for s in steps])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    if m > 0:
+        assert got[w:total].min() >= m * (1 - 1e-6)  # the floor holds
+
+
+def test_lr_warmup_steps_overrides_the_ratio():
+    assert optim.warmup_steps(100, 0.1) == 10 and optim.warmup_steps(100, 0.1, 3) == 3
+    _, lr_schedule = optim.make_optimizer(optim_cfg(lr=1.0, lr_warmup_steps=4, lr_warmup_steps_ratio=0.5), 100, "float32")
+    assert [float(lr_schedule(s)) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
 def optim_cfg(**overrides):
     cfg = default_config().optim
     cfg.update(overrides)

@@ -5,7 +5,7 @@ train/loss (and lr, grad norm, loss-token count, epoch) as an unbroken run, bit 
 retention across the two launches, resuming on another mesh, and what a save costs the loop.
 
 The run: 24 samples, 8 per step → 3 steps per epoch, 2 epochs, 6 steps (step 3 ends epoch 0).
-Kill points are made deterministic by the trainer's JAXSFT_TEST_HOOK (see jaxsft/train.py).
+Kill points are made deterministic by a Trainer hook (tests/hooked_train.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from cfg import settings as settings_for_test
 from e2e import losses, metrics, run_train, start_train
 
-from jaxsft import checkpoint, config, hf, optim, parallel, step
+from jaxsft import checkpoint, hf, optim, parallel, step
 from jaxsft.checkpoint import TRACKER, Checkpointer
 from jaxsft.model.qwen2 import ModelSettings
 
@@ -48,7 +49,7 @@ def reference(base_model, tmp_path_factory):
 
 
 def wait_for_pause(proc: subprocess.Popen, step: int) -> None:
-    """Read the trainer's output until JAXSFT_TEST_HOOK=pause:`step` says it is waiting."""
+    """Read the trainer's output until the hook pause:`step` says it is waiting."""
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -64,7 +65,7 @@ def resumed_at(proc: subprocess.CompletedProcess) -> str:
 def test_sigkill_after_complete_save_at_epoch_end(base_model, reference, tmp_path):
     """Killed once step 3 (the last of epoch 0) is saved and tracked: the restart starts epoch 1."""
     args = (*FAST, "--config.trainer.save_freq=3")
-    proc = start_train(tmp_path, base_model, *args, JAXSFT_TEST_HOOK="pause:3")
+    proc = start_train(tmp_path, base_model, *args, hook="pause:3")
     wait_for_pause(proc, 3)
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
@@ -79,7 +80,7 @@ def test_sigkill_mid_async_save_and_retention_across_launches(base_model, refere
     """Saving every step, keeping 2: killed while Orbax still writes step 3. The restart skips it,
     resumes from step 2 and saves steps 3-6; the two launches never leave more than 2 steps."""
     args = (*FAST, "--config.trainer.save_freq=1", "--config.trainer.max_ckpt_to_keep=2")
-    proc = start_train(tmp_path, base_model, *args, JAXSFT_TEST_HOOK="kill_mid_save:3")
+    proc = start_train(tmp_path, base_model, *args, hook="kill_mid_save:3")
     out = proc.communicate()[0]
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
     assert (tmp_path / TRACKER).read_text() == "2"
@@ -99,7 +100,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(base_model, reference, tmp_p
     """No periodic saves: SIGTERM during step 4 (mid-epoch 1) saves step 4 and exits 0; the same
     command then runs steps 5 and 6."""
     args = (*FAST, "--config.trainer.save_freq=-1")
-    proc = start_train(tmp_path, base_model, *args, JAXSFT_TEST_HOOK="pause:3")
+    proc = start_train(tmp_path, base_model, *args, hook="pause:3")
     wait_for_pause(proc, 3)
     proc.send_signal(signal.SIGTERM)  # the hook resumes the loop: step 4 runs, then the stop
     out = proc.communicate(timeout=300)[0]
@@ -134,7 +135,7 @@ def test_save_cost_async_vs_sync(base_model, tmp_path):
     """What a save costs the train loop, async vs sync, on the smoke model's train state (parameters
     and Adam moments), in-process, saving every 3rd of 9 steps: printed for the record, since CPU
     timings on a shared machine are too noisy to assert on."""
-    cfg = config.default_config()
+    cfg = settings_for_test()
     settings = ModelSettings(param_dtype="float32", compute_dtype="float32", remat_policy="none",
                              attn_implementation="xla")
     mesh = parallel.make_mesh(8, 1)
@@ -155,9 +156,9 @@ def test_save_cost_async_vs_sync(base_model, tmp_path):
             nonlocal state
             ckpt = None
             if mode != "none":
-                cfg.trainer.default_local_dir = str(tmp_path / f"{mode}{round_}")
-                cfg.trainer.checkpoint.async_save = mode == "async"
-                ckpt = Checkpointer(cfg)
+                s = settings_for_test({"trainer.default_local_dir": str(tmp_path / f"{mode}{round_}"),
+                                       "trainer.checkpoint.async_save": mode == "async"})
+                ckpt = Checkpointer(s.checkpoint, base_model_dir=base_model, max_length=s.data.max_length)
             blocked = 0.0
             for s in range(steps + 1):
                 if s == 1:  # the first step and save are warm-up (compilation, directory layout)

@@ -1,12 +1,15 @@
 """`python -m jaxsft.train` with the smoke recipe, as the README runs it: one CPU device, the
-bundled tokenizer and chats, a tiny random Qwen2 written as an HF directory first."""
+bundled tokenizer and chats, a tiny random Qwen2 written as an HF directory first (at the recipe's
+own relative path, under the working directory); run again, it resumes from its last step."""
 
 import math
+import subprocess
+import sys
 import time
 
 import pytest
 
-from e2e import metrics, run_train
+from e2e import env_for, metrics
 
 KEYS = ("train/loss", "train/lr", "train/grad_norm", "train/time(s)", "train/tokens_per_sec",
         "train/loss_tokens_per_sec", "train/loss_tokens", "train/mfu", "train/epoch")
@@ -17,8 +20,14 @@ def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
     t0 = time.perf_counter()
     # peak_flops_per_device: CPUs have no known peak, so give one to have train/mfu logged.
-    proc = run_train(root / "run", root / "base_model", "--config.trainer.peak_flops_per_device=1e11", devices=1)
-    return root / "run", proc, time.perf_counter() - t0
+    proc = smoke(root, "trainer.peak_flops_per_device=1e11")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root / "runs" / "smoke", proc, time.perf_counter() - t0
+
+
+def smoke(cwd, *settings):
+    return subprocess.run([sys.executable, "-m", "jaxsft.train", "--config", "smoke", *settings], cwd=cwd,
+                          env=env_for(1), capture_output=True, text=True, timeout=600)
 
 
 def test_smoke_loss_falls_and_every_metric_is_logged(smoke_run):
@@ -45,3 +54,13 @@ def test_smoke_saves_and_exports(smoke_run):
     export = run_dir / "global_step_9" / "huggingface"
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
         assert (export / name).exists(), name
+
+
+def test_smoke_run_again_resumes_and_logs_nothing_twice(smoke_run):
+    """The same command in the same directory (relative paths): resumes from step 9, the last."""
+    run_dir, _, _ = smoke_run
+    again = smoke(run_dir.parent.parent)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resumed from {run_dir.resolve()}/global_step_9 at step 9" in again.stdout
+    steps = [r["step"] for r in metrics(run_dir) if "train/loss" in r["data"]]
+    assert steps == list(range(1, 10))

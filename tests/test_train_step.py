@@ -10,9 +10,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
+from cfg import settings
 import torch
 import transformers
 
@@ -41,11 +41,8 @@ def model_dir(tmp_path_factory):
 
 
 def optim_cfg(**kw):
-    c = ml_collections.ConfigDict(dict(optimizer="AdamW", lr=LR, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-8,
-                                       lr_warmup_steps_ratio=0.0, clip_grad=1.0, lr_scheduler="cosine",
-                                       mu_dtype=None))
-    c.update(kw)
-    return c
+    keys = {"optim.lr": LR, "optim.lr_warmup_steps_ratio": 0.0, **{f"optim.{k}": v for k, v in kw.items()}}
+    return settings(keys).optim
 
 
 def padded_batch(seed, K, R, T, vocab=128):

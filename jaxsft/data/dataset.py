@@ -9,18 +9,9 @@ from typing import Any
 import numpy as np
 
 from jaxsft.data import source
+from jaxsft.data.checks import check_loss_tokens, check_vocab
 from jaxsft.data.errors import DataError, DataWarning
 from jaxsft.data.tokenize import ChatEncoder, PairEncoder, truncate
-
-
-def load_tokenizer(model_dir, trust_remote_code: bool = False):
-    """The model directory's tokenizer; a missing pad token falls back to eos (as verl does)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 class TokenizedDataset:
@@ -55,71 +46,71 @@ class TokenizedDataset:
     def from_samples(cls, samples: list[tuple[np.ndarray, np.ndarray]], origins: list[tuple[str, int]],
                      stats: dict[str, Any] | None = None) -> "TokenizedDataset":
         lengths = np.array([len(ids) for ids, _ in samples], np.int64)
+        # One mask entry per token, checked per row: a longer mask would shift every later
+        # sample's mask in the flat array (training the next sample's prompt).
+        short = np.flatnonzero(lengths != np.array([len(mask) for _, mask in samples], np.int64))
+        if short.size:
+            file, row = origins[short[0]]
+            raise AssertionError(f"{file} row {row}: {lengths[short[0]]} tokens but {len(samples[short[0]][1])} "
+                                 f"loss-mask entries (a bug in jaxsft's tokenisation, not in the data)")
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         ids = np.concatenate([s[0] for s in samples]).astype(np.int32)
         mask = np.concatenate([s[1] for s in samples]).astype(np.int8)
         return cls(ids, mask, offsets, origins, stats)
 
 
-def _cfg(cfg, dotted: str, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if hasattr(node, "get") else None
-        if node is None:
-            return default
-    return node
-
-
-def build_dataset(files, data_cfg, tokenizer, *, split: str = "train", verbose: bool | None = None) -> TokenizedDataset:
-    """Read, check and tokenise `files` (one path or a list) with the `data.*` settings in
-    `data_cfg`; print the summary once (on process 0 unless `verbose` says otherwise)."""
+def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool | None = None,
+                  vocab_size: int | None = None) -> TokenizedDataset:
+    """Read, check and tokenise `files` (one path or a list) with the data settings `data`
+    (`jaxsft.config.settings.DataSettings`); print the summary once (on process 0 unless `verbose`
+    says otherwise). `vocab_size` (the model's) refuses token ids the model cannot embed."""
     t0 = time.perf_counter()
     paths = source.file_list(files)
-    max_length = int(_cfg(data_cfg, "max_length", 1024))
-    mode = _cfg(data_cfg, "truncation", "error")
-    if mode not in ("error", "left", "right"):
-        raise DataError(f"data.truncation={mode!r} is not one of error, left, right")
-    max_rows = int(_cfg(data_cfg, f"{split}_max_samples", -1))
-    remaining = max_rows if max_rows > 0 else None
-    template_kwargs = dict(_cfg(data_cfg, "apply_chat_template_kwargs", {}) or {})
-
-    multiturn = bool(_cfg(data_cfg, "multiturn.enable", False))
-    if multiturn:
-        encoder = ChatEncoder(tokenizer, template_kwargs,
-                              enable_thinking_default=_cfg(data_cfg, "enable_thinking_default"),
-                              ignore_mismatch=bool(_cfg(data_cfg, "ignore_input_ids_mismatch", False)))
-        # verl's older spellings under data.multiturn win when given (config.normalise does the same)
-        keys = {k: _cfg(data_cfg, f"multiturn.{k}") or _cfg(data_cfg, k, d) for k, d in
-                (("messages_key", "messages"), ("tools_key", "tools"), ("enable_thinking_key", "enable_thinking"))}
+    max_length, mode = data.max_length, data.truncation
+    remaining = data.max_samples(split)
+    template_kwargs = dict(data.apply_chat_template_kwargs)
+    if data.multiturn:
+        encoder = ChatEncoder(tokenizer, template_kwargs, enable_thinking_default=data.enable_thinking_default,
+                              ignore_mismatch=data.ignore_input_ids_mismatch)
     else:
         encoder = PairEncoder(tokenizer, template_kwargs)
 
-    samples, origins, raw_lengths, truncated = [], [], [], 0
+    samples, origins, raw_lengths, raw_loss_tokens = [], [], [], []
     for path in paths:
         if remaining == 0:
             break
-        if multiturn:
-            rows = source.read_chats(path, limit=remaining, **keys)
+        if data.multiturn:
+            rows = source.read_chats(path, messages_key=data.messages_key, tools_key=data.tools_key,
+                                     enable_thinking_key=data.enable_thinking_key, limit=remaining)
         else:
-            rows = source.read_pairs(path, prompt_key=_cfg(data_cfg, "prompt_key", "question"),
-                                     response_key=_cfg(data_cfg, "response_key", "answer"),
-                                     prompt_dict_keys=_cfg(data_cfg, "prompt_dict_keys"),
-                                     response_dict_keys=_cfg(data_cfg, "response_dict_keys"), limit=remaining)
+            rows = source.read_pairs(path, prompt_key=data.prompt_key, response_key=data.response_key,
+                                     prompt_dict_keys=data.prompt_dict_keys, response_dict_keys=data.response_dict_keys,
+                                     limit=remaining)
         for r, (ids, mask) in enumerate(encoder.encode(rows, path)):
             raw_lengths.append(len(ids))
-            truncated += len(ids) > max_length
+            raw_loss_tokens.append(int(mask[1:].sum()))
             samples.append(truncate(ids, mask, max_length, mode, path, r))
             origins.append((path, r))
         if remaining is not None:
             remaining -= len(rows)
-    if multiturn and encoder.mismatched_rows:
+    if data.multiturn and encoder.mismatched_rows:
         warnings.warn(f"{encoder.mismatched_rows} row(s) of {', '.join(paths)} differ from the whole-conversation "
                       f"rendering; trained on the per-message tokens (data.ignore_input_ids_mismatch=true)", DataWarning)
+    if data.multiturn and encoder.unprompted_turns:
+        file, row = encoder.unprompted_example
+        warnings.warn(f"{encoder.unprompted_turns} assistant turn(s) of {', '.join(paths)} (first: {file} row {row}) do not "
+                      f"start with the template's generation prompt {tokenizer.decode(encoder.generation_prompt)!r}; as in "
+                      f"verl, the first {len(encoder.generation_prompt)} tokens of each are not targets, so "
+                      f"{encoder.untrained_tokens} of their own tokens are not trained", DataWarning)
 
     seconds = time.perf_counter() - t0
-    stats = {"rows": len(samples), "raw_lengths": np.asarray(raw_lengths, np.int64), "truncated": truncated,
+    raw = np.asarray(raw_lengths, np.int64)
+    stats = {"rows": len(samples), "raw_lengths": raw, "truncated": int((raw > max_length).sum()),
              "seconds": seconds, "files": paths, "split": split, "truncation": mode, "max_length": max_length}
     dataset = TokenizedDataset.from_samples(samples, origins, stats)
+    check_vocab(dataset, tokenizer, vocab_size)
+    check_loss_tokens(dataset, split=split, raw_loss_tokens=np.asarray(raw_loss_tokens, np.int64),
+                      truncated=raw > max_length)
     if _main_process() if verbose is None else verbose:
         print(summary(dataset), flush=True)
     return dataset

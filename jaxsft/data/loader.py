@@ -78,22 +78,12 @@ class TrainLoader:
     def __init__(self, dataset: TokenizedDataset, *, train_batch_size: int, micro_batch_size_per_gpu: int, dp: int,
                  max_length: int, packing: str = "none", seed: int = 0, total_epochs: int = 1, pad_token_id: int = 0,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2, verbose: bool | None = None):
+        # Settings are checked where they are resolved (jaxsft.config); what depends on the data is checked here.
         n, b = len(dataset), micro_batch_size_per_gpu
-        if dp < 1 or b < 1 or train_batch_size < 1 or total_epochs < 1:
-            raise DataError(f"dp={dp}, data.train_batch_size={train_batch_size}, data.micro_batch_size_per_gpu={b} "
-                            f"and trainer.total_epochs={total_epochs} must all be positive")
-        if train_batch_size % dp:
-            raise DataError(f"data.train_batch_size={train_batch_size} is not divisible by the data-parallel size dp={dp}")
         per_rank = train_batch_size // dp
-        if per_rank % b:
-            raise DataError(f"data.train_batch_size / dp = {per_rank} is not divisible by data.micro_batch_size_per_gpu={b}")
         if n < train_batch_size:
             raise DataError(f"data.train_batch_size={train_batch_size} is larger than the {n} training samples: "
                             f"an epoch would have no step (incomplete batches are dropped, as in verl)")
-        if packing not in ("none", "first_fit", "best_fit"):
-            raise DataError(f"data.packing={packing!r} is not one of none, first_fit, best_fit")
-        if seed < 0:
-            raise DataError(f"trainer.seed={seed} must be non-negative (it seeds the data order)")
         _check_lengths(dataset, max_length)
         self.dataset, self.seed, self.packing, self.pad_token_id = dataset, seed, packing, pad_token_id
         self.train_batch_size, self.micro_batch_size, self.dp, self.max_length = train_batch_size, b, dp, max_length
@@ -112,6 +102,15 @@ class TrainLoader:
         self._next = 0
         steps = grain.MapDataset.range(self.total_steps).map(self._step)
         self._iter = iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
+
+    @classmethod
+    def for_run(cls, dataset: TokenizedDataset, settings, *, dp: int, pad_token_id: int, process_index: int = 0,
+                process_count: int = 1) -> "TrainLoader":
+        """The loader of a run with `settings` (`jaxsft.config.Settings`)."""
+        d, t = settings.data, settings.trainer
+        return cls(dataset, train_batch_size=d.train_batch_size, micro_batch_size_per_gpu=d.micro_batch_size_per_gpu,
+                   dp=dp, max_length=d.max_length, packing=d.packing, seed=t.seed, total_epochs=t.total_epochs,
+                   pad_token_id=pad_token_id, process_index=process_index, process_count=process_count)
 
     # ---- what a step holds ----------------------------------------------------------------------
 

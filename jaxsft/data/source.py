@@ -38,7 +38,12 @@ def open_table(path: str, required: dict[str, str], optional: tuple[str, ...] = 
     if os.path.isdir(path):
         raise DataError(at(path, None, "is a directory, not a parquet file"))
     try:
-        pf = pq.ParquetFile(path)
+        open(path, "rb").close()
+    except OSError as e:
+        raise DataError(at(path, None, f"cannot be read ({e.strerror})")) from None
+    try:
+        # Page checksums are verified where the writer stored them (pyarrow: write_page_checksum=True).
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
         raise DataError(at(path, None, f"not a parquet file ({e})")) from None
     names = pf.schema_arrow.names
@@ -48,8 +53,76 @@ def open_table(path: str, required: dict[str, str], optional: tuple[str, ...] = 
     if pf.metadata.num_rows == 0:
         raise DataError(at(path, None, "no rows"))
     columns = list(required) + [c for c in optional if c in names and c not in required]
-    table = pf.read(columns=columns)
+    for column in columns:
+        if names.count(column) > 1:
+            raise DataError(at(path, None, f"column '{column}' appears {names.count(column)} times in the file; "
+                                           f"keep one (or rename the others)"))
+    return _read_row_groups(pf, path, columns, limit)
+
+
+def _read_row_groups(pf: pq.ParquetFile, path: str, columns: list[str], limit: int | None) -> pa.Table:
+    """Row group by row group (only those `limit` needs), so a damaged one is named."""
+    tables, first = [], 0
+    for g in range(pf.num_row_groups):
+        if limit is not None and first >= limit:
+            break
+        n = pf.metadata.row_group(g).num_rows
+        try:
+            tables.append(pf.read_row_group(g, columns=columns))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(at(path, None, f"row group {g} (rows {first}-{first + n - 1}) cannot be read, the file is "
+                                           f"damaged ({e}); write or copy it again")) from None
+        first += n
+    table = pa.concat_tables(tables)
     return table.slice(0, limit) if limit is not None else table
+
+
+def column_values(path: str, table: pa.Table, column: str, keep: tuple[str, ...] = ()) -> list:
+    """The column's cells as Python objects holding what each row holds.
+
+    Arrow stores a column of dicts as one struct type, the union of the keys of all rows: a row
+    without key `k` reads back as `k: None`. Those nulls are dropped here (a null the user wrote
+    in a struct column cannot be told apart from them and is dropped too; store such values as a
+    JSON string, which is kept as written). Fields named in `keep` stay on the outermost struct.
+    Map cells become dicts (their keys are the row's own)."""
+    chunked = table.column(column)
+    try:
+        values = chunked.to_pylist()
+    except UnicodeDecodeError:
+        _raise_bad_text(path, chunked, column)
+    t = chunked.type
+    return [_plain(v, t, keep) for v in values] if _nested(t) else values
+
+
+def _nested(t: pa.DataType) -> bool:
+    if pa.types.is_struct(t) or pa.types.is_map(t):
+        return True
+    return _is_list(t) and _nested(t.value_type)
+
+
+def _plain(value, t: pa.DataType, keep: tuple[str, ...] = ()):
+    if value is None:
+        return None
+    if pa.types.is_map(t):  # to_pylist gives (key, value) pairs
+        return {k: _plain(v, t.item_type) for k, v in value}
+    if pa.types.is_struct(t):
+        return {f.name: _plain(value[f.name], f.type) for f in t
+                if value[f.name] is not None or f.name in keep}
+    if _is_list(t):
+        return [_plain(v, t.value_type, keep) for v in value]
+    return value
+
+
+def _raise_bad_text(path: str, chunked: pa.ChunkedArray, column: str):
+    """Find the row whose text is not UTF-8 (only on this error path: row by row)."""
+    for i in range(len(chunked)):
+        try:
+            chunked.slice(i, 1).to_pylist()
+        except UnicodeDecodeError as e:
+            raise DataError(at(path, i, f"column '{column}' holds text that is not valid UTF-8 ({e.reason}: byte "
+                                        f"0x{e.object[e.start]:02x} of a string; a lone surrogate or other bytes that "
+                                        f"are not text); write the file with UTF-8 strings")) from None
+    raise AssertionError(f"{path}: column '{column}' failed to decode as a whole but not row by row")
 
 
 def _is_list(t: pa.DataType) -> bool:
@@ -87,48 +160,113 @@ def read_chats(path: str, *, messages_key: str, tools_key: str, enable_thinking_
         t = table.schema.field(tools_key).type
         _check_type(path, table, tools_key, pa.types.is_null(t) or _is_list(t) or _is_string(t),
                     "a list of tool specs or a JSON string")
-        tools = table.column(tools_key).to_pylist()
+        tools = column_values(path, table, tools_key)
     thinking = [None] * n
     if enable_thinking_key in table.column_names:
-        t = table.schema.field(enable_thinking_key).type
-        _check_type(path, table, enable_thinking_key, pa.types.is_null(t) or pa.types.is_boolean(t), "bool")
-        thinking = table.column(enable_thinking_key).to_pylist()
+        thinking = _thinking(path, table, enable_thinking_key)
 
-    rows, silent = [], []
-    for i, messages in enumerate(table.column(messages_key).to_pylist()):
+    rows, silent, opted_out = [], [], 0
+    for i, messages in enumerate(column_values(path, table, messages_key, keep=("role", "content"))):
+        _decode_tool_calls(messages or (), path, i)
         check_messages(messages, path, i)
         if not any(m["role"] == "assistant" for m in messages):
             silent.append(i)
+        opted_out += sum(m["role"] == "assistant" and m.get("loss_mask") == 0 for m in messages)
         rows.append(ChatRow(messages, _tools(tools[i], path, i), thinking[i]))
     if silent:
         shown = ", ".join(map(str, silent[:20])) + (", ..." if len(silent) > 20 else "")
         warnings.warn(at(path, None, f"{len(silent)} row(s) have no assistant turn and train nothing: rows {shown}"),
                       DataWarning, stacklevel=2)
+    if opted_out:
+        warnings.warn(at(path, None, f"{opted_out} assistant message(s) carry loss_mask=0, a per-message field only verl's "
+                                     f"Sep-Nov 2025 dataset honoured; as in verl since, they are trained"),
+                      DataWarning, stacklevel=2)
     return rows
+
+
+def _thinking(path: str, table: pa.Table, column: str) -> list[bool | None]:
+    """A bool column, or 0/1 numbers (pandas stores a bool column with gaps as floats, NaN for null)."""
+    t = table.schema.field(column).type
+    _check_type(path, table, column, pa.types.is_null(t) or pa.types.is_boolean(t) or pa.types.is_integer(t)
+                or pa.types.is_floating(t), "bool")
+    values = table.column(column).to_pylist()
+    if pa.types.is_boolean(t) or pa.types.is_null(t):
+        return values
+    out = []
+    for i, v in enumerate(values):
+        if v is None or v != v:  # null or NaN
+            out.append(None)
+        elif v in (0, 1):
+            out.append(bool(v))
+        else:
+            raise DataError(at(path, i, f"{column} is {v!r}; expected true/false (or 1/0)"))
+    return out
 
 
 def check_messages(messages, path: str, row: int) -> None:
     if not messages:
         raise DataError(at(path, row, "empty conversation"))
     for j, m in enumerate(messages):
+        if m is None:
+            raise DataError(at(path, row, f"message {j} is null"))
         role = m.get("role")
         if role not in ROLES:
             raise DataError(at(path, row, f"message {j} has unknown role {role!r} (expected system, user, assistant or tool)"))
         content = m.get("content")
+        if isinstance(content, list):
+            raise DataError(at(path, row, f"message {j} ({role}) has content as a list of parts (multimodal); only text "
+                                          f"content (a string) can be trained: join the text parts into one string"))
         # An assistant turn that only calls tools may have no content (the template skips it).
         if not isinstance(content, str) and not (content is None and role == "assistant" and m.get("tool_calls")):
             raise DataError(at(path, row, f"message {j} ({role}) has non-string content of type {type(content).__name__}"))
 
 
+def _decode_tool_calls(messages: list[dict], path: str, row: int) -> None:
+    """`tool_calls` stored as one JSON string per message (a list of calls) is decoded in place: a
+    template iterating the string would render (and train) one bogus call per character."""
+    for j, m in enumerate(messages):
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(calls, str):
+            continue
+        calls = _json(calls, path, row, f"message {j} tool_calls") if calls.strip() else None
+        if calls is not None and not isinstance(calls, list):
+            raise DataError(at(path, row, f"message {j} tool_calls must be a list of calls, got {type(calls).__name__}"))
+        if calls:
+            m["tool_calls"] = calls
+        else:
+            del m["tool_calls"]
+
+
 def _tools(value, path: str, row: int):
+    """A row's tool specs: a list of specs (dicts or JSON strings) or one JSON string of the list.
+    An empty string or list means no tools (the template sees a false value, as in verl)."""
+    per_spec_json = not isinstance(value, str)  # a list<string> column holds one JSON object per tool
     if isinstance(value, str):  # tool specs are often stored as one JSON string
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise DataError(at(path, row, f"tools is not valid JSON ({e})")) from None
+        if not value.strip():
+            return None
+        value = _json(value, path, row, "tools")
         if value is not None and not isinstance(value, list):
             raise DataError(at(path, row, f"tools must be a list of tool specs, got {type(value).__name__}"))
-    return value or None
+    specs = []
+    for k, spec in enumerate(value or ()):
+        if isinstance(spec, str) and per_spec_json:
+            spec = _json(spec, path, row, f"tools[{k}]")
+        if not isinstance(spec, dict):
+            raise DataError(at(path, row, f"tools[{k}] is {type(spec).__name__}, not a tool spec (a JSON object)"))
+        specs.append(spec)
+    return specs or None
+
+
+def _json(text: str, path: str, row: int, what: str):
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a "\ud800" escape decodes to a lone surrogate
+    except json.JSONDecodeError as e:
+        raise DataError(at(path, row, f"{what} is not valid JSON ({e})")) from None
+    except UnicodeEncodeError:
+        raise DataError(at(path, row, f"{what} holds a lone surrogate (a \\ud800-\\udfff escape without its pair), "
+                                      f"which is not text")) from None
+    return value
 
 
 # ---- single-turn ------------------------------------------------------------------------------
@@ -146,7 +284,7 @@ def read_pairs(path: str, *, prompt_key: str, response_key: str, prompt_dict_key
             _check_type(path, table, column, pa.types.is_struct(t), f"a struct (data.{name}_dict_keys={keys} index into it)")
         else:
             _check_type(path, table, column, _is_string(t), "string")
-        columns.append((column, name, keys, table.column(column).to_pylist()))
+        columns.append((column, name, keys, column_values(path, table, column)))
     pairs = []
     for i in range(table.num_rows):
         pair = []

@@ -13,6 +13,8 @@ verl). Two cases verl gets wrong are handled correctly here:
 - an assistant message first in the conversation does not supervise the default system block the
   template puts in front of it (verl masks only the generation prompt there).
 
+Checked row by row against verl 0.7.0's own MultiTurnSFTDataset: tests/test_data_verl_masks.py.
+
 Rows are rendered to text and then tokenised in batches: the same ids as `apply_chat_template(...,
 tokenize=True)`, which tokenises the rendered text with `add_special_tokens=False`.
 """
@@ -64,17 +66,25 @@ class ChatEncoder:
         self.ignore_mismatch = ignore_mismatch
         # verl's derivation: the default system block is what one empty user turn renders beyond
         # the length of a user block; the generation prompt is what add_generation_prompt appends.
-        # (Computed with data.apply_chat_template_kwargs, as verl does since its May 2026 fix.)
+        # Without data.apply_chat_template_kwargs, as verl 0.7.0 (the release of record): with
+        # them, a Qwen3 template with enable_thinking=false adds its empty think block to the
+        # generation prompt, which a lone assistant turn does not render, so up to 10 of each
+        # turn's own tokens would go untrained (verl 0.9.1 forwards them and has that problem).
         empty = {"role": "user", "content": ""}
         where = "the tokenizer's chat template on empty user turns"
         one, two, gen = _encode(tokenizer, [
-            _render(tokenizer, [empty], path=where, row=None, **self.kwargs),
-            _render(tokenizer, [empty, empty], path=where, row=None, **self.kwargs),
-            _render(tokenizer, [empty], path=where, row=None, add_generation_prompt=True, **self.kwargs)])
+            _render(tokenizer, [empty], path=where, row=None),
+            _render(tokenizer, [empty, empty], path=where, row=None),
+            _render(tokenizer, [empty], path=where, row=None, add_generation_prompt=True)])
         block = len(two) - len(one)
         self.system_prefix = one[:len(one) - block]
         self.generation_prompt = gen[len(one):]
         self.mismatched_rows = 0
+        # Assistant turns that do not start with the generation prompt (e.g. a Qwen3 template with
+        # enable_thinking=false: the prompt ends in an empty think block, a lone turn has none).
+        # verl masks len(generation_prompt) tokens regardless, and so does this; counted for a warning.
+        self.unprompted_turns = self.untrained_tokens = 0
+        self.unprompted_example: tuple[str, int] | None = None
 
     def _row_kwargs(self, row: ChatRow) -> dict[str, Any]:
         thinking = row.enable_thinking if row.enable_thinking is not None else self.enable_thinking_default
@@ -108,9 +118,12 @@ class ChatEncoder:
                 toks = toks[len(sp):]  # count-based, as verl: the default system block of a lone message
             ids += toks
             if role == "assistant":
-                skip = len(gp)
-                if start == 0 and sp and toks[:len(sp)] == sp:
-                    skip += len(sp)
+                head = len(sp) if start == 0 and sp and toks[:len(sp)] == sp else 0
+                if toks[head:head + len(gp)] != gp:
+                    self._note_unprompted_turn(toks[head:], path, row)
+                # A turn shorter than the generation prompt is all prompt (verl's slice assignment
+                # clamps the same way); never more mask entries than tokens.
+                skip = min(head + len(gp), len(toks))
                 mask += [0] * skip + [1] * (len(toks) - skip)
             else:
                 mask += [0] * len(toks)
@@ -123,6 +136,13 @@ class ChatEncoder:
                                               f"to train on the per-message tokens (verl's behaviour)"))
             self.mismatched_rows += 1
         return np.asarray(ids, np.int32), np.asarray(mask, np.int8)
+
+    def _note_unprompted_turn(self, turn: list[int], path: str, row: int) -> None:
+        gp = self.generation_prompt
+        same = next((k for k, (a, b) in enumerate(zip(turn, gp)) if a != b), min(len(turn), len(gp)))
+        self.unprompted_turns += 1
+        self.untrained_tokens += min(len(gp), len(turn)) - same  # turn tokens masked as if prompt
+        self.unprompted_example = self.unprompted_example or (path, row)
 
 
 class PairEncoder:

@@ -27,7 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxsft import parallel
 from jaxsft.model import attention as attn
-from jaxsft.model import remat
+from jaxsft.model import remat, sink_scan
 from jaxsft.model.config import Qwen2Config, rope_frequencies
 
 DTYPES = ("float32", "bfloat16")
@@ -47,7 +47,9 @@ class ModelSettings:
             if value not in DTYPES:
                 raise ValueError(f"{key}={value!r}: choose one of {', '.join(DTYPES)}")
         remat.check_policy(self.remat_policy)
-        attn.resolve(self.attn_implementation)
+        if self.attn_implementation != "auto" and self.attn_implementation not in attn.BACKENDS:
+            raise ValueError(f"model.attn_implementation={self.attn_implementation!r} is not available; choose auto "
+                             f"or one of: {', '.join(attn.BACKENDS)}")
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -180,20 +182,27 @@ class Qwen2ForCausalLM(nnx.Module):
             return self.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
 
-    def hidden_states(self, input_ids, positions, segment_ids):
-        """[B, T, H] after the final norm, in the compute dtype. segment_ids == 0 marks padding."""
+    def hidden_states(self, input_ids, positions, segment_ids, grad_sink=None):
+        """[B, T, H] after the final norm, in the compute dtype. segment_ids == 0 marks padding.
+        grad_sink: see `_decoder` (trainer's gradient accumulation only)."""
         dtype = jnp.dtype(self.settings.compute_dtype)
         x = parallel.constrain(self.embed_tokens(input_ids).astype(dtype), _ACT)
         cos, sin = rope_tables(self.config, positions, dtype)
-        return self.norm(self._decoder(x, cos, sin, segment_ids))
+        return self.norm(self._decoder(x, cos, sin, segment_ids, grad_sink))
 
-    def _decoder(self, x, cos, sin, segment_ids):
+    def _decoder(self, x, cos, sin, segment_ids, grad_sink=None):
+        """grad_sink (scan_layers with remat `full` only): the running sum of the stacked layers'
+        gradients, which the backward pass adds into in place (jaxsft.model.sink_scan)."""
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(h, params, cos, sin, segment_ids):
             return nnx.merge(graphdef, params)(h, cos, sin, segment_ids)
 
         policy = self.settings.remat_policy
+        if grad_sink is not None:
+            if not (self.settings.scan_layers and policy == "full"):
+                raise ValueError("a gradient sink needs scan_layers and remat_policy=full")
+            return sink_scan.scan_with_sink(layer, x, stacked, (cos, sin, segment_ids), grad_sink)
         if self.settings.scan_layers:
             step = remat.remat(layer, policy, prevent_cse=False)
             x, _ = jax.lax.scan(lambda h, p: (step(h, p, cos, sin, segment_ids), None), x, stacked)

@@ -1,0 +1,73 @@
+"""Per-step train metrics: read one step late, timed without validation and saves.
+
+The train step returns device scalars; reading them right away would make the host wait for the
+device every step. So step g's metrics are read after step g+1 has been dispatched, and its time
+is the interval between the two reads. Step 1's time includes compilation (also logged alone as
+`perf/compile_and_first_step(s)`). Before validation or a save the pending step is read (`flush`),
+and after them the clock restarts (`restart_clock`), so neither is counted as training time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import numpy as np
+
+
+class StepReporter:
+    def __init__(self, logger, flop_counter, peak_flops_total: float | None, *, log_every: int, last_step: int):
+        self.logger, self.flops, self.peak = logger, flop_counter, peak_flops_total
+        self.log_every, self.last_step = log_every, last_step
+        self._pending = None  # (step, device metrics, epoch, sample lengths)
+        self._first = True
+        self._clock = time.perf_counter()
+
+    @classmethod
+    def for_run(cls, logger, settings, model_config, *, last_step: int) -> "StepReporter":
+        from jaxsft import metrics
+
+        t = settings.trainer
+        peak = t.peak_flops_per_device or metrics.peak_flops_per_device(jax.devices()[0])
+        return cls(logger, metrics.FlopCounter(model_config), peak and peak * jax.device_count(), log_every=t.log_every,
+                   last_step=last_step)
+
+    def dispatched(self, step: int, metrics, epoch: int, lengths: np.ndarray, t_dispatch: float) -> None:
+        """Step `step` was dispatched at `t_dispatch`; report the one before it (or, for the first
+        step of this launch, wait for it and report it with its compile time)."""
+        if self._first:
+            jax.block_until_ready(metrics)
+            self.logger.log(step, {"perf/compile_and_first_step(s)": time.perf_counter() - t_dispatch})
+            self._first, self._clock = False, t_dispatch
+            self._report((step, metrics, epoch, lengths))
+            return
+        self.flush()
+        self._pending = (step, metrics, epoch, lengths)
+
+    def flush(self) -> None:
+        """Read and log the pending step now (before validation, a save, or the end)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._report(pending)
+
+    def restart_clock(self) -> None:
+        self._clock = time.perf_counter()
+
+    def _report(self, pending) -> None:
+        step, metrics, epoch, lengths = pending
+        m = jax.device_get(metrics)
+        now = time.perf_counter()
+        dt, self._clock = now - self._clock, now
+        grad_norm = float(m["grad_norm"])
+        if not math.isfinite(grad_norm):
+            self.logger.say(f"[jaxsft] step {step}: non-finite gradient norm; update skipped (lr schedule advanced)")
+        if step % self.log_every and step != self.last_step:
+            return
+        row = {"train/loss": float(m["loss"]), "train/lr": float(m["lr"]), "train/grad_norm": grad_norm,
+               "train/loss_tokens": float(m["loss_tokens"]), "train/time(s)": dt,
+               "train/tokens_per_sec": float(np.sum(lengths)) / dt,
+               "train/loss_tokens_per_sec": float(m["loss_tokens"]) / dt, "train/epoch": epoch}
+        if self.peak:
+            row["train/mfu"] = self.flops.step_flops(lengths) / dt / self.peak
+        self.logger.log(step, row)

@@ -1,0 +1,313 @@
+"""GPU plans without a GPU (jaxsft.plan, jaxsft.hlo_stats): the real train step compiled for
+deviceless H100s is CUDA code, its memory plan is read, `auto` settings choose by plan.
+
+Needs the test extra's jax-cuda12-plugin, jax-cuda12-pjrt and nvidia-cuda-nvcc-cu12 (ptxas);
+conftest sets JAX_PLATFORMS=cpu, which keeps the plugin registered on a machine with no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cfg import settings
+from e2e import ROOT, env_for, train_args
+
+from jaxsft import config as jconfig, hlo_stats, optim, plan, step
+from jaxsft.model.config import Qwen2Config
+
+TINY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+            max_position_embeddings=2048, tie_word_embeddings=True)
+T = 256
+
+
+def _tx():
+    return optim.make_optimizer(settings().optim, 10, "float32")
+
+
+def _small_target_config(tmp_path, memory_bytes: int):
+    text = (plan._TARGET_DIR / "h100.txtpb").read_text()
+    path = tmp_path / "h100_small.txtpb"
+    path.write_text(re.sub(r"device_memory_size:\s*\d+", f"device_memory_size: {memory_bytes}", text))
+    return path
+
+
+def _plan_run(target, remat_policy, micro_batch="auto"):
+    tx, schedule = _tx()
+    return plan.plan_run(target, model_config=Qwen2Config.from_hf_dict(TINY),
+                         settings_kwargs=dict(param_dtype="float32", compute_dtype="bfloat16", scan_layers=True,
+                                              attn_implementation="xla"),
+                         remat_policy=remat_policy, micro_batch=micro_batch, samples_per_rank=4, rows_per_rank=4,
+                         dp=2, sp=1, seq_len=T, tx=tx, lr_schedule=schedule,
+                         step_cfg=step.StepConfig("global_tokens", False, 2, 128))
+
+
+def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path):
+    """Tiny shape on a deviceless h100 1x1x2 topology: CUDA code, plan read, FSDP collectives;
+    then with the device memory set just below what `none` needs, `auto` leaves `none`."""
+    big = plan.get_target("h100:2")
+    assert big.platform == "cuda" and big.num_devices == 2 and "H100" in big.device_kind
+    first = _plan_run(big, "none", micro_batch=4).plan
+    assert first.compiled_for.startswith("cuda") and first.cuda_binaries and first.cuda_binaries > 0
+    assert first.fits and first.per_device_peak_bytes < 0.95 * big.usable_bytes
+    assert first.per_device_peak_bytes == (first.argument_bytes + first.output_bytes - first.alias_bytes
+                                           + first.temp_bytes)
+    assert first.collectives["all-gather"]["async"] + first.collectives["all-gather"]["sync"] > 0  # FSDP
+    # `none` recomputes nothing of the model, but the xla backend computes dense (not causal) scores
+    # and the chunked loss's backward recomputes the LM-head logits: the model count plus those two.
+    from jaxsft import metrics
+
+    cfg = Qwen2Config.from_hf_dict(TINY)
+    tokens = 4 * 2 * T / 2  # [K=1, rows=2·4, T] over 2 devices
+    expected = first.model_flops + tokens * (metrics.attention_flops_for_segments(cfg, [T]) / T
+                                             + 2 * cfg.hidden_size * cfg.vocab_size)
+    assert first.step_flops == pytest.approx(expected, rel=0.01)
+    scores = [b for b in first.tt_buffers if b["score_like"]]
+    assert scores, "the xla backend materialises float32 [.., T, T] scores"
+
+    # Device memory such that `none` at micro-batch 4 needs 10 % more than the fit limit.
+    memory = int(first.per_device_peak_bytes / 1.10 / (1 - plan.FIT_MARGIN) / plan.memory_fraction())
+    small = plan.get_target("h100:2", config_path=_small_target_config(tmp_path, memory))
+    assert small.memory_bytes == memory
+    choice = _plan_run(small, "auto", micro_batch=4)
+    policies = [p for p, _, _ in choice.tried]
+    assert policies[0] == "none" and choice.remat_policy != "none"
+    assert choice.plan.fits and choice.plan.per_device_peak_bytes <= (1 - plan.FIT_MARGIN) * small.usable_bytes
+    limit = (1 - plan.FIT_MARGIN) * small.usable_bytes
+    for policy, _, peak in choice.tried[:-1]:  # every cheaper policy tried was rejected by its plan
+        assert peak > limit, (policy, peak, limit)
+    assert plan.AUTO_REMAT_ORDER.index(choice.remat_policy) == len(choice.tried) - 1, choice.tried
+    assert choice.remat_policy in choice.reason and "fits" in choice.reason
+    print(choice.reason)
+
+
+def test_abstract_state_gives_adam_moments_their_parameters_sharding():
+    """jax.eval_shape(tx.init) drops shardings; the plan must not show replicated moments."""
+    from jaxsft import parallel
+    from jaxsft.model.qwen2 import ModelSettings
+
+    mesh = parallel.make_mesh(4, 2)
+    tx, _ = _tx()
+    _, _, state, shardings = plan.abstract_train_state(Qwen2Config.from_hf_dict(TINY), ModelSettings(), mesh, tx)
+    params = {plan._path_key(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+    moments = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]:
+        key = plan._path_key(path)
+        match = [s for k, s in params.items() if key[-len(k):] == k]
+        if leaf.ndim:
+            assert match and leaf.sharding == match[0], key
+            moments += 1
+        else:
+            assert leaf.sharding.spec == jax.sharding.PartitionSpec(), key  # counts, lr: replicated
+    assert moments == 2 * len(params)  # mu and nu of every parameter
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in params.values())
+
+
+def test_choose_takes_largest_fitting_micro_batch_of_cheapest_policy():
+    """choose() on synthetic plans: memory grows with the micro-batch and falls with remat."""
+    cost = {"none": 25, "minimal": 4, "full": 2}
+
+    def make(policy, b):
+        peak = cost[policy] * b
+        return plan.Plan(target="x", devices=1, mesh={"dp": 1, "sp": 1}, compiled_for="cpu", settings={},
+                         batch_shape=[8 // b, b, 16], argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=peak,
+                         per_device_peak_bytes=peak, device_memory_bytes=20, device_total_bytes=20,
+                         memory_fraction=None, fits=plan.fits(peak, 20), compile_s=0.0, step_flops=0.0,
+                         model_flops=1.0, opaque_calls=0, collectives={}, collectives_per_step={}, tt_buffers=[],
+                         cuda_binaries=None, target_config=None)
+
+    c = plan.choose(make, policies=("none", "minimal", "full"), micro_batches=plan.divisors_descending(8))
+    assert (c.remat_policy, c.micro_batch_size) == ("minimal", 4)  # none/1 = 25 > 19 = 95 % of 20; minimal/4 = 16 fits, /8 not
+    c = plan.choose(make, policies=("full",), micro_batches=[16])
+    assert not c.plan.fits and "DOES NOT FIT" in c.reason
+
+
+def test_hlo_flops_weight_loop_bodies_by_trip_count():
+    """XLA's own cost analysis counts a scan body once; hlo_stats multiplies by the trip count."""
+    a = jnp.ones((7, 64, 32), jnp.float32)
+    w = jnp.ones((32, 48), jnp.float32)
+
+    def f(a, w):
+        return jax.lax.scan(lambda c, x: (c + jnp.sum(x @ w), None), 0.0, a)[0]
+
+    compiled = jax.jit(f).lower(a, w).compile()
+    stats = hlo_stats.analyse(compiled.as_text(), seq_len=64)
+    assert stats.step_flops == 7 * 2 * 64 * 32 * 48
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+    assert xla["flops"] < 2 * 2 * 64 * 32 * 48  # the body once (plus a few adds)
+
+
+def test_hlo_collectives_async_and_sync():
+    text = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ag = ((f32[4]{0}), f32[8]{0}) all-gather-start(%x), dimensions={0}, backend_config={"collective_backend_config":{"is_sync":false}}
+  %agd = f32[8]{0} all-gather-done(%ag)
+  %ar = f32[8]{0} all-reduce(%agd), to_apply=%add
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %ar)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %rs = ((f32[8]{0}), f32[4]{0}) reduce-scatter-start(%x), to_apply=%add, backend_config={"collective_backend_config":{"is_sync":true}}
+  %i = s32[] constant(0)
+  %t = (s32[], f32[8]{0}) tuple(%i, %x)
+  %w = (s32[], f32[8]{0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %o = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+    s = hlo_stats.analyse(text, seq_len=2)
+    assert s.collectives["all-gather"] == {"async": 1, "sync": 0}
+    assert s.collectives["all-reduce"] == {"async": 0, "sync": 1}
+    assert s.collectives["reduce-scatter"] == {"async": 0, "sync": 1}  # marked is_sync by XLA
+    assert s.collectives_per_step["all-gather"] == {"async": 5, "sync": 0}
+    assert s.collectives_per_step["all-reduce"] == {"async": 0, "sync": 5}
+
+
+def test_cuda_binaries_needs_cuda_elf():
+    """A CUDA plan fails loudly without cubins: the count is 0 for PTX-only or non-CUDA ELF blobs."""
+    class Fake:
+        def __init__(self, blob):
+            self.blob = blob
+
+        def runtime_executable(self):
+            return self
+
+        def serialize(self):
+            return self.blob
+
+    assert hlo_stats.cuda_binaries(Fake(b"xx\x7fELF....nv.info..\x7fELF..")) == 2
+    assert hlo_stats.cuda_binaries(Fake(b"xx\x7fELF..text..")) == 0  # an ELF, but not a cubin
+    assert hlo_stats.cuda_binaries(Fake(b".version 8.8\n.target sm_90a")) == 0  # PTX only
+
+
+def test_targets_and_config_errors():
+    assert plan.parse_target("h100:8") == ("h100", 8) and plan.parse_target("cpu") == ("cpu", None)
+    for bad in ("h100", "h100:0", "a100:2", "cpu:2"):
+        with pytest.raises(plan.PlanError):
+            plan.parse_target(bad)
+    auto = settings({"data.micro_batch_size_per_gpu": "auto", "model.remat_policy": "auto"})
+    assert jconfig.check_devices(auto, 8) == (8, 1)  # auto passes validation; the plan settles it
+    with pytest.raises(jconfig.ConfigError, match="micro_batch_size_per_gpu=auto needs trainer.loss_normalization"):
+        settings({"data.micro_batch_size_per_gpu": "auto", "trainer.loss_normalization": "verl"})
+    with pytest.raises(jconfig.ConfigError, match="is not an integer or auto"):
+        settings({"data.micro_batch_size_per_gpu": "two"})
+
+
+def test_dry_run_command_line(tmp_path, base_model):
+    """`--dry_run=h100:2 --dry_run_json=PATH` on the smoke recipe: printed and written, nothing
+    trained; the same with a target too small for it: exit 2 with one line after the plan."""
+    out = tmp_path / "plan.json"
+    args = train_args(tmp_path / "run", base_model, "--dry_run=h100:2", f"--dry_run_json={out}",
+                      "model.remat_policy=auto")
+    proc = subprocess.run(args, cwd=ROOT, env=env_for(1), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[plan] auto: model.remat_policy=none" in proc.stdout and "CUDA machine code" in proc.stdout
+    p = json.loads(out.read_text())
+    for key in ("target", "devices", "per_device_peak_bytes", "device_memory_bytes", "temp_bytes", "argument_bytes",
+                "step_flops", "collectives", "tt_buffers", "compiled_for"):
+        assert key in p, key
+    assert p["target"] == "h100:2" and p["devices"] == 2 and p["compiled_for"].startswith("cuda")
+    assert not (tmp_path / "run").exists()  # a plan trains nothing and makes no run directory
+
+    tiny = _small_target_config(tmp_path, 2**20)
+    proc = subprocess.run(args[:-1], cwd=ROOT, env=env_for(1, JAXSFT_TARGET_CONFIG_H100=tiny), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("jaxsft: error:")]
+    assert len(errors) == 1 and "does not fit" in errors[0] and "Traceback" not in proc.stderr
+    assert "DOES NOT FIT" in proc.stdout
+
+
+def test_auto_settings_in_a_real_run(tmp_path, base_model):
+    """A real (CPU) run with remat and micro-batch `auto`: planned on this machine at start-up,
+    chosen, said in one line, then trained with the chosen values."""
+    proc = subprocess.run(train_args(tmp_path / "run", base_model, "model.remat_policy=auto",
+                                     "data.micro_batch_size_per_gpu=auto", "trainer.total_training_steps=1",
+                                     "trainer.save_freq=-1", "trainer.test_freq=-1"),
+                          cwd=ROOT, env=env_for(2), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("[plan] auto:"))
+    m = re.search(r"model.remat_policy=(\w+), data.micro_batch_size_per_gpu=(\d+)", line)
+    assert m and m.group(1) == "none" and int(m.group(2)) == 8  # host RAM: the cheapest, largest fits
+    assert "[1 micro-batches, 16 rows, 1280 tokens]" in proc.stdout  # the loader uses the choice
+
+
+def test_cpu_target_plans_this_machine():
+    target = plan.get_target("cpu")
+    assert target.platform == "cpu" and target.num_devices == jax.device_count()
+    c = _plan_run(dataclass_replace(target, devices=target.devices[:2]), "full", micro_batch=2)
+    assert c.plan.cuda_binaries is None and c.plan.fits and c.plan.step_flops > c.plan.model_flops
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_grad_accum_dtype_setting_acts():
+    """optim.grad_accum_dtype=bfloat16 sums micro-batch gradients in bf16 (less exact than fp32)."""
+    from bench.grad_accum import gradients
+
+    r = gradients("tiny", 8, 64)
+    assert r["bf16_vs_fp32"] > 0  # the setting changes the sum
+    assert r["fp32_vs_ref"] < r["bf16_vs_ref"]
+    assert np.isfinite(list(r.values())).all()
+
+
+def test_accumulate_in_backward_equals_autodiff_sum():
+    """The in-place layer-gradient accumulation (remat full, K > 1) gives the same loss and summed
+    gradients as autodiff + add, on a (dp=2, sp=2) mesh with packed rows (float32 accumulator)."""
+    from flax import nnx
+
+    from bench.throughput import jaxsft_batches, sample_lengths
+    from jaxsft import parallel
+
+    config = Qwen2Config.from_hf_dict(TINY)
+    mesh = parallel.make_mesh(2, 2, jax.devices()[:4])
+    lengths = sample_lengths("seed", 128, 1, 12, 0)
+    host = jaxsft_batches(lengths, 128, 2, 1, "first_fit", config.vocab_size, 0)[0]
+    assert host["input_ids"].shape[0] > 1  # K > 1: the accumulator is used
+    for acc_dtype, tol in (("float32", 1e-6),):
+        from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM
+
+        settings = ModelSettings(param_dtype="float32", compute_dtype="float32", remat_policy="full",
+                                 attn_implementation="xla")
+        with jax.set_mesh(mesh):
+            model = Qwen2ForCausalLM(config, settings, rngs=nnx.Rngs(3))
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            batch = {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in host.items()}
+            out = {}
+            for sink in (False, True):
+                cfg = step.StepConfig("global_tokens", False, 2, 64, grad_accum_dtype=acc_dtype,
+                                      accumulate_in_backward=sink)
+                out[sink] = jax.jit(lambda p, b, cfg=cfg: step.accumulate_gradients(graphdef, rest, p, b, cfg))(
+                    params, batch)
+        (la, ga, _), (lb, gb, _) = out[False], out[True]
+        assert float(la) == pytest.approx(float(lb), rel=1e-6)
+        for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            assert a.dtype == b.dtype == jnp.dtype(acc_dtype) and a.shape == b.shape
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(a)) + 1e-12, acc_dtype
