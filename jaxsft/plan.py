@@ -313,13 +313,16 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
     """Compile the train step for `target` with a (dp, sp) mesh and report its plan. Raises
     PlanError when a CUDA target's executable holds no CUDA machine code."""
     from jaxsft import hlo_stats, metrics, parallel
+    from jaxsft.model import blockwise
 
     if dp * sp != target.num_devices:
         raise PlanError(f"a dp={dp} × sp={sp} mesh needs {dp * sp} devices; the target {target.spec} has "
                         f"{target.num_devices}")
     mesh = parallel.make_mesh(dp, sp, list(target.devices))
     try:
-        compiled, seconds = compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg)
+        with blockwise.compiling_for("gpu" if target.platform == "cuda" else "cpu"):
+            compiled, seconds = compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule,
+                                                   step_cfg)
     except Exception as e:
         if "ptxas" in str(e) or "PTX compilation" in str(e):
             raise PlanError(f"XLA found no CUDA compiler (ptxas) for {target.spec}: pip install nvidia-cuda-nvcc-cu12 "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsft.model import attention, remat
+from jaxsft.model import attention, blockwise, remat
 from jaxsft.model.blockwise import _work_list, blockwise_attention
 from naive_attention import naive_attention
 
@@ -248,3 +248,11 @@ def test_minimal_remat_keeps_the_attention_forward():
     for policy in ("minimal", "minimal_with_context", "save_dot_with_context_except_mlp"):
         assert _attention_loops(policy) == 2, policy  # forward + backward
     assert _attention_loops("full") == 3  # forward, forward again under remat, backward
+
+
+def test_a_gpu_plan_traces_the_gpu_block_size():
+    """A deviceless GPU plan traces on the CPU backend; its blocks must be the GPU's."""
+    assert blockwise.default_block() == blockwise.BLOCK[jax.default_backend()]
+    with blockwise.compiling_for("gpu"):
+        assert blockwise.default_block() == blockwise.BLOCK["gpu"] != blockwise.BLOCK["cpu"]
+    assert blockwise.default_block() == blockwise.BLOCK[jax.default_backend()]

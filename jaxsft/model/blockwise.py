@@ -21,6 +21,8 @@ matrix against that KV head's keys.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -32,10 +34,22 @@ from jax.ad_checkpoint import checkpoint_name
 # GPU: larger blocks keep the per-step kernels big; not measured (no GPU was lent).
 BLOCK = {"cpu": 64, "gpu": 512}
 DEFAULT_BLOCK = 128
+_TARGET_PLATFORM = contextvars.ContextVar("blockwise_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Size blocks for `platform` ("cpu" | "gpu") while tracing: a deviceless GPU plan traces on
+    the CPU backend but must plan the blocks a GPU would run."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
 
 
 def default_block() -> int:
-    return BLOCK.get(jax.default_backend(), DEFAULT_BLOCK)
+    return BLOCK.get(_TARGET_PLATFORM.get() or jax.default_backend(), DEFAULT_BLOCK)
 
 
 def _work_list(segb: jax.Array):
