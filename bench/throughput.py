@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import subprocess
@@ -393,6 +394,7 @@ def run_jaxsft(args, model_cfg: dict, lengths: np.ndarray, dp: int) -> dict:
     import ml_collections
 
     from jaxsft import config as jconfig, metrics, optim, parallel, step
+    from jaxsft.model import attention
     from jaxsft.model.config import Qwen2Config
     from jaxsft.model.qwen2 import ModelSettings
 
@@ -443,6 +445,7 @@ def run_jaxsft(args, model_cfg: dict, lengths: np.ndarray, dp: int) -> dict:
     k, rows, T = batch_shape
     out = {"device": device.device_kind, "platform": device.platform, "devices": dp, "mesh": {"dp": dp, "sp": 1},
            "jax_version": jax.__version__, "settings": dataclasses.asdict(settings),
+           "attention": attention.resolve(args.attn),
            "batch_shape": batch_shape, "init_s": init_s, "compile_s": compile_s, "first_step_s": times[0],
            "losses": losses, "real_token_fraction": float(np.sum(real)) / (len(timed) * k * rows * T),
            **throughput(timed, real, loss_tok, dp),
@@ -465,6 +468,20 @@ def _memory_analysis(compiled) -> dict:
     return {f: int(getattr(ma, f)) for f in fields if ma is not None and hasattr(ma, f)}
 
 
+def t_by_t_arrays(hlo_text: str, seq_len: int) -> dict:
+    """Arrays in an optimized HLO text with two or more dimensions equal to seq_len (a [T, T] score
+    or mask buffer): how many distinct shapes, and the largest by bytes. (Equal, not >=: [T, I]
+    MLP activations and [T, V] logit chunks have one dimension T and a larger one.)"""
+    sizes = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+    found = {}
+    for dtype, dims in re.findall(r"\b(f32|bf16|f16|f64|s32|u32|s64|s8|u8|pred)\[([\d,]+)\]", hlo_text):
+        shape = tuple(int(x) for x in dims.split(","))
+        if shape.count(seq_len) >= 2:
+            found[f"{dtype}{list(shape)}"] = sizes[dtype] * int(np.prod(shape))
+    largest = max(found, key=found.get) if found else None
+    return {"count": len(found), "largest": largest, "largest_bytes": found.get(largest, 0)}
+
+
 def compile_only(args, model_cfg: dict, lengths: np.ndarray) -> dict:
     """Compile time and memory plan of the train step on one device, for state that is never
     allocated (jax.ShapeDtypeStruct leaves), so a 7B plan can be read on a small machine."""
@@ -473,6 +490,7 @@ def compile_only(args, model_cfg: dict, lengths: np.ndarray) -> dict:
     from flax import nnx
 
     from jaxsft import config as jconfig, optim, step
+    from jaxsft.model import attention
     from jaxsft.model.config import Qwen2Config
     from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM
 
@@ -494,10 +512,12 @@ def compile_only(args, model_cfg: dict, lengths: np.ndarray) -> dict:
     fn = jax.jit(step.make_train_step(graphdef, rest, tx, schedule, step_cfg), donate_argnums=0)
     t0 = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
     device = jax.devices()[0]
     return {"device": device.device_kind, "platform": device.platform, "devices": 1, "jax_version": jax.__version__,
-            "settings": dataclasses.asdict(settings), "batch_shape": list(shape),
-            "compile_s": time.perf_counter() - t0, "compiled_memory": _memory_analysis(compiled)}
+            "settings": dataclasses.asdict(settings), "attention": attention.resolve(args.attn),
+            "batch_shape": list(shape), "compile_s": compile_s, "compiled_memory": _memory_analysis(compiled),
+            "t_by_t_arrays": t_by_t_arrays(compiled.as_text(), args.seq_len)}
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -601,10 +621,13 @@ def main(argv=None) -> dict | None:
                   "machine": machine_name(figures["platform"], figures["device"]),
                   "command": "python -m bench.throughput " + shlex.join(argv), "shape": args.shape,
                   "seq_len": args.seq_len, "compile_only": figures}
-        mem = figures["compiled_memory"]
+        mem, square = figures["compiled_memory"], figures["t_by_t_arrays"]
         print(f"[bench] compile-only {args.shape} T={args.seq_len} batch {figures['batch_shape']} "
-              f"{figures['settings']}: compile {figures['compile_s']:.1f} s, temp {_gib(mem.get('temp_size_in_bytes'))}, "
-              f"arguments {_gib(mem.get('argument_size_in_bytes'))}, outputs {_gib(mem.get('output_size_in_bytes'))}")
+              f"{figures['settings']} (attention {figures['attention']}): compile {figures['compile_s']:.1f} s, "
+              f"temp {_gib(mem.get('temp_size_in_bytes'))}, arguments {_gib(mem.get('argument_size_in_bytes'))}, "
+              f"outputs {_gib(mem.get('output_size_in_bytes'))}; arrays with two dims = T in the optimized HLO: "
+              f"{square['count']}" + (f" (largest {square['largest']}, {_gib(square['largest_bytes'])})"
+                                      if square["count"] else ""))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         return result

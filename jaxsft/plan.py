@@ -416,14 +416,17 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
     """Compile the train step for `target` with a (dp, sp) mesh and report its plan. Raises
     PlanError when a CUDA target's executable holds no CUDA machine code."""
     from jaxsft import hlo_stats, metrics, parallel
+    from jaxsft.model import blockwise
 
     if dp * sp != target.num_devices:
         raise PlanError(f"a dp={dp} × sp={sp} mesh needs {dp * sp} devices; the target {target.spec} has "
                         f"{target.num_devices}")
     mesh = parallel.make_mesh(dp, sp, list(target.devices))
+    platform = "gpu" if target.platform == "cuda" else "cpu"  # the blocks of the blockwise attention
     try:
-        compiled, seconds, state = compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg,
-                                                      mode)
+        with blockwise.compiling_for(platform):
+            compiled, seconds, state = compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule,
+                                                          step_cfg, mode)
     except Exception as e:
         if "ptxas" in str(e) or "PTX compilation" in str(e):
             raise PlanError(f"XLA found no CUDA compiler (ptxas) for {target.spec}: pip install nvidia-cuda-nvcc-cu12 "
@@ -433,7 +436,8 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
     peak = _peak(ma)
     phases = None
     if mode.optimizer_offload and not _has_host_memory(mesh):
-        phases = offload_phases(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg, mode)
+        with blockwise.compiling_for(platform):
+            phases = offload_phases(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg, mode)
         phases["on_device_peak_bytes"] = peak
         peak = max(phases["grad_phase_peak_bytes"], phases["update_phase_peak_bytes"])
     stats = hlo_stats.analyse(compiled.as_text(), seq_len=batch_shape[-1])

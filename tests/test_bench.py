@@ -96,11 +96,24 @@ def test_batches_hold_every_sample_once(packing):
         assert np.count_nonzero(b["loss_mask"]) == sum(round(0.6 * n) for n in lengths[step])
 
 
-def test_compile_only_reports_the_memory_plan(tmp_path):
+@pytest.mark.parametrize("attn", ["xla", "reference"])
+def test_compile_only_reports_the_memory_plan(tmp_path, attn):
     out = tmp_path / "c.json"
-    r = bt.main(["--shape", "tiny", "--seq-len", "64", "--global-batch", "2", "--micro-batch", "1", "--compile-only",
-                 "--remat", "full", "--json", str(out)])
+    r = bt.main(["--shape", "tiny", "--seq-len", "256", "--global-batch", "2", "--micro-batch", "1", "--compile-only",
+                 "--remat", "full", "--attn", attn, "--json", str(out)])
     mem = r["compile_only"]["compiled_memory"]
-    assert json.loads(out.read_text())["compile_only"]["batch_shape"] == [2, 1, 64]
+    assert json.loads(out.read_text())["compile_only"]["batch_shape"] == [2, 1, 256]
     assert mem["temp_size_in_bytes"] > 0 and mem["argument_size_in_bytes"] > 0
     assert _positive(r["compile_only"]["compile_s"])
+    square = r["compile_only"]["t_by_t_arrays"]
+    assert r["compile_only"]["attention"] == attn
+    # the dense reference plans [.., T, T] scores; the blockwise attention plans none
+    assert (square["count"] > 0) == (attn == "reference"), square
+
+
+def test_t_by_t_arrays_finds_square_buffers_only():
+    hlo = ("%a = f32[1,4,7,4096,4096]{4,3,2,1,0} fusion(...)\n%b = bf16[1,4096,18944]{2,1,0} dot(...)\n"
+           "%c = f32[1,8,4,3584,512]{4,3,2,1,0} fusion(...)\n%d = pred[4096,4096]{1,0} compare(...)")
+    found = bt.t_by_t_arrays(hlo, 4096)
+    assert found == {"count": 2, "largest": "f32[1, 4, 7, 4096, 4096]", "largest_bytes": 4 * 28 * 4096**2}
+    assert bt.t_by_t_arrays(hlo, 512)["count"] == 0

@@ -204,7 +204,8 @@ def test_scan_unscanned_and_every_remat_policy_agree(small_model):
 
 def test_remat_policies_save_the_named_tensors(small_model):
     """The tags reach the policies: unscanned, `full` saves no tagged tensor, `minimal` the
-    projections that the backward pass needs, `minimal_with_context` also the attention output."""
+    projections that the backward pass needs and the blockwise (`xla`) attention's forward
+    residuals, `minimal_with_context` also the attention output."""
     config, state = small_model
     batch, _ = make_batch(config.vocab_size)
     inputs = [jnp.asarray(batch[k]) for k in ("input_ids", "positions", "segment_ids")]
@@ -219,8 +220,9 @@ def test_remat_policies_save_the_named_tensors(small_model):
 
     projections = {"query_proj", "key_proj", "value_proj", "out_proj", "mlpwi_0", "mlpwi_1"}
     assert saved_names("full") == set()
-    assert saved_names("minimal") == projections  # mlpwo feeds only the residual add: never needed
-    assert saved_names("minimal_with_context") == projections | {"context"}
+    attention = {"attention_out", "attention_lse"}
+    assert saved_names("minimal") == projections | attention  # mlpwo feeds only the residual add: never needed
+    assert saved_names("minimal_with_context") == projections | attention | {"context"}
     assert saved_names("save_qkv_proj") == {"query_proj", "key_proj", "value_proj"}
 
 

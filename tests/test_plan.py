@@ -20,6 +20,7 @@ from e2e import ROOT, env_for, train_args
 
 from jaxsft import config as jconfig, hlo_stats, optim, plan, step
 from jaxsft.model.config import Qwen2Config
+from jaxsft.model import blockwise as blockwise_module
 
 TINY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
@@ -38,17 +39,17 @@ def _small_target_config(tmp_path, memory_bytes: int):
     return path
 
 
-def _plan_run(target, remat_policy, micro_batch="auto"):
+def _plan_run(target, remat_policy, micro_batch="auto", attn="reference"):
     tx, schedule = _tx()
     return plan.plan_run(target, model_config=Qwen2Config.from_hf_dict(TINY),
                          settings_kwargs=dict(param_dtype="float32", compute_dtype="bfloat16", scan_layers=True,
-                                              attn_implementation="xla"),
+                                              attn_implementation=attn),
                          remat_policy=remat_policy, micro_batch=micro_batch, samples_per_rank=4, rows_per_rank=4,
                          dp=2, sp=1, seq_len=T, tx=tx, lr_schedule=schedule,
                          step_cfg=step.StepConfig("global_tokens", False, 2, 128))
 
 
-def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path):
+def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path, monkeypatch):
     """Tiny shape on a deviceless h100 1x1x2 topology: CUDA code, plan read, FSDP collectives;
     then with the device memory set just below what `none` needs, `auto` leaves `none`."""
     big = plan.get_target("h100:2")
@@ -59,7 +60,7 @@ def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path):
     assert first.per_device_peak_bytes == (first.argument_bytes + first.output_bytes - first.alias_bytes
                                            + first.temp_bytes)
     assert first.collectives["all-gather"]["async"] + first.collectives["all-gather"]["sync"] > 0  # FSDP
-    # `none` recomputes nothing of the model, but the xla backend computes dense (not causal) scores
+    # `none` recomputes nothing of the model, but the dense reference computes all (not causal) scores
     # and the chunked loss's backward recomputes the LM-head logits: the model count plus those two.
     from jaxsft import metrics
 
@@ -68,8 +69,18 @@ def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path):
     expected = first.model_flops + tokens * (metrics.attention_flops_for_segments(cfg, [T]) / T
                                              + 2 * cfg.hidden_size * cfg.vocab_size)
     assert first.step_flops == pytest.approx(expected, rel=0.01)
-    scores = [b for b in first.tt_buffers if b["score_like"]]
-    assert scores, "the xla backend materialises float32 [.., T, T] scores"
+    # At this shape the logits ([.., vocab 512, T 256]) look score-like too; attention scores do not
+    # carry the vocabulary dimension.
+    def attention_scores(p):
+        return [b for b in p.tt_buffers if b["score_like"] and TINY["vocab_size"] not in b["shape"]]
+
+    assert attention_scores(first), "the dense reference materialises float32 [.., T, T] scores"
+    # Blocks smaller than T (at the GPU's 512 one block would span this whole tiny row).
+    monkeypatch.setitem(blockwise_module.BLOCK, "gpu", 64)
+    blockwise = _plan_run(big, "none", micro_batch=4, attn="xla").plan
+    assert blockwise.compiled_for.startswith("cuda")
+    assert not attention_scores(blockwise), "the blockwise xla backend holds no [T, T] scores"
+    assert blockwise.temp_bytes < first.temp_bytes
 
     # Device memory such that `none` at micro-batch 4 needs 10 % more than the fit limit.
     memory = int(first.per_device_peak_bytes / 1.10 / (1 - plan.FIT_MARGIN) / plan.memory_fraction())

@@ -3,8 +3,12 @@
 Every backend has the signature `fn(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], segment_ids [B,T])
 -> [B,T,Hq,D]` and must build its own mask from `segment_ids`: token t attends to token s iff
 s <= t, both are in the same segment and the segment is not 0 (padding). Queries of padding
-tokens get zeros. GPU kernels are listed in `BACKENDS` and `AUTO_ORDER`; each must pass the
-comparison with `xla` on packed rows.
+tokens get zeros.
+
+`xla` is the blockwise attention of `jaxsft.model.blockwise` (memory linear in T, skips masked
+blocks); `reference` is the dense float32 [B, H, T, T] attention every other backend is tested
+against. GPU kernels are listed in `BACKENDS` and `AUTO_ORDER`; each must pass the comparison
+with `reference` on packed rows.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxsft.model import flash
+from jaxsft.model import blockwise, flash
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -31,8 +35,9 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal & same & real)[:, None]
 
 
-def xla_attention(q, k, v, segment_ids):
-    """Reference attention: float32 scores and softmax, GQA by grouping query heads per KV head."""
+def reference_attention(q, k, v, segment_ids):
+    """Dense reference: float32 [B, H, T, T] scores and softmax, GQA by grouping query heads per KV
+    head. Simple enough to read as the definition; O(T^2) memory."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     q = q.reshape(b, t, hkv, hq // hkv, d)  # query head h uses KV head h // (hq/hkv), as HF's repeat_kv
@@ -50,16 +55,22 @@ def xla_attention(q, k, v, segment_ids):
 @dataclasses.dataclass(frozen=True)
 class Backend:
     fn: AttentionFn
-    # A custom kernel XLA cannot partition: on a mesh it always runs inside the Ulysses shard_map
-    # (at sp = 1 just a per-device call), and `auto` takes it only after `self_check` passes.
+    # On a mesh, run inside the Ulysses shard_map even at sp = 1 (there just a per-device call), so
+    # each device works on its own rows: a Pallas kernel XLA cannot partition, or a loop whose
+    # work list depends on the local rows' segments.
+    per_device: bool = False
+    # A custom kernel XLA cannot partition at all (odd shapes are refused instead of gathered), and
+    # `auto` takes it only after `self_check` passes.
     kernel: bool = False
     available: Callable[[], bool] = lambda: True
     self_check: Callable[[], tuple[bool, str]] | None = None
 
 
 BACKENDS: dict[str, Backend] = {
-    "xla": Backend(xla_attention),
-    "flash": Backend(flash.flash_attention, kernel=True, available=flash.available, self_check=flash.self_check),
+    "xla": Backend(blockwise.blockwise_attention, per_device=True),
+    "reference": Backend(reference_attention),
+    "flash": Backend(flash.flash_attention, per_device=True, kernel=True, available=flash.available,
+                     self_check=flash.self_check),
 }
 # `auto` takes the first backend listed for the running platform that is available and verified.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("flash", "xla"), "tpu": ("xla",)}
@@ -67,7 +78,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("flash", "xla
 
 @functools.cache
 def _verified_on_device(name: str) -> bool:
-    """A kernel must equal the XLA reference on a packed row on this device (once per process);
+    """A kernel must equal the dense reference on a packed row on this device (once per process);
     a failure falls back to xla with a warning instead of a bad run."""
     backend = BACKENDS[name]
     if backend.self_check is None:
@@ -95,7 +106,7 @@ def resolve(implementation: str) -> str:
 def attention(q, k, v, segment_ids, *, implementation: str = "xla"):
     """q [B,T,Hq,D], k/v [B,T,Hkv,D], segment_ids [B,T] (0 = padding) -> [B,T,Hq,D] in q's dtype.
 
-    On a (dp, sp) mesh with sp > 1 — or for a custom kernel on any mesh — attention runs as
+    On a (dp, sp) mesh with sp > 1 — or for a per-device backend on any mesh — attention runs as
     Ulysses: all-to-all from token-sharded to head-sharded, local attention on whole rows, back.
     """
     from jaxsft import parallel
@@ -104,7 +115,7 @@ def attention(q, k, v, segment_ids, *, implementation: str = "xla"):
     name = resolve(implementation)
     backend = BACKENDS[name]
     mesh = parallel.active_mesh()
-    if mesh is not None and (mesh.shape["sp"] > 1 or backend.kernel):
+    if mesh is not None and (mesh.shape["sp"] > 1 or backend.per_device):
         (b, t), dp, sp = segment_ids.shape, mesh.shape["dp"], mesh.shape["sp"]
         try:
             check_ulysses(q.shape[2], k.shape[2], sp)
@@ -116,6 +127,6 @@ def attention(q, k, v, segment_ids, *, implementation: str = "xla"):
         if backend.kernel:
             raise ValueError(f"model.attn_implementation={name} on a (dp={dp}, sp={sp}) mesh needs rows divisible by "
                              f"dp, tokens by sp and heads ({q.shape[2]} q / {k.shape[2]} kv) split over sp")
-        # The XLA reference is partitioned by XLA itself (sequence gathered): correct, not Ulysses.
+        # An XLA backend is partitioned by XLA itself (sequence gathered): correct, not Ulysses.
         # Training checks the Ulysses constraints at start-up, so this serves odd shapes in tests.
     return backend.fn(q, k, v, segment_ids).astype(q.dtype)

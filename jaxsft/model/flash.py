@@ -71,9 +71,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
 
 
 def self_check(dtype=jnp.bfloat16) -> tuple[bool, str]:
-    """Run the kernel on this device against the XLA reference on a packed row with GQA and
+    """Run the kernel on this device against the dense reference on a packed row with GQA and
     padding — forward and gradients — before `auto` trusts it. Returns (ok, reason)."""
-    from jaxsft.model.attention import xla_attention
+    from jaxsft.model.attention import reference_attention
 
     try:
         keys = jax.random.split(jax.random.key(0), 4)
@@ -88,12 +88,12 @@ def self_check(dtype=jnp.bfloat16) -> tuple[bool, str]:
             return jnp.sum(fn(q, k, v, seg).astype(jnp.float32) * cot)
 
         got = jax.value_and_grad(functools.partial(loss, flash_attention), argnums=(0, 1, 2))(q, k, v)
-        ref = jax.value_and_grad(functools.partial(loss, xla_attention), argnums=(0, 1, 2))(q, k, v)
+        ref = jax.value_and_grad(functools.partial(loss, reference_attention), argnums=(0, 1, 2))(q, k, v)
         for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             a, r = a.astype(jnp.float32), r.astype(jnp.float32)
             err = float(jnp.max(jnp.abs(a - r)) / jnp.maximum(jnp.max(jnp.abs(r)), 1e-6))
             if not err <= 2e-2:  # bf16 inputs: a few bf16 ulps; NaN fails too
-                return False, f"relative error {err:.2e} against the XLA reference"
+                return False, f"relative error {err:.2e} against the dense reference"
         return True, "ok"
     except Exception as e:  # a kernel that cannot compile here must not stop training
         return False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
