@@ -601,6 +601,9 @@ def print_summary(r: dict) -> None:
 def main(argv=None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    from jaxsft import plan
+
+    plan.prepare_environment(None)  # no NVIDIA driver: the CPU, without the CUDA plugin's failed check
     load_start = os.getloadavg()[0]  # other jobs on the machine skew every figure; keep the evidence
     model_cfg = SHAPES[args.shape]
     if args.packing != "none" and args.lengths == "fixed":
