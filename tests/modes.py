@@ -69,7 +69,7 @@ class Run:
         return np.asarray(jax.device_get(node[...]))
 
 
-def padded_batch(seed, K, R, T, vocab):
+def padded_batch(seed, K, R, T, vocab=128):
     """[K, R, T] padded rows: random lengths, loss mask on a random suffix of each sample."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, vocab, size=(K, R, T)).astype(np.int32)
@@ -147,3 +147,13 @@ def adam_close(ours, theirs, grads, lr=LR):
     assert worst <= 1e-2 * lr and conditioned <= 1e-4 * lr, (worst / lr, conditioned / lr, at, ours[at], theirs[at],
                                                               [float(g[at]) for g in grads])
     return worst / lr, conditioned / lr
+
+
+def jax_logits(run, batch) -> np.ndarray:
+    """The logits of `run`'s model (its current parameters) on micro-batch 0 of `batch`."""
+    from flax import nnx
+
+    model = nnx.merge(run.graphdef, run.state["params"], run.rest)
+    with jax.set_mesh(run.mesh):
+        return np.asarray(jax.jit(lambda b: model(b["input_ids"], b["positions"], b["segment_ids"]))(
+            {k: v[0] for k, v in batch.items()}))

@@ -11,10 +11,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import peft
-from flax import nnx
 import pytest
 import torch
-from modes import LR, Run, adam_close, hf_forward, load_torch, model_settings, padded_batch, rel, torch_steps
+from modes import (LR, Run, adam_close, hf_forward, jax_logits, load_torch, model_settings, padded_batch, rel,
+                   torch_steps)
 from safetensors.numpy import load_file
 from tiny_hf import make_tiny_hf_model
 
@@ -121,10 +121,7 @@ def test_merged_export_equals_peft_merge_and_unload(model_dir, tmp_path):
     flat = {k: torch.from_numpy(v[0]).long() for k, v in batch.items()}
     with torch.no_grad():
         theirs = hf_forward(pm)(flat).numpy()
-    jax_model = nnx.merge(run.graphdef, run.state["params"], run.rest)
-    with jax.set_mesh(run.mesh):
-        ours = np.asarray(jax.jit(lambda b: jax_model(b["input_ids"], b["positions"], b["segment_ids"]))(
-            {k: v[0] for k, v in batch.items()}))
+    ours = jax_logits(run, batch)
     valid = batch["segment_ids"][0] > 0
     assert rel(ours[valid], theirs[valid]) <= 1e-5
     unloaded = {n: p.detach().numpy() for n, p in pm.merge_and_unload().state_dict().items()}

@@ -19,16 +19,7 @@ def verl_cosine(s, total, warmup):
 
 
 def verl_wsd(s, total, warmup):
-    remaining = max(0, total - warmup)
-    stable = int(remaining * 0.9)
-    decay = remaining - stable
-    if s < warmup:
-        return s / max(1, warmup)
-    if s < warmup + stable:
-        return 1.0
-    if s < total:
-        return 0.5 * (1.0 + math.cos(math.pi * (s - warmup - stable) / max(1, decay)))
-    return 0.0
+    return verl_wsd_general(s, total, warmup, 0.0, 0.5)  # no floor, half a cycle: verl's defaults
 
 
 # verl 0.7.0's get_cosine_schedule_with_warmup / get_wsd_schedule_with_warmup with a floor m and

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cfg import settings
+from modes import padded_batch
 import torch
 import transformers
 
@@ -43,24 +44,6 @@ def model_dir(tmp_path_factory):
 def optim_cfg(**kw):
     keys = {"optim.lr": LR, "optim.lr_warmup_steps_ratio": 0.0, **{f"optim.{k}": v for k, v in kw.items()}}
     return settings(keys).optim
-
-
-def padded_batch(seed, K, R, T, vocab=128):
-    """[K, R, T] padded rows: random lengths, loss mask on a random suffix of each sample."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, vocab, size=(K, R, T)).astype(np.int32)
-    seg = np.zeros((K, R, T), np.int32)
-    mask = np.zeros((K, R, T), np.int32)
-    pos = np.zeros((K, R, T), np.int32)
-    for k in range(K):
-        for r in range(R):
-            n = int(rng.integers(T // 3, T + 1))
-            start = int(rng.integers(1, n))
-            seg[k, r, :n] = 1
-            pos[k, r, :n] = np.arange(n)
-            mask[k, r, start:n] = 1
-            ids[k, r, n:] = 0
-    return {"input_ids": ids, "positions": pos, "segment_ids": seg, "loss_mask": mask}
 
 
 def build(model_dir, mesh_shape, settings=F32, cfg=None, **step_kw):

@@ -288,29 +288,30 @@ def _damaged_pages(run):
     return path
 
 
-def _not_utf8(run):
+def _with_raw_content(run, index: int, raw_content: bytes):
+    """chats(8) written with the bytes of one message's content (the `index`-th of all) replaced
+    by `raw_content`, which pyarrow would refuse to build as a string."""
     rows = chats(8)
     raw = [m["content"].encode() for c in rows for m in c]
-    raw[sum(len(c) for c in rows[:5])] = b"caf\xe9 " + raw[sum(len(c) for c in rows[:5])]
+    raw[index] = raw_content
     offsets = np.cumsum([0] + [len(b) for b in raw]).astype(np.int32)
     content = pa.Array.from_buffers(pa.string(), len(raw), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(raw))])
     messages = pa.StructArray.from_arrays([pa.array([m["role"] for c in rows for m in c]), content], names=["role", "content"])
     starts = np.cumsum([0] + [len(c) for c in rows]).astype(np.int32)
     pq.write_table(pa.table({"messages": pa.ListArray.from_arrays(pa.array(starts), messages)}), run / "d.parquet")
     return run / "d.parquet"
+
+
+def _not_utf8(run):
+    rows = chats(8)
+    i = sum(len(c) for c in rows[:5])
+    return _with_raw_content(run, i, b"caf\xe9 " + rows[5][0]["content"].encode())
 
 
 def _lone_surrogate(run):
     rows = chats(8)
-    text = rows[2][0]["content"]
-    raw = [m["content"].encode() for c in rows for m in c]
-    raw[sum(len(c) for c in rows[:2])] = b"\xed\xa0\x80" + text.encode()  # UTF-8 of U+D800: invalid
-    offsets = np.cumsum([0] + [len(b) for b in raw]).astype(np.int32)
-    content = pa.Array.from_buffers(pa.string(), len(raw), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(raw))])
-    messages = pa.StructArray.from_arrays([pa.array([m["role"] for c in rows for m in c]), content], names=["role", "content"])
-    starts = np.cumsum([0] + [len(c) for c in rows]).astype(np.int32)
-    pq.write_table(pa.table({"messages": pa.ListArray.from_arrays(pa.array(starts), messages)}), run / "d.parquet")
-    return run / "d.parquet"
+    i = sum(len(c) for c in rows[:2])
+    return _with_raw_content(run, i, b"\xed\xa0\x80" + rows[2][0]["content"].encode())  # UTF-8 of U+D800: invalid
 
 
 def _wrong_column(run):
