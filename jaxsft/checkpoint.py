@@ -470,7 +470,8 @@ class Checkpointer:
                 dtype=ckpt.hf_dtype, max_shard_size=ckpt.max_shard_size, min_max_position_embeddings=max_length)
         self._pending: tuple[int, list[tuple[Path, str]]] | None = None  # (step, its exports) awaiting commit
         self._bytes_needed = 0  # the size estimate of the last save, for a full disk's message
-        logging.getLogger("absl").addFilter(_QUIET_FULL_DISK)
+        for name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" for each failed write
+            logging.getLogger(name).addFilter(_QUIET_FULL_DISK)
         _hush_closed_loop_callbacks()
         if self._primary:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -658,7 +658,10 @@ def dry_run(settings, spec: str, json_path: str | None = None, say=print) -> Non
     parallel.check_heads(model_config, mesh)
     tokenizer = hf.load_tokenizer(model_dir, trust_remote_code=settings.model.trust_remote_code)
     added, model_config = hf.extend_vocabulary(settings.model.added_tokens, tokenizer, model_config, say=say)
-    train, _ = data.build_datasets(settings.data, tokenizer, vocab_size=model_config.vocab_size)
+    d = settings.data
+    if d.cache_dir and not os.path.isdir(d.cache_dir):  # a plan creates nothing (no run directory): no new cache
+        d = dataclasses.replace(d, cache_dir=None)
+    train, _ = data.build_datasets(d, tokenizer, vocab_size=model_config.vocab_size)
     choice = _plan_for(settings, target, model_config, train, dp, added)
     if AUTO in (settings.model.remat_policy, settings.data.micro_batch_size_per_gpu):
         say(choice.reason)

@@ -54,6 +54,15 @@ class StepReporter:
     def restart_clock(self) -> None:
         self._clock = time.perf_counter()
 
+    def validated(self, step: int, total: float, count: float) -> None:
+        """The token-weighted validation loss (Σ CE, Σ loss tokens); nothing is logged when nothing
+        was scored."""
+        if count:
+            self.logger.log(step, {"val/loss": total / count})
+        else:
+            self.logger.say_once("[jaxsft] validation: no loss tokens in data.val_files (every row's targets are cut "
+                                 "or absent); val/loss is not logged")
+
     def _report(self, pending) -> None:
         step, metrics, epoch, lengths = pending
         m = jax.device_get(metrics)

@@ -64,8 +64,9 @@ class Trainer:
                 test_due, save_due = self.data.due(self.step, stop)
                 if test_due or save_due:
                     reporter.flush()  # the step's time ends here: validating and saving are not training
-                    if test_due:
-                        self.validate(logger)
+                    if test_due:  # token-weighted over every validation sample
+                        reporter.validated(self.step, *step.evaluate(self.eval_step, self.state["params"],
+                                                                     self.data.val_batches(self.mesh)))
                     if save_due:
                         self.ckpt.save(self.step, self.state, data_state=self.data.loader.get_state(), meta={"epoch": epoch})
                     reporter.restart_clock()
@@ -80,15 +81,6 @@ class Trainer:
         for close in (self.ckpt.close, logger.close, self.preempted.restore, self.run.close):
             close()
         self.say(f"[jaxsft] done at step {self.step}; run directory {self.run.path}")
-
-    def validate(self, logger) -> None:
-        """Token-weighted loss over every validation sample; nothing is logged when nothing is scored."""
-        total, count = step.evaluate(self.eval_step, self.state["params"], self.data.val_batches(self.mesh))
-        if count:
-            logger.log(self.step, {"val/loss": total / count})
-        else:
-            logger.say_once("[jaxsft] validation: no loss tokens in data.val_files (every row's targets are cut or "
-                            "absent); val/loss is not logged")
 
 
 def main(argv: list[str], hooks=()) -> int:
