@@ -90,7 +90,7 @@ def main(argv=None) -> list[dict]:
     variants = []
     for name in args.attn.split(","):
         if name == "xla":
-            for block in (args.blocks.split(",") if args.blocks else [blockwise.default_block()]):
+            for block in (args.blocks.split(",") if args.blocks else [blockwise.default_block(args.seq_len)]):
                 variants.append((f"xla block {int(block)}",
                                  functools.partial(blockwise.blockwise_attention, block=int(block))))
         else:

@@ -252,7 +252,15 @@ def test_minimal_remat_keeps_the_attention_forward():
 
 def test_a_gpu_plan_traces_the_gpu_block_size():
     """A deviceless GPU plan traces on the CPU backend; its blocks must be the GPU's."""
-    assert blockwise.default_block() == blockwise.BLOCK[jax.default_backend()]
+    assert blockwise.default_block(512) == blockwise.BLOCK[jax.default_backend()]
     with blockwise.compiling_for("gpu"):
-        assert blockwise.default_block() == blockwise.BLOCK["gpu"] != blockwise.BLOCK["cpu"]
-    assert blockwise.default_block() == blockwise.BLOCK[jax.default_backend()]
+        assert blockwise.default_block(512) == blockwise.BLOCK["gpu"] != blockwise.BLOCK["cpu"]
+        assert blockwise.default_block(4096) == blockwise.BLOCK["gpu"]
+    assert blockwise.default_block(512) == blockwise.BLOCK[jax.default_backend()]
+
+
+def test_long_cpu_rows_take_the_long_row_block():
+    start, block = blockwise.LONG_ROW_BLOCK["cpu"]
+    with blockwise.compiling_for("cpu"):
+        assert blockwise.default_block(start - 1) == blockwise.BLOCK["cpu"]
+        assert blockwise.default_block(start) == block

@@ -30,9 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-# Tokens per block, by platform. CPU: measured (docs/PERFORMANCE.md, "Blockwise attention").
-# GPU: larger blocks keep the per-step kernels big; not measured (no GPU was lent).
+# Tokens per block, by platform. CPU: measured (docs/PERFORMANCE.md, "Blockwise attention"): 64
+# is fastest on packed rows and short rows; from 2048 tokens a row 256 (fewer, larger products:
+# the tiny step at T = 2048 runs 1.30 s instead of 1.85 s). GPU: larger blocks keep the per-step
+# kernels big; not measured (no GPU was lent).
 BLOCK = {"cpu": 64, "gpu": 512}
+LONG_ROW_BLOCK = {"cpu": (2048, 256)}  # platform: (from this row length, this block)
 DEFAULT_BLOCK = 128
 _TARGET_PLATFORM = contextvars.ContextVar("blockwise_target_platform", default=None)
 
@@ -48,8 +51,12 @@ def compiling_for(platform: str):
         _TARGET_PLATFORM.reset(token)
 
 
-def default_block() -> int:
-    return BLOCK.get(_TARGET_PLATFORM.get() or jax.default_backend(), DEFAULT_BLOCK)
+def default_block(seq_len: int) -> int:
+    platform = _TARGET_PLATFORM.get() or jax.default_backend()
+    long_rows = LONG_ROW_BLOCK.get(platform)
+    if long_rows and seq_len >= long_rows[0]:
+        return long_rows[1]
+    return BLOCK.get(platform, DEFAULT_BLOCK)
 
 
 def _work_list(segb: jax.Array):
@@ -231,14 +238,14 @@ def _from_blocks(x, num_heads):
 def blockwise_attention(q, k, v, segment_ids, *, block: int | None = None):
     """q [B,T,Hq,D], k/v [B,T,Hkv,D], segment_ids [B,T] (0 = padding) -> [B,T,Hq,D] in q's dtype.
 
-    block: tokens per block (default: `BLOCK` for the platform); shrunk to T rounded up to 8 for
+    block: tokens per block (default: `default_block(T)` for the platform); shrunk to T rounded up to 8 for
     short rows. A T that is not a multiple is padded at the end with segment 0 and cut back.
     """
     b, t, hq, _ = q.shape
     hkv = k.shape[2]
     if hq % hkv:
         raise ValueError(f"num_heads={hq} must be a multiple of num_kv_heads={hkv}")
-    block = min(block or default_block(), -(-t // 8) * 8)
+    block = min(block or default_block(t), -(-t // 8) * 8)
     n = -(-t // block)
     pad = n * block - t
     segment_ids = segment_ids.astype(jnp.int32)
