@@ -632,22 +632,24 @@ def _zero_listing(run):
 damaged_case("ckpt_listing_deleted", _zero_listing)
 
 
-@case("checkpoint", "garbage tracker ignored, newest complete step resumed, exact")
-def ckpt_tracker_garbage():
-    run = copy_reference(fresh("ckpt_tracker_garbage") / "run")
-    (run / "latest_checkpointed_iteration.txt").write_text("abc")
+def _tracker_case(name: str, damage) -> bool:
+    """The newest step gone and the tracker damaged by `damage(path)`: the newest complete step
+    (global_step_3) is resumed, exactly."""
+    run = copy_reference(fresh(name) / "run")
+    damage(run / "latest_checkpointed_iteration.txt")
     shutil.rmtree(run / "global_step_6")
     resumed_from(ok(train(run, *FAST, "--config.trainer.save_freq=3", devices=8)), "global_step_3")
     return exact(run)
+
+
+@case("checkpoint", "garbage tracker ignored, newest complete step resumed, exact")
+def ckpt_tracker_garbage():
+    return _tracker_case("ckpt_tracker_garbage", lambda tracker: tracker.write_text("abc"))
 
 
 @case("checkpoint", "tracker deleted: newest complete step resumed, exact")
 def ckpt_tracker_deleted():
-    run = copy_reference(fresh("ckpt_tracker_deleted") / "run")
-    (run / "latest_checkpointed_iteration.txt").unlink()
-    shutil.rmtree(run / "global_step_6")
-    resumed_from(ok(train(run, *FAST, "--config.trainer.save_freq=3", devices=8)), "global_step_3")
-    return exact(run)
+    return _tracker_case("ckpt_tracker_deleted", lambda tracker: tracker.unlink())
 
 
 @case("checkpoint", "one line, exit 2 (named step incomplete)")
