@@ -147,6 +147,10 @@ def _cublas_flops(ins: Instr, types: dict[str, Instr]) -> float:
     return 2.0 * math.prod(out) * math.prod(lhs[d] for d in dims) if lhs else 0.0
 
 
+# custom calls that do no arithmetic: XLA's host offloading allocates the host buffers it writes with these
+_NO_FLOP_CALLS = frozenset({"AllocateBuffer"})
+
+
 def _kernel_flops(ins: Instr, types: dict[str, Instr]) -> float | None:
     """Pallas flash attention (jax's `mha` kernels), from q [B, T, H, D]: the forward kernel does
     QKᵀ and PV (2 matmuls of 2·B·H·T²·D), the backward kernel recomputes QKᵀ and does dV, dP, dQ,
@@ -198,6 +202,8 @@ def analyse(text: str, seq_len: int) -> Stats:
                 target = target.group(1) if target else ""
                 if target.startswith("__cublas$"):
                     flops += _cublas_flops(ins, types)
+                elif target in _NO_FLOP_CALLS:
+                    pass
                 else:
                     k = _kernel_flops(ins, types)
                     if k is None:

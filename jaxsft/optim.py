@@ -7,6 +7,8 @@ stays put), so `adamw` sits inside `optax.inject_hyperparams` and `apply_update`
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -72,12 +74,22 @@ def make_optimizer(optim_cfg, total_steps: int, param_dtype):
     # hyperparameter in the parameter dtype, i.e. bfloat16 (b2 = 0.95 would become 0.9492).
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "eps_root", "weight_decay"),
                                      hyperparam_dtype=jnp.float32)
-    tx = optax.chain(
-        clip_by_global_norm_torch(float(optim_cfg.clip_grad)),
-        adamw(learning_rate=base_lr, b1=b1, b2=b2, eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay),
-              mu_dtype=jnp.dtype(optim_cfg.mu_dtype or param_dtype)),
-    )
-    return tx, lr_schedule
+    max_norm = float(optim_cfg.clip_grad)
+    adam = adamw(learning_rate=base_lr, b1=b1, b2=b2, eps=float(optim_cfg.eps),
+                 weight_decay=float(optim_cfg.weight_decay), mu_dtype=jnp.dtype(optim_cfg.mu_dtype or param_dtype))
+    chain = optax.chain(clip_by_global_norm_torch(max_norm), adam)
+    return ClippedAdamW(chain.init, chain.update, max_norm, adam), lr_schedule
+
+
+class ClippedAdamW(NamedTuple):
+    """`optax.chain(clip_by_global_norm_torch(max_norm), adamw)` (init, update: an optax
+    GradientTransformation; state = (EmptyState, AdamW's state)) with its two parts kept: the
+    streamed update of jaxsft.offload clips by the global norm once and applies `adamw` to one
+    part of the tree at a time."""
+    init: Callable
+    update: Callable
+    max_norm: float
+    adamw: optax.GradientTransformation
 
 
 def global_norm(tree):
@@ -94,10 +106,18 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        factor = jnp.minimum(1.0, max_norm / (global_norm(updates) + _TORCH_CLIP_EPS))
-        return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates), state
+        return clipped(updates, clip_factor(global_norm(updates), max_norm)), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def clip_factor(norm, max_norm: float):
+    """torch's clip_grad_norm_ scale for a gradient of global norm `norm`."""
+    return jnp.minimum(1.0, max_norm / (norm + _TORCH_CLIP_EPS))
+
+
+def clipped(grads, factor):
+    return jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
 
 
 def set_learning_rate(opt_state, lr):

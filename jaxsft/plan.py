@@ -63,9 +63,20 @@ def prepare_environment(spec: str | None) -> None:
     CUDA plugin's start-up check fails on a machine without a GPU and the plugin is not
     registered). Without an NVIDIA driver the same holds for any run: CUDA cannot work there, and
     jax would print the plugin's failed check before falling back to the CPU. A JAX_PLATFORMS the
-    user set wins."""
+    user set wins. A deviceless target of N GPUs also gets N CPU devices: an offload plan is
+    lowered on them (compile_train_step)."""
+    import re
+
+    kind, count = parse_target(spec) if spec else (None, None)
+    if kind in TARGET_CONFIGS and count > 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        m = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+        if m is None:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+        elif int(m.group(1)) < count:
+            os.environ["XLA_FLAGS"] = flags.replace(m.group(0), f"--xla_force_host_platform_device_count={count}")
     no_driver = not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists())
-    if "JAX_PLATFORMS" in os.environ or not (no_driver or (spec and parse_target(spec)[0] in TARGET_CONFIGS)):
+    if "JAX_PLATFORMS" in os.environ or not (no_driver or kind in TARGET_CONFIGS):
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax  # jax reads the variable when it is imported, which may have happened already
@@ -278,9 +289,10 @@ class Plan:
     target_config: str | None
     trained: str = "every parameter"  # what the optimizer updates (jaxsft.trainable)
     opt_state_bytes: int = 0  # per device
-    # optimizer_offload on devices whose compile has no host memory kind: the two-phase model
-    # (`offload_phases`); per_device_peak_bytes is then its peak
-    offload: dict | None = None
+    # pinned_host memory per device (optimizer_offload: the moments; XLA's own figures)
+    host_argument_bytes: int = 0
+    host_temp_bytes: int = 0
+    host_peak_bytes: int = 0
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -315,13 +327,10 @@ class Plan:
         if self.cuda_binaries is not None:
             lines.append(f"[plan] CUDA machine code: {self.cuda_binaries} cubin(s) in the executable")
         lines.append(f"[plan] training {self.trained}; optimizer state {_gib(self.opt_state_bytes)} per device")
-        if self.offload:
-            o = self.offload
-            lines.append(f"[plan] optimizer_offload (two-phase model, {o['why']}): gradient phase peak "
-                         f"{_gib(o['grad_phase_peak_bytes'])}, update phase peak {_gib(o['update_phase_peak_bytes'])}; "
-                         f"between steps {_gib(o['device_between_steps_bytes'])} on the device and "
-                         f"{_gib(o['host_bytes'])} of moments in host memory; the step with the state on the device "
-                         f"plans {_gib(o['on_device_peak_bytes'])}")
+        if self.host_peak_bytes:
+            lines.append(f"[plan] host memory (pinned_host) per device: arguments {_gib(self.host_argument_bytes)} "
+                         f"(the offloaded Adam moments, updated in place), temp {_gib(self.host_temp_bytes)}; peak "
+                         f"{_gib(self.host_peak_bytes)} (not part of the device peak)")
         return lines
 
     def _opaque(self) -> str:
@@ -343,20 +352,86 @@ def _flop(n: float) -> str:
     return f"{n / 1e12:.1f} TFLOP" if n >= 1e11 else f"{n / 1e9:.2f} GFLOP"
 
 
-def compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg, mode: Mode = FULL):
-    """(compiled, seconds, abstract state) of the real train step for abstract state on `mesh`."""
+def compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg, mode: Mode = FULL,
+                       lower_on_cpu: bool | None = None):
+    """(compiled, seconds, abstract state) of the real train step for abstract state on `mesh`.
+
+    With optimizer_offload on compile-only CUDA devices (no memory spaces: jax would drop every
+    pinned_host sharding) the step is lowered for CUDA on CPU devices of the same mesh shape, which
+    have pinned_host, and compiled by the CUDA devices' client: XLA:GPU then plans the host
+    placements and the streamed update, and reports host memory apart (`_compile_with_host_memory`).
+    `lower_on_cpu` forces that route on or off (None: as just said)."""
     import jax
 
     from jaxsft import parallel, step
 
-    graphdef, rest, state, shardings = abstract_train_state(model_config, settings, mesh, tx, mode, say=lambda *a: None)
+    host_lowering = lower_on_cpu
+    if host_lowering is None:
+        host_lowering = mode.optimizer_offload and not _has_host_memory(mesh) and _platform(mesh) == "gpu"
+    lower_mesh = _cpu_mesh_like(mesh) if host_lowering else mesh
+    graphdef, rest, state, shardings = abstract_train_state(model_config, settings, lower_mesh, tx, mode,
+                                                            say=lambda *a: None)
     part = partition_of(state["params"], mode, model_config)
     fn = jax.jit(step.make_train_step(graphdef, rest, tx, lr_schedule, step_cfg, part, shardings["opt_state"]),
-                 donate_argnums=0, out_shardings=(shardings, parallel.replicated(mesh)))
+                 donate_argnums=0, out_shardings=(shardings, parallel.replicated(lower_mesh)))
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = fn.lower(state, batch_struct(batch_shape, mesh)).compile()
+    with jax.set_mesh(lower_mesh):
+        if host_lowering:
+            compiled = _compile_with_host_memory(fn, (state, batch_struct(batch_shape, lower_mesh)), mesh)
+        else:
+            compiled = fn.lower(state, batch_struct(batch_shape, mesh)).compile()
     return compiled, time.perf_counter() - t0, state
+
+
+def _platform(mesh) -> str:
+    return mesh.devices.flat[0].platform
+
+
+def _cpu_mesh_like(mesh):
+    import jax
+
+    from jaxsft import parallel
+
+    cpus = jax.devices("cpu")
+    if len(cpus) < mesh.size:
+        raise PlanError(f"an optimizer_offload plan for {mesh.size} GPUs is lowered on as many CPU devices; this "
+                        f"process has {len(cpus)} (set XLA_FLAGS=--xla_force_host_platform_device_count={mesh.size} "
+                        f"before jax starts)")
+    return parallel.make_mesh(mesh.shape["dp"], mesh.shape["sp"], cpus[:mesh.size])
+
+
+class _ClientExecutable:
+    """What a plan reads of jax's Compiled (memory_analysis, as_text, runtime_executable), for an
+    executable compiled directly by a device client."""
+
+    def __init__(self, executable):
+        self._executable = executable
+
+    def memory_analysis(self):
+        return self._executable.get_compiled_memory_stats()
+
+    def as_text(self) -> str:
+        return self._executable.hlo_modules()[0].to_string()
+
+    def runtime_executable(self):
+        return self._executable
+
+
+def _compile_with_host_memory(fn, args, target_mesh):
+    """`fn` lowered for CUDA where `args` live (CPU devices, whose pinned_host shardings survive
+    lowering) and compiled by `target_mesh`'s compile-only CUDA client for its devices, as jax
+    compiles a jitted function (one replica, a partition per device)."""
+    import numpy as np
+    from jax._src import compiler
+    from jax._src.lib import _jax
+
+    lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
+    devices = list(target_mesh.devices.flat)
+    client = devices[0].client
+    options = compiler.get_compile_options(num_replicas=1, num_partitions=len(devices),
+                                           device_assignment=np.array(devices).reshape(1, -1), backend=client)
+    options.parameter_is_tupled_arguments = bool(lowered._lowering.compile_args.get("tuple_args", False))
+    return _ClientExecutable(client.compile(lowered.compiler_ir("stablehlo"), _jax.DeviceList(tuple(devices)), options))
 
 
 def _peak(ma) -> int:
@@ -370,45 +445,6 @@ def _bytes(tree) -> int:
     import jax
 
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def offload_phases(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg, mode: Mode) -> dict:
-    """Device peaks of the offloaded step as two XLA programs, for compiles that drop memory kinds
-    (the compile-only CUDA devices: a pinned_host sharding comes back as device memory, and every
-    host_* figure of the memory analysis is 0). jaxsft's offload keeps the moments in host memory
-    except during the update (jaxsft.offload), so the device holds (1) parameters, gradients and
-    activations in the forward/backward phase — `step.accumulate_gradients` compiled alone — and
-    (2) parameters, gradients and the moments brought in for `optim.apply_update`, compiled alone.
-    The step's peak is the larger; moving the moments in and out is not in either program."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxsft import optim, parallel, step
-
-    graphdef, rest, state, shardings = abstract_train_state(model_config, settings, mesh, tx, mode, say=lambda *a: None)
-    part = partition_of(state["params"], mode, model_config)
-    params, opt_state = state["params"], state["opt_state"]
-    batch = batch_struct(batch_shape, mesh)
-    with jax.set_mesh(mesh):
-        grad_shardings = shardings["params"] if part.whole else part.shardings(params, mesh)
-        # the gradients laid out as in the step (FSDP-sharded like what they update), not replicated
-        gradient = jax.jit(lambda p, b: step.accumulate_gradients(graphdef, rest, p, b, step_cfg, part)[1],
-                           out_shardings=grad_shardings)
-        g = gradient.lower(params, batch).compile()
-        grads = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                             jax.eval_shape(gradient, params, batch), grad_shardings)
-
-        def update(p, o, gr, count):
-            new, new_o, _, _ = optim.apply_update(tx, part.select(p), o, gr, lr_schedule(count))
-            return part.merge(p, new), new_o
-
-        u = jax.jit(update, donate_argnums=(0, 1), out_shardings=(shardings["params"], shardings["opt_state"])).lower(
-            params, opt_state, grads, jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh))).compile()
-    grad_peak, update_peak = _peak(g.memory_analysis()), _peak(u.memory_analysis())
-    moments = sum(_bytes(x) for x in jax.tree.leaves(opt_state) if x.ndim)
-    return {"why": "this compile has no host memory kind", "grad_phase_peak_bytes": grad_peak,
-            "update_phase_peak_bytes": update_peak, "host_bytes": moments,
-            "device_between_steps_bytes": _bytes(state) - moments}
 
 
 def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch_shape: Sequence[int],
@@ -434,12 +470,6 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
         raise
     ma = compiled.memory_analysis()
     peak = _peak(ma)
-    phases = None
-    if mode.optimizer_offload and not _has_host_memory(mesh):
-        with blockwise.compiling_for(platform):
-            phases = offload_phases(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg, mode)
-        phases["on_device_peak_bytes"] = peak
-        peak = max(phases["grad_phase_peak_bytes"], phases["update_phase_peak_bytes"])
     stats = hlo_stats.analyse(compiled.as_text(), seq_len=batch_shape[-1])
     cubins = None
     if target.platform == "cuda":
@@ -461,7 +491,9 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
         collectives=stats.collectives, collectives_per_step=stats.collectives_per_step, tt_buffers=stats.tt_buffers,
         cuda_binaries=cubins, target_config=target.target_config,
         trained=partition_of(state["params"], mode, model_config).what, opt_state_bytes=_bytes(state["opt_state"]),
-        offload=phases)
+        host_argument_bytes=int(ma.host_argument_size_in_bytes), host_temp_bytes=int(ma.host_temp_size_in_bytes),
+        host_peak_bytes=int(ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes - ma.host_alias_size_in_bytes
+                            + ma.host_temp_size_in_bytes))
 
 
 def _has_host_memory(mesh) -> bool:

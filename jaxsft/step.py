@@ -165,20 +165,24 @@ def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, 
 
     `state["step"]` counts optimizer steps taken (skipped non-finite ones included), so the step
     about to run is g = step + 1 and uses lr_schedule(step) (verl: lr·λ(g−1)). Only `partition`'s
-    trainable part is updated. `opt_state_shardings` (from init_train_state): optimizer state
-    kept in host memory is brought to the devices for the update and put back after it.
+    trainable part is updated. `opt_state_shardings` (from init_train_state): moments kept in
+    host memory are streamed through the devices for the update (`offload.streamed_update`).
     """
+    stream = offload.is_offloaded(opt_state_shardings)
 
     def train_step(state: dict[str, Any], batch: Batch):
         params = state["params"]
         key = None if cfg.dropout_seed is None else jax.random.fold_in(jax.random.key(cfg.dropout_seed), state["step"])
         loss, grads, total_weight = accumulate_gradients(graphdef, rest, params, batch, cfg, partition, key)
         lr = lr_schedule(state["step"])
-        opt_state = offload.to_device(state["opt_state"], opt_state_shardings)
-        new_trainable, new_opt_state, grad_norm, _ = optim.apply_update(tx, partition.select(params), opt_state,
-                                                                        grads, lr)
-        new_state = {"params": partition.merge(params, new_trainable),
-                     "opt_state": offload.to_host(new_opt_state, opt_state_shardings), "step": state["step"] + 1}
+        if stream:  # the moments in host memory: through the device a layer at a time (jaxsft.offload)
+            update = offload.streamed_update(tx, partition.select(params), state["opt_state"], grads, lr,
+                                             opt_state_shardings)
+        else:
+            update = optim.apply_update(tx, partition.select(params), state["opt_state"], grads, lr)
+        new_trainable, new_opt_state, grad_norm, _ = update
+        new_state = {"params": partition.merge(params, new_trainable), "opt_state": new_opt_state,
+                     "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": total_weight}
         return new_state, metrics
 

@@ -227,11 +227,13 @@ def test_targets_and_config_errors():
 
 
 def test_dry_run_command_line(tmp_path, base_model):
-    """`--dry_run=h100:2 --dry_run_json=PATH` on the smoke recipe: printed and written, nothing
-    trained; the same with a target too small for it: exit 2 with one line after the plan."""
+    """`--dry_run=h100:2 --dry_run_json=PATH` on the smoke recipe with optimizer offload: printed
+    and written, the moments planned in host memory (lowered on two CPU devices though the
+    process was started with one), nothing trained; the same with a target too small for it: exit
+    2 with one line after the plan."""
     out = tmp_path / "plan.json"
     args = train_args(tmp_path / "run", base_model, "--dry_run=h100:2", f"--dry_run_json={out}",
-                      "model.remat_policy=auto")
+                      "model.fsdp_config.optimizer_offload=true", "model.remat_policy=auto")
     proc = subprocess.run(args, cwd=ROOT, env=env_for(1), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "[plan] auto: model.remat_policy=none" in proc.stdout and "CUDA machine code" in proc.stdout
@@ -240,6 +242,8 @@ def test_dry_run_command_line(tmp_path, base_model):
                 "step_flops", "collectives", "tt_buffers", "compiled_for"):
         assert key in p, key
     assert p["target"] == "h100:2" and p["devices"] == 2 and p["compiled_for"].startswith("cuda")
+    assert "host memory (pinned_host) per device" in proc.stdout
+    assert 0 <= p["opt_state_bytes"] - p["host_argument_bytes"] < 64  # every moment in host memory
     assert not (tmp_path / "run").exists()  # a plan trains nothing and makes no run directory
 
     tiny = _small_target_config(tmp_path, 2**20)
