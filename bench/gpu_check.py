@@ -18,6 +18,9 @@ only), in this order, under one overall deadline (--budget-s, default 525 s = 8 
              deviceless plan of the same step (hand-written proto and captured one) beside it
   step7b     Qwen2.5-7B shape, T = 4096, bf16 state, full remat, flash: step time and MFU
   torch      seed-like lengths, packed jaxsft vs the padded torch baseline (0.5B): loss-tokens/s ratio
+  offload    optimizer offload (0.5B, T = 4096, K = 8, bf16, full remat): measured step time and peak
+             memory with the moments streamed from pinned_host, then without offload, beside the
+             XLA:GPU plans of both (the plan's offload route, jaxsft.plan.compile_train_step)
 
 Writes DIR/gpu_check.json (every figure, every section's status and error) and DIR/gpu_check.md
 (one table). --dry runs the same code paths on the CPU with tiny shapes and skips only what needs a
@@ -38,9 +41,11 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("env", "flash", "target", "attention", "step05b", "step7b", "torch")
-LIMIT_S = {"env": 60, "flash": 90, "target": 60, "attention": 90, "step05b": 150, "step7b": 180, "torch": 150}
-DRY_LIMIT_S = {"env": 60, "flash": 240, "target": 120, "attention": 240, "step05b": 300, "step7b": 300, "torch": 300}
+SECTIONS = ("env", "flash", "target", "attention", "step05b", "step7b", "torch", "offload")
+LIMIT_S = {"env": 60, "flash": 90, "target": 60, "attention": 90, "step05b": 150, "step7b": 180, "torch": 150,
+           "offload": 150}
+DRY_LIMIT_S = {"env": 60, "flash": 240, "target": 120, "attention": 240, "step05b": 300, "step7b": 300, "torch": 300,
+               "offload": 300}
 
 
 # ---- the sections (each runs in a child process) ------------------------------------------------------
@@ -211,7 +216,7 @@ def section_step05b(args) -> dict:
     return out
 
 
-def _deviceless_plans(args, shape, t, batch_shape, settings) -> dict:
+def _deviceless_plans(args, shape, t, batch_shape, settings, offload: bool = False) -> dict:
     """The same step planned with jaxsft.plan for the matching deviceless target: once with the
     hand-written proto, once with the config captured by the `target` section (if any)."""
     import ml_collections
@@ -234,10 +239,11 @@ def _deviceless_plans(args, shape, t, batch_shape, settings) -> dict:
                                              settings["param_dtype"])
             p = plan.make_plan(Qwen2Config.from_hf_dict(SHAPES[shape]), ModelSettings(**settings), target, dp=1, sp=1,
                                batch_shape=batch_shape, tx=tx, lr_schedule=sched,
-                               step_cfg=step.StepConfig("global_tokens", False, 1, 512))
+                               step_cfg=step.StepConfig("global_tokens", False, 1, 512),
+                               mode=plan.Mode(optimizer_offload=offload))
             out[label] = {"per_device_peak_bytes": p.per_device_peak_bytes, "temp_bytes": p.temp_bytes,
                           "argument_bytes": p.argument_bytes, "target_config": p.target_config,
-                          "step_flops": p.step_flops}
+                          "step_flops": p.step_flops, "host_peak_bytes": p.host_peak_bytes}
         except Exception as e:
             out[label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     return out
@@ -267,6 +273,24 @@ def section_torch(args) -> dict:
             "jaxsft_batch_shape": r["jaxsft"]["batch_shape"], "torch_batch_shape": r["torch"]["batch_shape"],
             "jaxsft_loss_tokens_per_s": r["jaxsft"]["loss_tokens_per_s_per_device"],
             "torch_loss_tokens_per_s": r["torch"]["loss_tokens_per_s_per_device"]}
+
+
+def section_offload(args) -> dict:
+    """bench.modes on the device (offload first: the peak counter only grows), then both modes
+    planned deviceless for the same step."""
+    from bench import modes
+
+    shape, t, batch = ("tiny", 256, 4) if args.dry else ("qwen2.5-0.5b", 4096, 8)
+    argv = ["time", "--shape", shape, "--seq-len", str(t), "--global-batch", str(batch), "--micro-batch", "1",
+            "--steps", "3", "--warmup", "1", "--remat", "full", "--param-dtype", "bfloat16",
+            "--mode", "offload", "--mode", "full", "--json", str(Path(args.out) / "offload_modes.json")]
+    rows = {r["mode"]: r for r in modes.main(argv)}
+    out = {"command": "python -m bench.modes " + shlex.join(argv), "measured": rows}
+    settings = dict(param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True, remat_policy="full",
+                    attn_implementation="xla")
+    out["plans"] = {name: _deviceless_plans(args, shape, t, [batch, 1, t], settings, offload=name == "offload")
+                    for name in ("offload", "full")}
+    return out
 
 
 # ---- the parent: run every section, collect, write -------------------------------------------------------
@@ -355,6 +379,13 @@ def markdown(report: dict) -> str:
     tr = s.get("torch", {})
     rows.append(("torch", tr.get("status"), f"seed-like, packed jaxsft / padded torch: loss-tokens/s "
                  f"{_fmt(get('torch', 'ratios', 'loss_tokens_per_s'), '{:.2f}')}×"))
+    of = s.get("offload", {})
+    measured = of.get("measured") or {}
+    rows.append(("offload", of.get("status"), "; ".join(
+        f"{m}: step {_fmt(r.get('step_s_mean'))} s, peak so far "
+        f"{_fmt((r.get('peak_bytes_in_use_so_far') or 0) / G, '{:.2f}')} GiB, plan "
+        f"{_fmt((get('offload', 'plans', m, 'proto', 'per_device_peak_bytes') or 0) / G, '{:.2f}')} GiB"
+        for m, r in measured.items())))
     lines = [f"# GPU check {report['date']} ({'dry, CPU' if report['dry'] else report.get('device')})", "",
              f"`{report['command']}`, {report['wall_s']:.0f} s wall", ""]
     lines += ["| " + " | ".join(rows[0]) + " |", "|---|---|---|"]
@@ -389,7 +420,7 @@ def main(argv=None) -> dict | None:
         if left < 15:
             report["sections"][name] = {"status": "skipped: overall budget spent"}
             continue
-        if name in ("step05b", "step7b") and report["sections"].get("env", {}).get("device_kind"):
+        if name in ("step05b", "step7b", "offload") and report["sections"].get("env", {}).get("device_kind"):
             kind = report["sections"]["env"]["device_kind"].lower()
             os.environ["GPU_CHECK_KIND"] = "h200" if "h200" in kind else "h100"
         print(f"[gpu_check] {name} (limit {min(limits[name], left):.0f} s)", flush=True)

@@ -5,8 +5,11 @@ offload, each mode's real jitted train step on random weights.
         --mode full --mode offload --mode lora:8 [--json FILE]
 
 1 + warmup untimed steps, then `--steps` timed ones, each ended by reading its loss, on every
-device. Memory is not measured here: GPU memory comes from the XLA:GPU plan of the run's own
-command (`python -m jaxsft.train ... --dry_run=h100:N`, jaxsft.plan), never from XLA:CPU.
+device. On a GPU each row also carries the device's peak bytes in use so far (`memory_stats`;
+the counter only grows, and each mode's state is freed before the next is built, so list the
+mode expected to need the least memory first). On the CPU memory is not measured: GPU memory
+comes from the XLA:GPU plan of the run's own command (`python -m jaxsft.train ... --dry_run=h100:N`,
+jaxsft.plan), never from XLA:CPU.
 """
 
 from __future__ import annotations
@@ -109,9 +112,12 @@ def timing(args) -> list[dict]:
                 state, m = fn(state, b)
                 float(m["loss"])
                 times.append(time.perf_counter() - t0)
+        del state, batches, fn  # freed before the next mode is built (its peak must not include this one)
+        stats = jax.local_devices()[0].memory_stats() or {}
         timed = np.asarray(times[1 + args.warmup:])
         row = {"mode": mode["name"], "step_s_mean": float(timed.mean()), "step_s_min": float(timed.min()),
-               "step_s_max": float(timed.max()), "load_1min": os.getloadavg()[0], "devices": jax.device_count()}
+               "step_s_max": float(timed.max()), "load_1min": os.getloadavg()[0], "devices": jax.device_count(),
+               "peak_bytes_in_use_so_far": stats.get("peak_bytes_in_use")}
         out.append(row)
         print(f"[bench.modes] {args.shape} {mode['name']}: step {row['step_s_mean']:.4f} s mean, {row['step_s_min']:.4f} "
               f"min, {row['step_s_max']:.4f} max over {len(timed)} steps ({row['devices']} devices; load "
