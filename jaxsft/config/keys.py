@@ -133,7 +133,8 @@ KEYS: tuple[Key, ...] = (
     _k("model.fsdp_config.offload_params", False, "bool",
        "verl's FSDP parameter offload (not supported; see model.fsdp_config.optimizer_offload)"),
     _j("model.fsdp_config.optimizer_offload", False, "bool",
-       "verl's FSDP-engine key: keep the Adam moments in host memory (pinned_host) between steps"),
+       "verl's FSDP-engine key: keep the Adam moments in host memory (pinned_host), streamed through the "
+       "device a layer at a time for the update"),
     _j("model.param_dtype", "float32", "str", "as model.fsdp_config.model_dtype (jaxsft's spelling)",
        choices=("float32", "bfloat16", "fp32", "bf16")),
     _j("model.compute_dtype", "bfloat16", "str", "matmul and activation dtype",
