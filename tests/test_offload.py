@@ -99,13 +99,13 @@ def test_resume_under_other_training_mode_settings_is_refused(model_dir, tmp_pat
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("bad_grads", [False, True])
-def test_streamed_update_equals_the_whole_tree_update(dtype, bad_grads):
+def test_streamed_update_equals_the_whole_tree_update(dtype):
     """offload.streamed_update on a tree of stacked layer leaves (scanned a layer at a time, two
     leading sizes) and whole leaves, moments in pinned_host on 8 CPU devices, against
     optim.apply_update: moments, Adam's count and the grad norm bit-identical, parameters within 1
     ulp (float32: one or two entries of a layer differ by 1 ulp, where XLA:CPU fuses the last
-    multiply-add differently; bfloat16: identical), and a non-finite gradient skips the step in both."""
+    multiply-add differently; bfloat16: identical), over a normal step, a non-finite one (skipped in
+    both) and another normal one."""
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -140,18 +140,18 @@ def test_streamed_update_equals_the_whole_tree_update(dtype, bad_grads):
     p_whole, p_streamed = params, jax.tree.map(jnp.copy, params)
     for i in range(3):
         grads = tree(lambda shape, spec: array(shape, spec, scale=3.0))
-        if bad_grads and i == 1:
+        if i == 1:  # a non-finite gradient: the step is skipped
             grads["layers"]["scale"] = grads["layers"]["scale"].at[1, 2].set(jnp.nan)
         p_whole, o_whole, n1, f1 = whole(p_whole, o_whole, grads)
         p_streamed, o_streamed, n2, f2 = streamed(p_streamed, o_streamed, grads)
         assert float(n1) == float(n2) or (np.isnan(float(n1)) and np.isnan(float(n2)))
-        assert bool(f1) == bool(f2) == (not (bad_grads and i == 1))
+        assert bool(f1) == bool(f2) == (i != 1)
         assert kinds(o_streamed) == [(False, "device"), (True, offload.HOST)]
         for x, y in zip(host(o_whole), host(o_streamed)):
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), i
         for x, y in zip(host(p_whole), host(p_streamed)):  # XLA:CPU fuses AdamW's last multiply-add per layer
             ulps = np.abs(x.astype(np.float64) - y.astype(np.float64)) / np.spacing(np.abs(x).astype(x.dtype))
             assert x.dtype == y.dtype and ulps.max() <= 1, (i, ulps.max())  # otherwise: 1-2 of 128 differ by 1 ulp
-    assert int(jax.tree.leaves(o_streamed)[0]) == (2 if bad_grads else 3)  # Adam's count: skipped steps do not count
+    assert int(jax.tree.leaves(o_streamed)[0]) == 2  # Adam's count: the skipped step does not count
     whole_idx, stacked = offload.layer_groups(params)
     assert len(whole_idx) == 2 and sorted(len(v) for v in stacked.values()) == [1, 2]
