@@ -131,10 +131,10 @@ def test_streamed_update_equals_the_whole_tree_update(dtype):
     dev_shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else
                                  NamedSharding(mesh, P()), opt_state)
     host_shardings = offload.to_host_shardings(opt_state, dev_shardings, mesh, say=lambda *a: None)
-    whole = jax.jit(lambda p, o, g: optim.apply_update(tx, p, o, g, 1e-2))
+    whole = jax.jit(lambda p, o, g, lr: optim.apply_update(tx, p, o, g, lr))
     p_shardings = jax.tree.map(lambda x: x.sharding, params)
-    streamed = jax.jit(lambda p, o, g: offload.streamed_update(tx, p, o, g, 1e-2, host_shardings),
-                       in_shardings=(p_shardings, host_shardings, p_shardings), donate_argnums=(0, 1),  # as the step
+    streamed = jax.jit(lambda p, o, g, lr: offload.streamed_update(tx, p, o, g, lr, host_shardings),
+                       in_shardings=(p_shardings, host_shardings, p_shardings, None), donate_argnums=(0, 1),  # as the step
                        out_shardings=(p_shardings, host_shardings, None, None))
     o_whole, o_streamed = opt_state, jax.device_put(opt_state, host_shardings)
     p_whole, p_streamed = params, jax.tree.map(jnp.copy, params)
@@ -142,8 +142,9 @@ def test_streamed_update_equals_the_whole_tree_update(dtype):
         grads = tree(lambda shape, spec: array(shape, spec, scale=3.0))
         if i == 1:  # a non-finite gradient: the step is skipped
             grads["layers"]["scale"] = grads["layers"]["scale"].at[1, 2].set(jnp.nan)
-        p_whole, o_whole, n1, f1 = whole(p_whole, o_whole, grads)
-        p_streamed, o_streamed, n2, f2 = streamed(p_streamed, o_streamed, grads)
+        lr = jnp.float32(1e-2 / (i + 1))  # a skipped step keeps the previous step's lr in the state too
+        p_whole, o_whole, n1, f1 = whole(p_whole, o_whole, grads, lr)
+        p_streamed, o_streamed, n2, f2 = streamed(p_streamed, o_streamed, grads, lr)
         assert float(n1) == float(n2) or (np.isnan(float(n1)) and np.isnan(float(n2)))
         assert bool(f1) == bool(f2) == (i != 1)
         assert kinds(o_streamed) == [(False, "device"), (True, offload.HOST)]
