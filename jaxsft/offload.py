@@ -103,8 +103,8 @@ def layer_groups(params) -> tuple[list[int], dict[int, list[int]]]:
 
 
 def streamed_update(tx: optim.ClippedAdamW, params, opt_state, grads, lr, shardings=None):
-    """`optim.apply_update(tx, params, opt_state, grads, lr)` (same result, same skip of a
-    non-finite step) with the moments streamed: `shardings` is opt_state's sharding tree; moments
+    """`optim.apply_update(tx, params, opt_state, grads, lr)` (the same result to float32
+    rounding, the same skip of a non-finite step) with the moments streamed: `shardings` is opt_state's sharding tree; moments
     whose sharding is in host memory are copied to the device a part at a time and their new
     values written back to host memory. Without host shardings it runs the same chunks in device
     memory (what a compile-only plan sees)."""
