@@ -420,7 +420,9 @@ class _ClientExecutable:
 def _compile_with_host_memory(fn, args, target_mesh):
     """`fn` lowered for CUDA where `args` live (CPU devices, whose pinned_host shardings survive
     lowering) and compiled by `target_mesh`'s compile-only CUDA client for its devices, as jax
-    compiles a jitted function (one replica, a partition per device)."""
+    compiles a jitted function (one replica, a partition per device). jax has no public call that
+    compiles a lowered module with another client: these private names are those of the pinned jax
+    0.10.2 (pyproject), and tests/test_plan_modes.py fails if they move."""
     import numpy as np
     from jax._src import compiler
     from jax._src.lib import _jax
