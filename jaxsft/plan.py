@@ -363,11 +363,12 @@ def compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedul
     `lower_on_cpu` forces that route on or off (None: as just said)."""
     import jax
 
-    from jaxsft import parallel, step
+    from jaxsft import offload, parallel, step
 
     host_lowering = lower_on_cpu
     if host_lowering is None:
-        host_lowering = mode.optimizer_offload and not _has_host_memory(mesh) and _platform(mesh) == "gpu"
+        host_lowering = (mode.optimizer_offload and offload.host_memory_kind(mesh) is None
+                         and mesh.devices.flat[0].platform == "gpu")
     lower_mesh = _cpu_mesh_like(mesh) if host_lowering else mesh
     graphdef, rest, state, shardings = abstract_train_state(model_config, settings, lower_mesh, tx, mode,
                                                             say=lambda *a: None)
@@ -381,10 +382,6 @@ def compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedul
         else:
             compiled = fn.lower(state, batch_struct(batch_shape, mesh)).compile()
     return compiled, time.perf_counter() - t0, state
-
-
-def _platform(mesh) -> str:
-    return mesh.devices.flat[0].platform
 
 
 def _cpu_mesh_like(mesh):
@@ -496,12 +493,6 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
         host_argument_bytes=int(ma.host_argument_size_in_bytes), host_temp_bytes=int(ma.host_temp_size_in_bytes),
         host_peak_bytes=int(ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes - ma.host_alias_size_in_bytes
                             + ma.host_temp_size_in_bytes))
-
-
-def _has_host_memory(mesh) -> bool:
-    from jaxsft import offload
-
-    return offload.host_memory_kind(mesh) is not None
 
 
 def _settings_dict(settings, step_cfg) -> dict:

@@ -157,3 +157,13 @@ def jax_logits(run, batch) -> np.ndarray:
     with jax.set_mesh(run.mesh):
         return np.asarray(jax.jit(lambda b: model(b["input_ids"], b["positions"], b["segment_ids"]))(
             {k: v[0] for k, v in batch.items()}))
+
+
+def logits_error(run, torch_model, batch) -> float:
+    """Largest relative difference between `run`'s logits and `torch_model`'s on micro-batch 0 of
+    `batch`, over the positions of real (non-padding) tokens."""
+    flat = {k: torch.from_numpy(v[0]).long() for k, v in batch.items()}
+    with torch.no_grad():
+        theirs = hf_forward(torch_model)(flat).numpy()
+    valid = batch["segment_ids"][0] > 0
+    return rel(jax_logits(run, batch)[valid], theirs[valid])

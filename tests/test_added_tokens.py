@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from cfg import settings
-from modes import (LR, Run, adam_close, hf_forward, jax_logits, load_torch, model_settings, padded_batch, rel,
+from modes import (LR, Run, adam_close, hf_forward, load_torch, logits_error, model_settings, padded_batch, rel,
                    torch_steps)
 from safetensors.numpy import load_file
 from tiny_hf import make_tiny_hf_model
@@ -206,12 +206,7 @@ def test_export_carries_the_new_vocabulary(model_dir, tmp_path):
     model = transformers.Qwen2ForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
     assert model.config.vocab_size == cfg.vocab_size
     batch = new_token_batch(6, added.new_ids, cfg.vocab_size)
-    flat = {k: torch.from_numpy(v[0]).long() for k, v in batch.items()}
-    with torch.no_grad():
-        theirs = hf_forward(model)(flat).numpy()
-    ours = jax_logits(run, batch)
-    valid = batch["segment_ids"][0] > 0
-    assert rel(ours[valid], theirs[valid]) <= 1e-5
+    assert logits_error(run, model, batch) <= 1e-5
     with pytest.raises(UserError, match="ids"):  # another base model gives the tokens other ids
         other = with_tokenizer(make_tiny_hf_model(tmp_path, name="other", vocab_size=BASE_VOCAB))
         tok_dir = transformers.AutoTokenizer.from_pretrained(other)

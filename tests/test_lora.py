@@ -13,7 +13,7 @@ import numpy as np
 import peft
 import pytest
 import torch
-from modes import (LR, Run, adam_close, hf_forward, jax_logits, load_torch, model_settings, padded_batch, rel,
+from modes import (LR, Run, adam_close, hf_forward, load_torch, logits_error, model_settings, padded_batch, rel,
                    torch_steps)
 from safetensors.numpy import load_file
 from tiny_hf import make_tiny_hf_model
@@ -118,12 +118,7 @@ def test_merged_export_equals_peft_merge_and_unload(model_dir, tmp_path):
     merged = run.hf_params(lora=LORA)
     pm = peft_model(model_dir, adapter_dir).eval()
     batch = padded_batch(7, 1, 4, 16, VOCAB)
-    flat = {k: torch.from_numpy(v[0]).long() for k, v in batch.items()}
-    with torch.no_grad():
-        theirs = hf_forward(pm)(flat).numpy()
-    ours = jax_logits(run, batch)
-    valid = batch["segment_ids"][0] > 0
-    assert rel(ours[valid], theirs[valid]) <= 1e-5
+    assert logits_error(run, pm, batch) <= 1e-5
     unloaded = {n: p.detach().numpy() for n, p in pm.merge_and_unload().state_dict().items()}
     base = load_file(model_dir / "model.safetensors")
     targeted = 0

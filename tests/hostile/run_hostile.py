@@ -506,29 +506,28 @@ def two_runs_at_once():
     return line
 
 
-@case("run directory", "the next run starts after kill -9 (no stale lock), resume exact")
-def stale_lock_after_kill_9():
-    run = fresh("stale_lock_after_kill_9") / "run"
-    first = start(run, *FAST, "--config.trainer.save_freq=1", hook="pause:2")
-    wait_for(first, "test hook: paused after step 2")
+def killed_then_resumed(name: str, save_freq: int, paused_at: int) -> str:
+    """kill -9 a run paused after step `paused_at` (saving every `save_freq` steps), run the same
+    command again: it resumes from global_step_{paused_at}, exactly."""
+    run = fresh(name) / "run"
+    first = start(run, *FAST, f"--config.trainer.save_freq={save_freq}", hook=f"pause:{paused_at}")
+    wait_for(first, f"paused after step {paused_at}")
     first.kill()
     first.wait()
-    proc = ok(train(run, *FAST, "--config.trainer.save_freq=1", devices=8))
-    resumed_from(proc, "global_step_2")
+    resumed_from(ok(train(run, *FAST, f"--config.trainer.save_freq={save_freq}", devices=8)), f"global_step_{paused_at}")
     return exact(run)
+
+
+@case("run directory", "the next run starts after kill -9 (no stale lock), resume exact")
+def stale_lock_after_kill_9():
+    return killed_then_resumed("stale_lock_after_kill_9", save_freq=1, paused_at=2)
 
 
 # ==== E. kills and signals (exact resume) ===================================================
 
 @case("kill", "exact resume")
 def sigkill_after_complete_save():
-    run = fresh("sigkill_after_complete_save") / "run"
-    proc = start(run, *FAST, "--config.trainer.save_freq=3", hook="pause:3")
-    wait_for(proc, "paused after step 3")
-    proc.kill()
-    proc.wait()
-    resumed_from(ok(train(run, *FAST, "--config.trainer.save_freq=3", devices=8)), "global_step_3")
-    return exact(run)
+    return killed_then_resumed("sigkill_after_complete_save", save_freq=3, paused_at=3)
 
 
 @case("kill", "exact resume")
