@@ -11,14 +11,10 @@ collective); process 0 writes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import jax
-import numpy as np
-
 from jaxsft.hf import names
-from jaxsft.hf.save import _param_arrays, _ShardWriter, to_host
+from jaxsft.hf.save import _param_arrays, write_single_file
 from jaxsft.model.config import Qwen2Config
 
 CONFIG_FILE = "adapter_config.json"
@@ -55,18 +51,10 @@ def write_adapter(model_or_params, config: Qwen2Config, lora, out_dir, *, base_m
                   fetch=None) -> Path:
     """Write `out_dir` as a PEFT LoRA adapter directory; returns its path."""
     out_dir = Path(out_dir)
-    writer = None
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        writer = _ShardWriter(out_dir, max_bytes=1 << 62)  # PEFT reads one file
-    for name, array in adapter_tensors(model_or_params, config, lora, fetch=fetch):
-        host = to_host(array, np.float32)
-        if writer is not None:
-            writer.add(name, host)
-    if writer is None:
-        return out_dir
-    writer.flush()
-    os.replace(writer._tmp(0), out_dir / WEIGHTS_FILE)
+    # PEFT reads one weights file
+    if write_single_file(adapter_tensors(model_or_params, config, lora, fetch=fetch), out_dir / WEIGHTS_FILE,
+                         dtype="float32") is None:
+        return out_dir  # not process 0
     path = out_dir / CONFIG_FILE
     path.write_text(json.dumps(adapter_config(lora, base_model_name_or_path), indent=2) + "\n")
     return out_dir

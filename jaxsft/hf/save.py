@@ -189,16 +189,11 @@ def write_weights(tensors: Iterable[tuple[str, Any]], out_dir: str | os.PathLike
     files in `dtype`; weight files of an earlier export there are removed. Every process calls
     this (gathers are collective); process 0 writes and gets the file names, the others None."""
     out_dir = Path(out_dir)
-    np_dtype = np.dtype(jax.numpy.dtype(dtype))
     writer = None
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         writer = _ShardWriter(out_dir, parse_size(max_shard_size))
-    for name, array in tensors:
-        host = to_host(array, np_dtype)
-        if writer is not None:
-            writer.add(name, host)
-        del host  # free it before the next gather (the shard holds its own reference)
+    _stream(tensors, writer, dtype)
     if writer is None:
         return None
     written = writer.finish()
@@ -207,6 +202,33 @@ def write_weights(tensors: Iterable[tuple[str, Any]], out_dir: str | os.PathLike
         if _WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:
             stale.unlink()
     return written
+
+
+def write_single_file(tensors: Iterable[tuple[str, Any]], path: str | os.PathLike, *, dtype: str) -> Path | None:
+    """Stream `tensors` into the one safetensors file `path` (e.g. PEFT's adapter_model.safetensors),
+    written under a temporary name and renamed. Every process calls this (gathers are collective);
+    process 0 writes and gets the path, the others None."""
+    path = Path(path)
+    writer = None
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = _ShardWriter(path.parent, max_bytes=1 << 62)  # one shard, whatever the size
+    _stream(tensors, writer, dtype)
+    if writer is None:
+        return None
+    writer.flush()
+    os.replace(writer._tmp(0), path)
+    return path
+
+
+def _stream(tensors, writer: _ShardWriter | None, dtype: str) -> None:
+    """Each tensor gathered to the host in `dtype` (on every process) and handed to `writer` (process 0's)."""
+    np_dtype = np.dtype(jax.numpy.dtype(dtype))
+    for name, array in tensors:
+        host = to_host(array, np_dtype)
+        if writer is not None:
+            writer.add(name, host)
+        del host  # free it before the next gather (the shard holds its own reference)
 
 
 # ---- config, generation config, tokenizer ----------------------------------------------------
