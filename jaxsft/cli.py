@@ -12,10 +12,18 @@ with no recipe and no settings at all, the smoke recipe runs.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import textwrap
 
+import yaml
+from absl import logging as absl_logging
+
+from jaxsft import distributed
 from jaxsft.config import ConfigError, Settings, compose, resolve
 from jaxsft.config.keys import KEYS
+from jaxsft.errors import UserError
+from jaxsft.plan.target import prepare_environment
 
 SMOKE_RECIPE = "smoke"
 FLAGS = ("--config", "--print_config", "--help", "--dry_run", "--dry_run_json")
@@ -129,31 +137,23 @@ def _show(value) -> str:
     return str(value)
 
 
-def run(argv: list[str], job) -> int:
-    """Parse `argv` and run `job(settings)`; --help and --print_config answer and return 0; a
-    user's mistake (any `UserError`) prints one `jaxsft: error:` line and returns 2."""
-    import sys
-
-    from absl import logging as absl_logging
-
-    from jaxsft import distributed
-    from jaxsft.errors import UserError
-
+def run(argv: list[str], job, dry_run=None) -> int:
+    """Parse `argv` and run `job(settings)`, or `dry_run(settings, target, json_path)` for
+    `--dry_run`; --help and --print_config answer and return 0; a user's mistake (any `UserError`)
+    prints one `jaxsft: error:` line and returns 2."""
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     try:
         command = parse(argv)
         if command.help:
             print(help_text())
         elif command.print_config:
-            import yaml
-
             print(yaml.safe_dump(command.settings.config, sort_keys=False), end="")
         else:
-            from jaxsft import plan
-
-            plan.prepare_environment(command.dry_run)  # before any JAX backend starts
+            prepare_environment(command.dry_run)  # before any JAX backend starts
             if command.dry_run:
-                plan.dry_run(command.settings, command.dry_run, command.dry_run_json)
+                if dry_run is None:
+                    raise ConfigError("--dry_run is not available for this command")
+                dry_run(command.settings, command.dry_run, command.dry_run_json)
             else:
                 job(command.settings)
         return 0
@@ -172,18 +172,7 @@ def run(argv: list[str], job) -> int:
 def exit(code: int) -> None:
     """End the process with `code`; a non-zero exit skips atexit, where jax's shutdown barrier would
     wait for the processes of a multi-process job that are gone."""
-    import os
-    import sys
-
     sys.stdout.flush()
     if code:
         os._exit(code)
 
-
-def entry_point() -> None:
-    """The `jaxsft-train` console script."""
-    import sys
-
-    from jaxsft import train
-
-    exit(train.main(sys.argv[1:]))

@@ -20,12 +20,13 @@ import pathlib
 
 import jax
 
+from jaxsft import distributed
+from jaxsft.errors import ConfigError
+
 
 def enable(directory: str | None, say=print) -> None:
     """Point JAX's compilation cache at `directory` (None: turn it off) before anything compiles."""
     from jax.experimental.compilation_cache import compilation_cache
-
-    from jaxsft.config import ConfigError
 
     compilation_cache.reset_cache()  # JAX decides once, at the first compilation, whether it caches
     if directory is None:
@@ -37,7 +38,7 @@ def enable(directory: str | None, say=print) -> None:
     except OSError as e:
         raise ConfigError(f"trainer.compile_cache_dir={directory!r} cannot be created ({e.strerror or e}); give another "
                           f"directory or set trainer.compile_cache=false") from None
-    if jax.process_index() == 0 and not os.access(directory, os.W_OK):
+    if distributed.is_primary() and not os.access(directory, os.W_OK):
         raise ConfigError(f"trainer.compile_cache_dir={directory!r} is not writable; give another directory or set "
                           f"trainer.compile_cache=false")
     _atomic_entries()

@@ -18,6 +18,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxsft.errors import ConfigError
+
 _initialised = False
 
 
@@ -85,7 +87,6 @@ def maybe_initialize(trainer_cfg=None) -> bool:
 def start(trainer) -> None:
     """Pick the platform (`trainer.device`), start `jax.distributed` when asked, and check that
     the platform asked for is the one JAX found — before anything is loaded."""
-    from jaxsft.config import ConfigError
 
     if trainer.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
@@ -94,6 +95,11 @@ def start(trainer) -> None:
         raise ConfigError(f"trainer.device={trainer.device} (verl's default) but JAX found no GPU (it runs on "
                           f"{jax.default_backend()}): install jax[cuda12] on a machine with a GPU, or set "
                           f"trainer.device=cpu (or auto)")
+
+
+def is_primary() -> bool:
+    """Whether this is process 0: the one that writes files and prints for the whole job."""
+    return jax.process_index() == 0
 
 
 def is_multiprocess() -> bool:

@@ -1,4 +1,4 @@
-"""The one error type for mistakes in the user's input.
+"""The error types for mistakes in the user's input.
 
 Raise `UserError` (or a subclass) where the cause is known, with one sentence that names the config
 key, file or row and says what to do; `python -m jaxsft.train` prints it as one
@@ -8,3 +8,7 @@ key, file or row and says what to do; `python -m jaxsft.train` prints it as one
 
 class UserError(ValueError):
     """A mistake in the user's settings, files or environment; the message is one sentence."""
+
+
+class ConfigError(UserError):
+    """A setting that cannot work; the message names the key."""

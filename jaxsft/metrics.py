@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsft import distributed
+
 
 # ---- FLOPs ----------------------------------------------------------------------------------------
 
@@ -130,7 +132,7 @@ class MetricsLogger:
       values are written as NaN/Infinity).
     - wandb: project, name = experiment_name, config = config_dict (entity from WANDB_ENTITY).
 
-    `backends` are checked names (`jaxsft.config.settings.LOGGERS`).
+    `backends` are checked names (`jaxsft.settings.LOGGERS`).
     """
 
     def __init__(self, backends, run_dir, project_name: str, experiment_name: str, config_dict: dict,
@@ -167,11 +169,9 @@ class MetricsLogger:
     @classmethod
     def for_run(cls, settings, run_dir, *, initial_step: int, last_step: int, say=print) -> "MetricsLogger":
         """The logger of a run (process 0 writes); says when a resumed run drops rows of its metrics file."""
-        import jax
-
         t = settings.trainer
         logger = cls(t.logger, run_dir, t.project_name, t.experiment_name, settings.config, total_steps=last_step,
-                     is_main_process=jax.process_index() == 0, initial_step=initial_step)
+                     is_main_process=distributed.is_primary(), initial_step=initial_step)
         if logger.dropped_rows:
             say(f"[jaxsft] metrics.jsonl: dropped {logger.dropped_rows} row(s) logged after step {initial_step}, "
                 f"the step this run resumes from")

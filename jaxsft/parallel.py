@@ -48,47 +48,6 @@ def make_mesh(dp: int, sp: int, devices: Sequence[jax.Device] | None = None) -> 
     return jax.make_mesh((dp, sp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[:dp * sp])
 
 
-def mesh_for(settings) -> Mesh:
-    """The run's mesh: dp = devices / sp, after the batch settings are checked against it."""
-    from jaxsft import distributed
-    from jaxsft.config import check_devices
-
-    dp, sp = check_devices(settings, jax.device_count())
-    check_attention(settings.model.attn_implementation)
-    mesh = make_mesh(dp, sp)
-    distributed.check_process_rows(mesh)
-    return mesh
-
-
-_BACKEND_NEEDS = {"flash": "a CUDA GPU of compute capability 8.0 (sm80) or newer"}
-
-
-def check_attention(implementation: str) -> None:
-    """A backend named in model.attn_implementation must run on these devices; otherwise one
-    ConfigError now, instead of a kernel failing (or crawling in interpret mode) at the first step."""
-    from jaxsft.config import ConfigError
-    from jaxsft.model.attention import BACKENDS
-
-    backend = BACKENDS.get(implementation)  # unknown names were refused with the settings
-    if backend is None or backend.available():
-        return
-    needs = _BACKEND_NEEDS.get(implementation, "other devices")
-    raise ConfigError(f"model.attn_implementation={implementation} needs {needs}; this machine's devices are "
-                      f"{jax.default_backend()} ({jax.devices()[0].device_kind}): use model.attn_implementation=auto "
-                      f"(picks what runs here) or xla")
-
-
-def check_heads(model_config, mesh: Mesh) -> None:
-    """The model's heads must split over sp (Ulysses); a ConfigError naming the key otherwise."""
-    from jaxsft.config import ConfigError
-    from jaxsft.model.ulysses import check_ulysses
-
-    try:
-        check_ulysses(model_config.num_attention_heads, model_config.num_key_value_heads, mesh.shape["sp"])
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def _size(mesh, axes) -> int:
     axes = (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)
@@ -123,7 +82,7 @@ def param_sharding(variable, mesh: Mesh) -> NamedSharding:
 def param_shardings(params, mesh: Mesh):
     """The same tree as an nnx.State of parameters (or its abstract version) with a NamedSharding in
     place of each Variable; usable as jit `out_shardings` for that state."""
-    from flax import nnx
+    from flax import nnx  # here, not at the top: the attention kernels use this module without flax
 
     return jax.tree.map(lambda v: param_sharding(v, mesh), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

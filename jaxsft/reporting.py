@@ -15,6 +15,8 @@ import time
 import jax
 import numpy as np
 
+from jaxsft import metrics
+
 
 class StepReporter:
     def __init__(self, logger, flop_counter, peak_flops_total: float | None, *, log_every: int, last_step: int):
@@ -26,8 +28,6 @@ class StepReporter:
 
     @classmethod
     def for_run(cls, logger, settings, model_config, *, last_step: int) -> "StepReporter":
-        from jaxsft import metrics
-
         t = settings.trainer
         peak = t.peak_flops_per_device or metrics.peak_flops_per_device(jax.devices()[0])
         return cls(logger, metrics.FlopCounter(model_config), peak and peak * jax.device_count(), log_every=t.log_every,

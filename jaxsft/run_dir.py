@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from jaxsft.config import ConfigError
+from jaxsft.errors import ConfigError
 
 LOCK_FILE = ".jaxsft.lock"
 CONFIG_FILE = "config.yaml"
@@ -73,12 +73,16 @@ class RunDirectory:
         """Write config.yaml (process 0) and say what this launch is: its notes, devices and mesh."""
         import jax
 
-        if self._lock is not None:
-            self.write_config(settings.config)
+        self.record_config(settings.config)
         for note in settings.notes:
             say(f"[jaxsft] note: {note}")
         say(f"[jaxsft] {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), {jax.process_count()} "
             f"process(es), mesh dp={mesh.shape['dp']} sp={mesh.shape['sp']}; run directory {self.path}")
+
+    def record_config(self, config: dict) -> None:
+        """config.yaml as the configuration that runs (process 0: the one holding the lock)."""
+        if self._lock is not None:
+            self.write_config(config)
 
     def write_config(self, config: dict) -> Path:
         path = self.path / CONFIG_FILE

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxsft import offload, optim
 from jaxsft.model.loss import masked_ce_per_row
+from jaxsft.train_state import abstract_train_state, init_train_state  # noqa: F401 (part of this API)
 from jaxsft.trainable import EVERYTHING, Partition
 
 Batch = dict[str, jax.Array]
@@ -56,7 +57,7 @@ class StepConfig:
     @classmethod
     def of(cls, settings, mesh) -> "StepConfig":
         t, lora = settings.trainer, settings.model.lora
-        return cls(loss_normalization=t.loss_normalization, balance_dp_token=t.balance_dp_token, dp=mesh.shape["dp"],
+        return cls(loss_normalization=t.loss_normalization, balance_dp_token=settings.data.balance_dp_token, dp=mesh.shape["dp"],
                    chunk_size=t.loss_chunk_size, dropout_seed=t.seed if lora is not None and lora.dropout > 0 else None,
                    grad_accum_dtype=settings.optim.grad_accum_dtype,
                    accumulate_in_backward=accumulates_in_backward(settings.model))
@@ -88,28 +89,6 @@ def _micro_objective(loss_rows, w_rows, total_weight, cfg: StepConfig, num_micro
     if cfg.balance_dp_token:
         return jnp.sum(s) / (jnp.sum(n) + 1e-8) / num_micro
     return jnp.sum(s / (n + 1e-8)) / (cfg.dp * num_micro)
-
-
-def init_train_state(model, tx, mesh, partition: Partition = EVERYTHING, *, optimizer_offload: bool = False,
-                     say=print):
-    """Split an NNX model into (graphdef, rest, state, state_shardings); state = {params, opt_state,
-    step}, the optimizer state over `partition`'s trainable part only. Adam moments take their
-    trainable part's sharding (in host memory with `optimizer_offload`, see jaxsft.offload);
-    scalars are replicated."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    trainable = params if partition.whole else jax.jit(partition.select,
-                                                       out_shardings=partition.shardings(params, mesh))(params)
-    state = {"params": params, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def sharding_of(x):
-        s = getattr(x, "sharding", None)
-        return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
-
-    shardings = jax.tree.map(sharding_of, state)
-    if optimizer_offload:
-        shardings["opt_state"] = offload.to_host_shardings(state["opt_state"], shardings["opt_state"], mesh, say=say)
-    return graphdef, rest, jax.device_put(state, shardings), shardings
 
 
 def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig, partition: Partition = EVERYTHING,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsft import hf
+
 
 def tiny_qwen2_config(vocab_size: int, *, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -59,8 +61,6 @@ def ensure_tiny_model(model_dir: str | os.PathLike, tokenizer_dir: str | os.Path
                       **shape) -> Path:
     """Write a tiny random Qwen2 HF directory at `model_dir` unless one is already there."""
     from transformers import GenerationConfig
-
-    from jaxsft import hf
 
     model_dir = Path(model_dir)
     if (model_dir / "config.json").exists():

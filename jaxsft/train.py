@@ -1,8 +1,9 @@
 """`python -m jaxsft.train [--config RECIPE] [KEY=VALUE ...]` — the whole SFT job, top to bottom.
 
-Settings resolved once (jaxsft.cli, jaxsft.config) → devices and mesh → run directory (locked, config.yaml) →
-base model, tokenizer (+ added tokens), data → what trains, train state → resume → compiled steps → the loop:
-train step, metrics one step late, validation, checkpoints, preemption."""
+Settings resolved once (jaxsft.cli, jaxsft.config) → the setup phases of jaxsft.setup: devices and
+mesh, run directory (locked), base model and tokenizer (+ added tokens), data, `auto` settings
+(config.yaml records the chosen ones), model and what trains, train state (fresh or resumed),
+compiled steps → the loop: train step, metrics one step late, validation, checkpoints, preemption."""
 
 from __future__ import annotations
 
@@ -11,42 +12,33 @@ import time
 
 import jax
 
-from jaxsft import (checkpoint, cli, compile_cache, data, distributed, hf, metrics, optim, parallel, plan, reporting,
-                    run_dir, step, trainable)
+from jaxsft import checkpoint, cli, compile_cache, distributed, hf, metrics, parallel, reporting, run_dir, setup, step
 
 
 class Trainer:
     """`Trainer(settings).fit()`; each of `hooks` is called as hook(trainer, step) after every step."""
 
     def __init__(self, settings, hooks=()):
-        s, self.settings, self.hooks = settings, settings, list(hooks)
-        distributed.start(s.trainer)  # first: nothing may touch a JAX backend before it
-        self.say = print if jax.process_index() == 0 else lambda *a, **k: None
-        self.mesh = parallel.mesh_for(s)
-        self.run = run_dir.RunDirectory(s.trainer.default_local_dir, primary=jax.process_index() == 0)
+        s, self.hooks = settings, list(hooks)
+        self.mesh = setup.start_runtime(s)  # first: nothing may touch a JAX backend before it
+        self.say = print if distributed.is_primary() else lambda *a, **k: None
+        self.run = run_dir.RunDirectory(s.checkpoint.default_local_dir, primary=distributed.is_primary())
         self.run.announce(s, self.mesh, self.say)
         compile_cache.enable(s.trainer.compile_cache_dir, self.say)  # before anything compiles
-        self.model_dir = hf.model_directory(s.model)
-        self.model_config = hf.read_config(self.model_dir)
-        hf.check_weights(self.model_dir, self.model_config)  # from the files' headers: before the data work
-        parallel.check_heads(self.model_config, self.mesh)
-        tokenizer = hf.load_tokenizer(self.model_dir, trust_remote_code=s.model.trust_remote_code)
-        added, self.model_config = hf.extend_vocabulary(s.model.added_tokens, tokenizer, self.model_config, say=self.say)
-        train, val = data.build_datasets(s.data, tokenizer, vocab_size=self.model_config.vocab_size)
-        s = self.settings = plan.settle_auto(s, train, self.model_config, self.mesh, added, say=self.say)  # `auto` settings
-        self.data = data.RunData.build(s, train, val, pad_token_id=tokenizer.pad_token_id, dp=self.mesh.shape["dp"],
-                                       process_index=jax.process_index(), process_count=jax.process_count(), say=self.say)
-        model = hf.load_model(self.model_dir, self.mesh, s.model.compute_settings(), seed=s.trainer.seed, config=self.model_config)
-        partition = trainable.for_model(model, s.model, added, say=self.say)  # LoRA adapters, new rows, or all
-        tx, lr_schedule = optim.make_optimizer(s.optim, self.data.total_steps, s.model.trained_dtype)
-        with jax.set_mesh(self.mesh):
-            graphdef, rest, state, shardings = step.init_train_state(
-                model, tx, self.mesh, partition, optimizer_offload=s.model.optimizer_offload, say=self.say)
-        self.ckpt = checkpoint.Checkpointer.for_run(s, self.model_dir, export=hf.Export(self.model_config, s.model.lora, added))
-        self.state = self.ckpt.resume(s.checkpoint, state, shardings, self.data.loader, say=self.say)
+        base = setup.find_model(s, self.mesh, say=self.say)
+        self.model_dir, self.model_config = base.dir, base.config
+        train, val = setup.build_data(s, base)
+        s, max_rows = setup.settle_auto(s, base, train, self.mesh, say=self.say)
+        self.settings = s
+        self.run.record_config(s.config)  # what runs: `auto` replaced by the planned choice
+        self.data = setup.build_run_data(s, base, train, val, self.mesh, max_rows_per_rank=max_rows, say=self.say)
+        model, partition = setup.build_model(s, base, self.mesh, say=self.say)
+        self.ckpt = checkpoint.Checkpointer.for_run(s, base.dir, export=hf.Export(base.config, s.model.lora, base.added))
+        graphdef, rest, self.state, shardings, tx, lr_schedule = setup.build_state(
+            s, model, partition, self.data, self.mesh, self.ckpt, say=self.say)
         self.step = int(self.state["step"])
-        self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule, step.StepConfig.of(s, self.mesh),
-                                                             shardings, self.mesh, partition)
+        self.train_step, self.eval_step = setup.compile_steps(s, graphdef, rest, tx, lr_schedule, shardings, self.mesh,
+                                                              partition)
         self.preempted = checkpoint.PreemptionFlag()
 
     def fit(self) -> None:
@@ -84,8 +76,14 @@ class Trainer:
 
 
 def main(argv: list[str], hooks=()) -> int:
-    return cli.run(argv, lambda settings: Trainer(settings, hooks).fit())
+    """The command line: `--dry_run` plans (jaxsft.setup.dry_run), otherwise the job trains."""
+    return cli.run(argv, lambda settings: Trainer(settings, hooks).fit(), dry_run=setup.dry_run)
+
+
+def entry_point() -> None:
+    """The `jaxsft-train` console script."""
+    cli.exit(main(sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    cli.exit(main(sys.argv[1:]))
+    entry_point()

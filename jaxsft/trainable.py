@@ -148,7 +148,7 @@ EVERYTHING = Partition(whole=True)
 
 
 def partition(params, spec, config, new_token_ids=()) -> Partition:
-    """The partition for the model settings `spec` (`ModelSpec`: lora, trainable) of parameters
+    """The partition for the model settings `spec` (`jaxsft.settings.ModelSettings`: lora, trainable) of parameters
     `params` of a model with `config` (Qwen2Config, after any vocabulary resize); `new_token_ids`:
     the ids `model.added_tokens` added. Raises UserError naming model.trainable for a pattern that
     matches nothing."""

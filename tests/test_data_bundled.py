@@ -6,7 +6,8 @@ from cfg import settings
 from transformers import AutoTokenizer
 
 from jaxsft import bundled
-from jaxsft.data import TrainLoader, build_dataset, load_tokenizer
+from jaxsft.data import TrainLoader, build_dataset
+from jaxsft.hf import load_tokenizer
 
 TRAIN = str(bundled.path("humaneval_chat", "train.parquet"))
 VAL = str(bundled.path("humaneval_chat", "val.parquet"))

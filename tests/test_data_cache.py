@@ -17,7 +17,8 @@ from cfg import settings
 from e2e import ROOT, env_for
 
 from jaxsft import bundled
-from jaxsft.data import DataWarning, TokenizedDataset, build_dataset, load_tokenizer, summary
+from jaxsft.data import DataWarning, TokenizedDataset, build_dataset, summary
+from jaxsft.hf import load_tokenizer
 from jaxsft.data import cache as data_cache
 
 TRAIN = str(bundled.path("humaneval_chat", "train.parquet"))
@@ -229,7 +230,8 @@ BUILD_ONE = """
 import os, sys, time
 from pathlib import Path
 from jaxsft import bundled, config
-from jaxsft.data import build_dataset, load_tokenizer
+from jaxsft.data import build_dataset
+from jaxsft.hf import load_tokenizer
 cache_dir, ready, data_file = sys.argv[1:]
 d = config.settings_from({"data.train_files": "/x", "model.partial_pretrain": "/m", "trainer.logger": ["console"],
                           "data.multiturn.enable": True, "data.max_length": 512, "data.truncation": "right"}).data

@@ -14,7 +14,8 @@ from jaxsft.config.keys import flatten
 
 from jaxsft import bundled
 from jaxsft.config import ConfigError
-from jaxsft.data import DataError, DataWarning, TokenizedDataset, build_dataset, load_tokenizer
+from jaxsft.data import DataError, DataWarning, TokenizedDataset, build_dataset
+from jaxsft.hf import load_tokenizer
 from jaxsft.data.checks import ZERO_LOSS_WARN_SHARE
 from jaxsft.data.source import ChatRow
 from jaxsft.data.tokenize import ChatEncoder

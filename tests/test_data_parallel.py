@@ -11,7 +11,8 @@ import pytest
 from cfg import settings
 
 from jaxsft import bundled
-from jaxsft.data import DataError, DataWarning, build_dataset, load_tokenizer, source, workers
+from jaxsft.data import DataError, DataWarning, build_dataset, source, workers
+from jaxsft.hf import load_tokenizer
 from jaxsft.data.tokenize import truncate
 
 

@@ -9,7 +9,8 @@ import pytest
 from cfg import settings
 
 from jaxsft import bundled
-from jaxsft.data import DataError, DataWarning, build_dataset, load_tokenizer
+from jaxsft.data import DataError, DataWarning, build_dataset
+from jaxsft.hf import load_tokenizer
 from jaxsft.data.tokenize import ChatEncoder
 
 END = "<|im_end|>\n"

@@ -6,7 +6,8 @@ import pytest
 from cfg import settings
 
 from jaxsft import bundled
-from jaxsft.data import DataError, DataWarning, build_dataset, load_tokenizer
+from jaxsft.data import DataError, DataWarning, build_dataset
+from jaxsft.hf import load_tokenizer
 
 OK = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 

@@ -14,7 +14,8 @@ import pytest
 from cfg import settings
 
 from jaxsft import bundled
-from jaxsft.data import build_dataset, load_tokenizer
+from jaxsft.data import build_dataset
+from jaxsft.hf import load_tokenizer
 from jaxsft.data.source import ChatRow
 from jaxsft.data.tokenize import ChatEncoder
 from reference.verl_cases import CASES, TEMPLATES, columns, digest

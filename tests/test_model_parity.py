@@ -22,7 +22,7 @@ from tiny_hf import load_hf_model, make_tiny_hf_model
 from jaxsft import hf, parallel
 from jaxsft.model import attention, remat
 from jaxsft.model.config import Qwen2Config, rope_frequencies
-from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM
+from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM, check_settings
 
 F32 = ModelSettings(param_dtype="float32", compute_dtype="float32", scan_layers=True, remat_policy="none",
                     attn_implementation="xla")
@@ -272,4 +272,4 @@ def test_rope_frequencies_match_transformers(params, theta):
 
 def test_unknown_remat_policy_names_the_key():
     with pytest.raises(ValueError, match=r"model\.remat_policy='sometimes'.*minimal_with_context"):
-        ModelSettings(remat_policy="sometimes")
+        check_settings(ModelSettings(remat_policy="sometimes"))

@@ -20,6 +20,7 @@ from e2e import ROOT, env_for, train_args
 
 from jaxsft import config as jconfig, hlo_stats, optim, plan, step
 from jaxsft.model.config import Qwen2Config
+from jaxsft.settings import ModelSettings
 from jaxsft.model import blockwise as blockwise_module
 
 TINY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -42,9 +43,9 @@ def _small_target_config(tmp_path, memory_bytes: int):
 def _plan_run(target, remat_policy, micro_batch="auto", attn="reference"):
     tx, schedule = _tx()
     return plan.plan_run(target, model_config=Qwen2Config.from_hf_dict(TINY),
-                         settings_kwargs=dict(param_dtype="float32", compute_dtype="bfloat16", scan_layers=True,
-                                              attn_implementation=attn),
-                         remat_policy=remat_policy, micro_batch=micro_batch, samples_per_rank=4, rows_per_rank=4,
+                         model=ModelSettings(param_dtype="float32", compute_dtype="bfloat16", scan_layers=True,
+                                             attn_implementation=attn, remat_policy=remat_policy),
+                         micro_batch=micro_batch, samples_per_rank=4, rows_per_rank=4,
                          dp=2, sp=1, seq_len=T, tx=tx, lr_schedule=schedule,
                          step_cfg=step.StepConfig("global_tokens", False, 2, 128))
 

@@ -66,10 +66,11 @@ def test_h100_plans_of_lora_and_offload():
     target = plan.get_target("h100:2")
     keys = {"data.max_length": 128, "data.train_batch_size": 4, "data.micro_batch_size_per_gpu": 1,
             "model.remat_policy": "full", "model.attn_implementation": "xla"}
-    train = [None] * 8
+    mesh = parallel.make_mesh(2, 1, list(target.devices))
 
-    def planned(extra):
-        return plan._plan_for(settings({**keys, **extra}), target, CONFIG, train, dp=2).plan
+    def planned(extra):  # 8 samples, 4 per step: 2 steps of 2 padded rows per rank
+        return plan.plan_settings(settings({**keys, **extra}), target, CONFIG, mesh, samples_per_rank=2,
+                                  rows_per_rank=2, total_steps=2).plan
 
     lora = planned({"model.lora_rank": 4, "model.lora_alpha": 8, "model.target_modules": ["q_proj", "down_proj"]})
     assert lora.cuda_binaries and lora.fits and lora.host_peak_bytes == 0 and lora.trained.startswith("LoRA adapters (rank 4)")

@@ -1,10 +1,11 @@
 """Configuration: the key table (`keys`), composing defaults + recipe + overrides (`compose`), and
-the typed settings every subsystem reads (`settings`). See docs/CONTRACTS.md."""
+resolving them into the typed settings of jaxsft.settings (`resolve`). See docs/CONTRACTS.md."""
 
 from jaxsft.config.compose import Composed, compose
 from jaxsft.config.errors import ConfigError
 from jaxsft.config.keys import KEYS, default_config
-from jaxsft.config.settings import Settings, check_devices, resolve
+from jaxsft.config.resolve import resolve
+from jaxsft.settings import Settings, check_devices
 
 
 def settings_from(overrides: list[str] | dict | None = None, recipe: str | None = None) -> Settings:

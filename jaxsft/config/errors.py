@@ -1,7 +1,5 @@
-"""The configuration's error type."""
+"""The configuration's error type (defined with the others in jaxsft.errors, so that every layer can raise it)."""
 
-from jaxsft.errors import UserError
+from jaxsft.errors import ConfigError
 
-
-class ConfigError(UserError):
-    """A setting that cannot work; the message names the key."""
+__all__ = ["ConfigError"]

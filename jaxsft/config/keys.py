@@ -15,10 +15,10 @@ from typing import Any
 
 import ml_collections
 
+from jaxsft.settings import AFTER_EACH_EPOCH, AUTO  # noqa: F401 (AUTO: part of this API)
+
 # Value kinds: how a value from a recipe or the command line is checked and converted.
 KINDS = ("int", "float", "bool", "str", "strs", "floats", "dict", "freq", "path_or_strs", "int_or_auto")
-AFTER_EACH_EPOCH = "after_each_epoch"
-AUTO = "auto"  # model.remat_policy / data.micro_batch_size_per_gpu chosen by plan (jaxsft.plan)
 
 
 @dataclasses.dataclass(frozen=True)

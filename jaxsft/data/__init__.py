@@ -15,14 +15,10 @@ _EXPORTS = {
 }
 
 __all__ = ["DataError", "DataWarning", "RunData", "TokenizedDataset", "TrainLoader", "build_dataset", "build_datasets",
-           "load_tokenizer", "segment_lengths", "summary", "val_batches"]
+           "segment_lengths", "summary", "val_batches"]
 
 
 def __getattr__(name: str):
-    if name == "load_tokenizer":  # re-export: it lives at the HF boundary now
-        from jaxsft.hf.tokenizer import load_tokenizer
-
-        return load_tokenizer
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"jaxsft.data.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'jaxsft.data' has no attribute {name!r}")

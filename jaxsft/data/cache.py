@@ -35,8 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsft.data.samples import Origins, TokenizedDataset
+
 FORMAT = 1
-CODE = ("source.py", "tokenize.py", "workers.py", "dataset.py", "cache.py")  # what decides an entry's content
+CODE = ("source.py", "tokenize.py", "workers.py", "dataset.py", "samples.py", "cache.py")  # what decides an entry's content
 # DataSettings fields that do not change the tokenised rows of a split (batching, mixing, where
 # the cache is); every other field is part of the key, so a new data key is keyed by default.
 NOT_TOKENISATION = ("train_files", "val_files", "train_max_samples", "val_max_samples", "train_batch_size",
@@ -158,8 +160,6 @@ class DataCache:
     def load(self, key: CacheKey, paths: list[str], t0: float):
         """The data set of `key` from its entry, checked; None if there is none or it is damaged
         (then it is moved aside and removed)."""
-        from jaxsft.data.dataset import Origins, TokenizedDataset
-
         entry = self.entry(key)
         if not entry.exists():
             return None
@@ -184,9 +184,8 @@ class DataCache:
                  "cache": {"path": str(entry), "hit": True, "seconds": time.perf_counter() - t0}}
         dataset = TokenizedDataset(a["input_ids"], a["loss_mask"], a["offsets"],
                                    Origins(paths, a["origin_file"], a["origin_row"]), stats, loss_tokens=a["loss_tokens"],
-                                   max_id=meta["max_id"])
-        # Written from these arrays, whose sha256 were checked: no second pass over the tokens.
-        dataset.__dict__["fingerprint"] = fingerprint
+                                   max_id=meta["max_id"], fingerprint=fingerprint)
+        # (the fingerprint was written from these arrays, whose sha256 were checked: no second pass)
         return dataset
 
     @staticmethod

@@ -84,8 +84,9 @@ class TrainLoader:
     def __init__(self, dataset: TokenizedDataset, *, train_batch_size: int, micro_batch_size_per_gpu: int, dp: int,
                  max_length: int, packing: str = "none", seed: int = 0, total_epochs: int = 1, pad_token_id: int = 0,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2, verbose: bool | None = None,
-                 weights=None):
-        """`weights`: one per source file of `dataset` (`data.train_weights`), or None (concatenated)."""
+                 weights=None, max_rows_per_rank: int | None = None):
+        """`weights`: one per source file of `dataset` (`data.train_weights`), or None (concatenated).
+        `max_rows_per_rank`: the packing pre-pass's result for these settings, when known."""
         # Settings are checked where they are resolved (jaxsft.config); what depends on the data is checked here.
         n, b = len(dataset), micro_batch_size_per_gpu
         per_rank = train_batch_size // dp
@@ -106,7 +107,9 @@ class TrainLoader:
         self.rows_per_micro_batch = dp * b  # global rows of one micro-batch
         self.local_rows = len(self.local_ranks) * b
         padded_micro_batches = per_rank // b
-        self.num_micro_batches = padded_micro_batches if packing == "none" else -(-self._max_rows_per_rank() // b)
+        if packing != "none" and max_rows_per_rank is None:
+            max_rows_per_rank = self._max_rows_per_rank()
+        self.num_micro_batches = padded_micro_batches if packing == "none" else -(-max_rows_per_rank // b)
         self.efficiency = self._efficiency(padded_micro_batches)
         if process_index == 0 if verbose is None else verbose:
             print(self.describe(), flush=True)
@@ -118,13 +121,13 @@ class TrainLoader:
 
     @classmethod
     def for_run(cls, dataset: TokenizedDataset, settings, *, dp: int, pad_token_id: int, process_index: int = 0,
-                process_count: int = 1) -> "TrainLoader":
-        """The loader of a run with `settings` (`jaxsft.config.Settings`)."""
+                process_count: int = 1, max_rows_per_rank: int | None = None, verbose: bool | None = None) -> "TrainLoader":
+        """The loader of a run with `settings` (`jaxsft.settings.Settings`)."""
         d, t = settings.data, settings.trainer
         return cls(dataset, train_batch_size=d.train_batch_size, micro_batch_size_per_gpu=d.micro_batch_size_per_gpu,
                    dp=dp, max_length=d.max_length, packing=d.packing, seed=t.seed, total_epochs=t.total_epochs,
                    pad_token_id=pad_token_id, process_index=process_index, process_count=process_count,
-                   weights=d.train_weights)
+                   weights=d.train_weights, max_rows_per_rank=max_rows_per_rank, verbose=verbose)
 
     # ---- what a step holds ----------------------------------------------------------------------
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import jax
 import numpy as np
+
+from jaxsft import distributed, parallel
 
 from jaxsft.data.dataset import TokenizedDataset, build_dataset
 from jaxsft.data.loader import TrainLoader, val_batches
@@ -34,11 +37,12 @@ class RunData:
 
     @classmethod
     def build(cls, settings, train: TokenizedDataset, val: TokenizedDataset | None, *, pad_token_id: int, dp: int,
-              process_index: int, process_count: int, say=print) -> "RunData":
-        """The run's data from its tokenised sets (`build_datasets`)."""
+              process_index: int, process_count: int, max_rows_per_rank: int | None = None, say=print) -> "RunData":
+        """The run's data from its tokenised sets (`build_datasets`); `max_rows_per_rank`: the
+        packing pre-pass's result when a plan already made it (jaxsft.setup.settle_auto)."""
         d = settings.data
-        loader = TrainLoader.for_run(train, settings, dp=dp, pad_token_id=pad_token_id,
-                                     process_index=process_index, process_count=process_count)
+        loader = TrainLoader.for_run(train, settings, dp=dp, pad_token_id=pad_token_id, process_index=process_index,
+                                     process_count=process_count, max_rows_per_rank=max_rows_per_rank)
         total = loader.steps_per_epoch * settings.trainer.total_epochs
         last = min(settings.trainer.total_training_steps or total, total)
         say(f"[jaxsft] {len(train)} train samples, {loader.steps_per_epoch} steps/epoch, schedule over {total} steps, "
@@ -62,10 +66,6 @@ class RunData:
 
     def val_batches(self, mesh) -> Iterator[dict]:
         """Every validation sample once, as global arrays of `[rows, T]` on `mesh`."""
-        import jax
-
-        from jaxsft import distributed, parallel
-
         for batch in val_batches(self.val, rows=self.val_rows, max_length=self.max_length,
                                  pad_token_id=self.loader.pad_token_id, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
@@ -78,13 +78,9 @@ def _build_once(files, data, tokenizer, *, split: str, vocab_size: int):
     they do not see it (each host its own disk), build their own. A data error stops process 0
     first; the others then find no entry and stop with the same error."""
     kwargs = dict(split=split, vocab_size=vocab_size, cache_dir=data.cache_dir)
-    import jax
-
     if data.cache_dir is None or jax.process_count() == 1:
         return build_dataset(files, data, tokenizer, **kwargs)
-    from jaxsft import distributed
-
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         try:
             return build_dataset(files, data, tokenizer, **kwargs)
         finally:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jaxsft.hf import names
-from jaxsft.hf.save import _param_arrays, write_single_file
+from jaxsft.hf.names import PEFT_PREFIX, lora_modules
+from jaxsft.hf.writer import param_arrays, write_single_file
 from jaxsft.model.config import Qwen2Config
 
 CONFIG_FILE = "adapter_config.json"
@@ -32,13 +32,13 @@ def adapter_config(lora, base_model_name_or_path: str) -> dict:
 def adapter_tensors(model_or_params, config: Qwen2Config, lora, *, fetch=None):
     """(PEFT name, host-ready array [r, in] or [out, r]) for every adapter, layer by layer."""
     if fetch is None:
-        params = _param_arrays(model_or_params)
+        params = param_arrays(model_or_params)
         fetch = lambda path: _get(params, path)  # noqa: E731
-    for module, path, layer in names.lora_modules(config, lora.targets):
+    for module, path, layer in lora_modules(config, lora.targets):
         for which, key in (("A", "lora_a"), ("B", "lora_b")):
             stack = fetch((*path, key))
             array = stack[layer] if layer is not None else stack
-            yield f"{names.PEFT_PREFIX}{module}.lora_{which}.weight", array.T
+            yield f"{PEFT_PREFIX}{module}.lora_{which}.weight", array.T
 
 
 def _get(tree, path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxsft.hf.load import ModelDirError, check_readable
+from jaxsft.hf.files import ModelDirError, check_readable
 from jaxsft.hf.names import CONFIG_FILE
 
 KEY = "model.partial_pretrain"
@@ -58,27 +58,3 @@ def resolve_model_dir(value) -> Path:
         return _from_cache(str(value))
     raise ModelDirError(f"{KEY}={str(value)!r} is not a Hugging Face model directory (no {CONFIG_FILE} there): "
                         f"{path} does not exist")
-
-
-def model_directory(spec) -> Path:
-    """The base model directory for the model settings `spec` (`jaxsft.config.settings.ModelSpec`),
-    after importing `model.external_lib` (verl imports it before loading the model, to register
-    custom code). The smoke recipe's tiny model is written first when missing — only at the
-    recipe's own path, never at one the user gave; every other directory must exist."""
-    if spec.external_lib:
-        import importlib
-
-        try:
-            importlib.import_module(spec.external_lib)
-        except Exception as e:  # noqa: BLE001 - any failure of the user's module, in one line
-            raise ModelDirError(f"model.external_lib={spec.external_lib!r} cannot be imported ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if spec.tiny is not None:
-        import jax
-
-        from jaxsft import distributed, tiny
-
-        if jax.process_index() == 0 and not (Path(spec.partial_pretrain) / CONFIG_FILE).exists():
-            tiny.ensure_tiny_model(spec.partial_pretrain, spec.tiny.tokenizer_dir, seed=spec.tiny.seed, **spec.tiny.shape)
-        distributed.barrier("tiny-model")  # every process meets it, also one that already sees the model
-    return resolve_model_dir(spec.partial_pretrain)

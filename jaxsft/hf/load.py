@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import zlib
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from jaxsft import parallel
 from jaxsft.errors import UserError
+from jaxsft.hf.files import ModelDirError, check_readable, read_json  # noqa: F401 (ModelDirError: part of this API)
 from jaxsft.hf.names import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, entries, hf_shape, ignored
 from jaxsft.model import lora, vocab
 from jaxsft.model.config import Qwen2Config
@@ -43,50 +42,6 @@ FLOAT_DTYPES = ("F32", "F16", "BF16")
 # config.json keys without which the architecture is unknown.
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-class ModelDirError(UserError):
-    """A Hugging Face model directory that cannot be used; the message names the file."""
-
-
-# ---- files ------------------------------------------------------------------------------------
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicates(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
-def read_json(path: Path):
-    """A JSON file of the model directory; any problem is one ModelDirError naming it. A key given
-    twice is refused (json would keep the last one silently)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ModelDirError(f"{path} not found") from None
-    except PermissionError:
-        raise ModelDirError(f"cannot read {path}: permission denied") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelDirError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except _DuplicateKey as e:
-        raise ModelDirError(f"{path} gives the key {e.args[0]!r} more than once") from None
-
-
-def check_readable(model_dir: Path) -> None:
-    """A directory we may not list or enter reads as empty to `is_file`: say what it is."""
-    if model_dir.is_dir() and not os.access(model_dir, os.R_OK | os.X_OK):
-        raise ModelDirError(f"cannot read {model_dir}: permission denied (the directory is not readable by this user)")
 
 
 def read_config(model_dir) -> Qwen2Config:

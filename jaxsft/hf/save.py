@@ -1,17 +1,7 @@
-"""Writing a Hugging Face model directory: jaxsft parameters → HF tensors → streamed safetensors
-shards, and the base model's config, generation config and tokenizer saved by transformers.
-
-The tensors arrive one at a time (`export_tensors`); each is gathered to the host, cast to the
-export dtype and added to the current safetensors shard, which is written as soon as the next
-tensor would overflow it. Host memory therefore stays near one shard plus one tensor, never the
-whole model. Only process 0 writes; every process iterates, because gathering a tensor that spans
-processes is a collective.
-
-Files are named as transformers names them: `model.safetensors` for one shard, otherwise
-`model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json`. The shard count is known
-only at the end, so shards are written under temporary names and renamed last; config.json is
-written after the weights, so a directory with a config.json is whole. Every file honours the
-umask (safetensors alone writes 0600, which another user's inference server cannot read).
+"""Writing a Hugging Face model directory: jaxsft parameters → HF tensors (`export_tensors`, one at
+a time, LoRA merged) → safetensors shards streamed by jaxsft.hf.writer, then the base model's config,
+generation config and tokenizer saved by transformers. config.json is written after the weights,
+so a directory with a config.json is whole. A LoRA run's PEFT adapter is jaxsft.hf.adapter's.
 """
 
 from __future__ import annotations
@@ -20,26 +10,23 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
-from jaxsft.hf.load import ModelDirError, read_json
-from jaxsft.hf.names import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE, entries, lora_kernel
+from jaxsft import distributed
+from jaxsft.hf.adapter import write_adapter
+from jaxsft.hf.files import ModelDirError, read_json
+from jaxsft.hf.names import CONFIG_FILE, GENERATION_CONFIG_FILE, entries, lora_kernel
 from jaxsft.hf.tokenizer import AddedTokens, add_tokens, open_tokenizer
+from jaxsft.hf.writer import param_arrays, to_host, write_weights
 from jaxsft.model.config import Qwen2Config
 
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
 
 # ---- jaxsft parameters → HF tensors -------------------------------------------------------------
@@ -48,16 +35,6 @@ _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?
 def _layer_slice(stack, i, transposed):
     x = jax.lax.dynamic_index_in_dim(stack, i, 0, keepdims=False)
     return x.T if transposed else x
-
-
-def _param_arrays(model_or_params) -> dict:
-    """Nested dict of arrays from a model, an nnx.State of parameters, or a (pure) dict."""
-    if isinstance(model_or_params, nnx.Module):
-        model_or_params = nnx.state(model_or_params, nnx.Param)
-    if isinstance(model_or_params, nnx.State):
-        return nnx.to_pure_dict(model_or_params)
-    return jax.tree.map(lambda v: v[...] if isinstance(v, nnx.Variable) else v, model_or_params,
-                        is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def _merged_slice(stack, a, b, i, scale) -> np.ndarray:
@@ -79,7 +56,7 @@ def export_tensors(model_or_params, config: Qwen2Config, *, fetch=None, lora=Non
     `fetch(path) -> array` (offline conversion) loads one parameter on demand instead of reading
     `model_or_params`, so only one stacked parameter (and its adapters) is ever in host memory."""
     if fetch is None:
-        params = _param_arrays(model_or_params)
+        params = param_arrays(model_or_params)
         fetch = lambda path: functools.reduce(lambda d, k: d[k], path, params)  # noqa: E731
     path_loaded, array, adapters = None, None, None
     for name, path, layer, transposed in entries(config):
@@ -97,139 +74,6 @@ def export_tensors(model_or_params, config: Qwen2Config, *, fetch=None, lora=Non
 
 
 # ---- safetensors shards ---------------------------------------------------------------------
-
-def parse_size(size: int | str) -> int:
-    """'5GB' → 5·10⁹ bytes, '500MiB' → 500·2²⁰ (transformers' convention); ints pass through."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
-    if m is None:
-        raise ValueError(f"max_shard_size={size!r} is not a size such as '5GB' or '500MB'")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
-
-
-def to_host(x, dtype) -> np.ndarray:
-    """The whole of `x` as a numpy array in `dtype` (a collective when `x` spans processes)."""
-    if isinstance(x, jax.Array):
-        if x.dtype != dtype:
-            x = x.astype(dtype)  # cast on the device: half the transfer for a bf16 export
-        if not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x).astype(dtype, copy=False)
-
-
-def _umask() -> int:
-    # Read, not set: os.umask(x) changes it process-wide, under Orbax's writer threads too.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # no /proc (not Linux): the brief race is the only way to ask
-    os.umask(mask)
-    return mask
-
-
-class _ShardWriter:
-    """Accumulates tensors into shards of at most `max_bytes` (a larger tensor gets its own)."""
-
-    def __init__(self, out_dir: Path, max_bytes: int):
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.mode = 0o666 & ~_umask()
-        self.current: dict[str, np.ndarray] = {}
-        self.current_bytes = 0
-        self.shard_names: list[list[str]] = []  # tensor names per written shard
-        self.total_bytes = 0
-
-    def _tmp(self, k: int) -> Path:
-        return self.out_dir / f".shard-{k:05d}.safetensors.tmp"
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        if self.current and self.current_bytes + array.nbytes > self.max_bytes:
-            self.flush()
-        self.current[name] = np.ascontiguousarray(array)
-        self.current_bytes += array.nbytes
-        self.total_bytes += array.nbytes
-
-    def flush(self) -> None:
-        if not self.current:
-            return
-        from safetensors.numpy import save_file
-
-        tmp = self._tmp(len(self.shard_names))
-        save_file(self.current, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, self.mode)  # safetensors creates its file 0600 whatever the umask
-        self.shard_names.append(list(self.current))
-        self.current, self.current_bytes = {}, 0
-
-    def finish(self) -> list[str]:
-        """Rename the shards to their final names, write the index when sharded; returns file names."""
-        self.flush()
-        n = len(self.shard_names)
-        if n == 1:
-            os.replace(self._tmp(0), self.out_dir / SINGLE_FILE)
-            return [SINGLE_FILE]
-        files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        weight_map = {}
-        for k, (fname, names) in enumerate(zip(files, self.shard_names)):
-            os.replace(self._tmp(k), self.out_dir / fname)
-            weight_map.update({name: fname for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return files + [INDEX_FILE]
-
-
-def write_weights(tensors: Iterable[tuple[str, Any]], out_dir: str | os.PathLike, *, dtype: str,
-                  max_shard_size: int | str = "5GB") -> list[str] | None:
-    """Stream `tensors` ((hf_name, jax or numpy array) one at a time) into `out_dir`'s safetensors
-    files in `dtype`; weight files of an earlier export there are removed. Every process calls
-    this (gathers are collective); process 0 writes and gets the file names, the others None."""
-    out_dir = Path(out_dir)
-    writer = None
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        writer = _ShardWriter(out_dir, parse_size(max_shard_size))
-    _stream(tensors, writer, dtype)
-    if writer is None:
-        return None
-    written = writer.finish()
-    # Weight files of an earlier export into the same directory would shadow or mix with these.
-    for stale in out_dir.iterdir():
-        if _WEIGHT_FILE.fullmatch(stale.name) and stale.name not in written:
-            stale.unlink()
-    return written
-
-
-def write_single_file(tensors: Iterable[tuple[str, Any]], path: str | os.PathLike, *, dtype: str) -> Path | None:
-    """Stream `tensors` into the one safetensors file `path` (e.g. PEFT's adapter_model.safetensors),
-    written under a temporary name and renamed. Every process calls this (gathers are collective);
-    process 0 writes and gets the path, the others None."""
-    path = Path(path)
-    writer = None
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = _ShardWriter(path.parent, max_bytes=1 << 62)  # one shard, whatever the size
-    _stream(tensors, writer, dtype)
-    if writer is None:
-        return None
-    writer.flush()
-    os.replace(writer._tmp(0), path)
-    return path
-
-
-def _stream(tensors, writer: _ShardWriter | None, dtype: str) -> None:
-    """Each tensor gathered to the host in `dtype` (on every process) and handed to `writer` (process 0's)."""
-    np_dtype = np.dtype(jax.numpy.dtype(dtype))
-    for name, array in tensors:
-        host = to_host(array, np_dtype)
-        if writer is not None:
-            writer.add(name, host)
-        del host  # free it before the next gather (the shard holds its own reference)
-
 
 # ---- config, generation config, tokenizer ----------------------------------------------------
 
@@ -344,8 +188,6 @@ class Export:
         return base.with_added_tokens(self.added, base_model_dir)
 
     def write_adapter(self, model_or_params, out_dir, *, base_model_name_or_path: str, fetch=None):
-        from jaxsft.hf.adapter import write_adapter
-
         return write_adapter(model_or_params, self.config, self.lora, out_dir,
                              base_model_name_or_path=base_model_name_or_path, fetch=fetch)
 
@@ -369,7 +211,7 @@ def write_hf_directory(tensors: Iterable[tuple[str, jax.Array]], out_dir: str | 
     """
     out_dir = Path(out_dir)
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
-    writing = jax.process_index() == 0
+    writing = distributed.is_primary()
     if writing and base is None:
         base = BaseModelFiles.read(base_model_dir, trust_remote_code=trust_remote_code)
     write_weights(tensors, out_dir, dtype=dtype, max_shard_size=max_shard_size)

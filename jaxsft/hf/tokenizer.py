@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from jaxsft.errors import UserError
-from jaxsft.hf.load import ModelDirError, check_readable, read_json
+from jaxsft.hf.files import ModelDirError, check_readable, read_json
 
 # Any one of these holds a vocabulary transformers can read.
 VOCABULARY_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))

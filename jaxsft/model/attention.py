@@ -19,37 +19,13 @@ import warnings
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
+from jaxsft import parallel
 from jaxsft.model import blockwise, flash
+from jaxsft.model.dense import reference_attention, segment_mask  # noqa: F401  (segment_mask: part of this API)
+from jaxsft.model.ulysses import check_ulysses, ulysses_attention
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, 1, T, T] boolean: causal, same segment, query not padding."""
-    t = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    real = (segment_ids != 0)[:, :, None]
-    return (causal & same & real)[:, None]
-
-
-def reference_attention(q, k, v, segment_ids):
-    """Dense reference: float32 [B, H, T, T] scores and softmax, GQA by grouping query heads per KV
-    head. Simple enough to read as the definition; O(T^2) memory."""
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    q = q.reshape(b, t, hkv, hq // hkv, d)  # query head h uses KV head h // (hq/hkv), as HF's repeat_kv
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d**-0.5
-    mask = segment_mask(segment_ids)[:, :, None]  # [B,1,1,T,T]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    # Softmax by hand so a row with no allowed key (a padding query) gives 0, not NaN or uniform.
-    p = jnp.where(mask, jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
-    return out.reshape(b, t, hq, d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +73,15 @@ def resolve(implementation: str) -> str:
             if BACKENDS[name].available() and _verified_on_device(name):
                 return name
         return "xla"
-    if implementation not in BACKENDS:
+    check_backend(implementation)
+    return implementation
+
+
+def check_backend(implementation: str) -> None:
+    """ValueError naming the key unless `implementation` is a backend here (or auto)."""
+    if implementation != "auto" and implementation not in BACKENDS:
         raise ValueError(f"model.attn_implementation={implementation!r} is not available; choose auto or one of: "
                          f"{', '.join(BACKENDS)}")
-    return implementation
 
 
 def attention(q, k, v, segment_ids, *, implementation: str = "xla"):
@@ -109,9 +90,6 @@ def attention(q, k, v, segment_ids, *, implementation: str = "xla"):
     On a (dp, sp) mesh with sp > 1 — or for a per-device backend on any mesh — attention runs as
     Ulysses: all-to-all from token-sharded to head-sharded, local attention on whole rows, back.
     """
-    from jaxsft import parallel
-    from jaxsft.model.ulysses import check_ulysses, ulysses_attention
-
     name = resolve(implementation)
     backend = BACKENDS[name]
     mesh = parallel.active_mesh()

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
+from jaxsft.model.dense import reference_attention
+
 
 def available() -> bool:
     """True when the default device can run the Triton kernel (a CUDA GPU, sm_80 or newer)."""
@@ -73,8 +75,6 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
 def self_check(dtype=jnp.bfloat16) -> tuple[bool, str]:
     """Run the kernel on this device against the dense reference on a packed row with GQA and
     padding — forward and gradients — before `auto` trusts it. Returns (ok, reason)."""
-    from jaxsft.model.attention import reference_attention
-
     try:
         keys = jax.random.split(jax.random.key(0), 4)
         b, t, hq, hkv, d = 2, 256, 4, 2, 64

@@ -11,27 +11,15 @@ so before the first update the model computes the base model's values exactly. D
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
+
+from jaxsft.settings import LoRASettings
 
 # HF module names of Qwen2's decoder linear layers; PEFT's `all-linear` is all of them (not lm_head).
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
 ADAPTERS = ("lora_a", "lora_b")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRASettings:
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]  # names in MODULES, in MODULES' order
-    dropout: float = 0.0
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 def target_names(target_modules) -> tuple[str, ...]:

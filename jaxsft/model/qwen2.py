@@ -18,8 +18,6 @@ float32, as in transformers.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -30,28 +28,20 @@ from jaxsft.model import attention as attn
 from jaxsft.model import lora as lora_lib
 from jaxsft.model import remat, sink_scan
 from jaxsft.model.config import Qwen2Config, rope_frequencies
+from jaxsft.settings import LoRASettings, ModelSettings
 
 DTYPES = ("float32", "bfloat16")
 _ACT = ("batch", "length", None)  # logical layout of the residual stream [B, T, H]
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSettings:
-    param_dtype: str = "float32"  # storage of weights (and so of Adam moments by default)
-    compute_dtype: str = "bfloat16"  # matmuls and the residual stream
-    scan_layers: bool = True
-    remat_policy: str = "minimal"  # a name in jaxsft.model.remat.POLICIES
-    attn_implementation: str = "auto"  # a key of jaxsft.model.attention.BACKENDS, or auto
-    lora: lora_lib.LoRASettings | None = None  # adapters on these linear layers (model.lora_rank > 0)
-
-    def __post_init__(self):
-        for key, value in (("model.param_dtype", self.param_dtype), ("model.compute_dtype", self.compute_dtype)):
-            if value not in DTYPES:
-                raise ValueError(f"{key}={value!r}: choose one of {', '.join(DTYPES)}")
-        remat.check_policy(self.remat_policy)
-        if self.attn_implementation != "auto" and self.attn_implementation not in attn.BACKENDS:
-            raise ValueError(f"model.attn_implementation={self.attn_implementation!r} is not available; choose auto "
-                             f"or one of: {', '.join(attn.BACKENDS)}")
+def check_settings(settings: ModelSettings) -> None:
+    """ValueError naming the key for a choice this model cannot compute (jaxsft.config reports the
+    same checks as ConfigErrors before anything is built)."""
+    for key, value in (("model.param_dtype", settings.param_dtype), ("model.compute_dtype", settings.compute_dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"{key}={value!r}: choose one of {', '.join(DTYPES)}")
+    remat.check_policy(settings.remat_policy)
+    attn.check_backend(settings.attn_implementation)
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -63,7 +53,7 @@ class Linear(nnx.Module):
     transposed; with `lora`, lora_a [*stack, in, r] and lora_b [*stack, r, out] (float32) as well."""
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, stack: tuple[int, ...],
-                 dtype, rngs: nnx.Rngs, lora: lora_lib.LoRASettings | None = None):
+                 dtype, rngs: nnx.Rngs, lora: LoRASettings | None = None):
         lead = ("layers",) * len(stack)
         self.kernel = nnx.Param(_normal(rngs, (*stack, d_in, d_out), dtype), axes=(*lead, *axes))
         self.bias = nnx.Param(jnp.zeros((*stack, d_out), dtype), axes=(*lead, axes[1])) if bias else None
@@ -182,6 +172,7 @@ class Embed(nnx.Module):
 
 class Qwen2ForCausalLM(nnx.Module):
     def __init__(self, config: Qwen2Config, settings: ModelSettings, *, rngs: nnx.Rngs):
+        check_settings(settings)
         self.config, self.settings = config, settings
         dtype = jnp.dtype(settings.param_dtype)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
