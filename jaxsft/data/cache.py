@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsft import __version__
 from jaxsft.data.samples import Origins, TokenizedDataset
 
 FORMAT = 1
@@ -81,9 +82,7 @@ def tokenizer_digest(tokenizer) -> str | None:
 
 
 def _code_digest() -> str:
-    import jaxsft
-
-    h = hashlib.sha256(jaxsft.__version__.encode())
+    h = hashlib.sha256(__version__.encode())
     for name in CODE:
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()
