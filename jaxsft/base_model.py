@@ -28,6 +28,6 @@ def directory(spec: ModelSettings) -> Path:
                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if spec.tiny is not None:
         if distributed.is_primary() and not (Path(spec.partial_pretrain) / CONFIG_FILE).exists():
-            tiny.ensure_tiny_model(spec.partial_pretrain, spec.tiny.tokenizer_dir, seed=spec.tiny.seed, **spec.tiny.shape)
+            tiny.ensure_tiny_model(spec.partial_pretrain, spec.tiny.tokenizer_dir, seed=spec.tiny.seed, **dict(spec.tiny.shape))
         distributed.barrier("tiny-model")  # every process meets it, also one that already sees the model
     return resolve_model_dir(spec.partial_pretrain)

@@ -56,7 +56,7 @@ class DataSettings:
 class TinyModel:
     """Smoke recipe only: build a tiny random Qwen2 at the recipe's model directory."""
     tokenizer_dir: str
-    shape: dict[str, int]
+    shape: tuple[tuple[str, int], ...]  # (name, size) pairs: the settings stay hashable
     seed: int  # trainer.seed
 
 

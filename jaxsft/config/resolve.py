@@ -201,7 +201,7 @@ def _model(c: Composed, v: dict, notes: list[str]) -> ModelSettings:
     lora_settings, trainable = _training_mode(c, v, notes)
     tiny = None
     if v["model.build_tiny_from"] and "model.partial_pretrain" not in c.from_command_line:
-        tiny = TinyModel(v["model.build_tiny_from"], dict(v["model.tiny"]), v["trainer.seed"])
+        tiny = TinyModel(v["model.build_tiny_from"], tuple(dict(v["model.tiny"]).items()), v["trainer.seed"])
     return ModelSettings(
         partial_pretrain=v["model.partial_pretrain"], trust_remote_code=v["model.trust_remote_code"],
         external_lib=v["model.external_lib"], tiny=tiny, param_dtype=param_dtype,

@@ -206,8 +206,12 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
                             + ma.host_temp_size_in_bytes))
 
 
+# The model settings that shape the compiled step (the plan's `settings` in --dry_run_json).
+_COMPUTE_FIELDS = ("param_dtype", "compute_dtype", "scan_layers", "remat_policy", "attn_implementation", "lora")
+
+
 def _settings_dict(settings, step_cfg) -> dict:
-    out = dataclasses.asdict(settings)
+    out = {k: v for k, v in dataclasses.asdict(settings).items() if k in _COMPUTE_FIELDS}
     out["grad_accum_dtype"] = getattr(step_cfg, "grad_accum_dtype", "float32")
     out["accumulate_in_backward"] = getattr(step_cfg, "accumulate_in_backward", False)
     return out
