@@ -64,18 +64,19 @@ class Section:
 
 SECTIONS = (
     Section("preflight", 20, 40, ("jax",)),
-    Section("flash", 45, 40, ("jax", "jax.experimental.pallas.ops.gpu.attention", "jaxsft.model.flash",
+    Section("flash", 45, 60, ("jax", "jax.experimental.pallas.ops.gpu.attention", "jaxsft.model.flash",
                               "jaxsft.model.attention")),
-    Section("attention", 50, 40, ("jax", "jaxsft.model.attention", "jaxsft.model.blockwise", "jaxsft.model.flash")),
+    # runs without the Pallas ops too (jaxsft.model.attention imports them): cuDNN and blockwise still measure
+    Section("attention", 50, 60, ("jax", "jaxsft.model.blockwise")),
     Section("target", 15, 30, ("jax",)),
-    Section("step7b", 125, 40, _MODEL),
-    Section("step05b", 55, 40, _MODEL),
-    Section("torch", 60, 50, _MODEL + ("torch", "transformers")),
-    Section("offload", 50, 50, _MODEL + ("jaxsft.offload", "bench.modes")),
+    Section("step7b", 125, 90, _MODEL),
+    Section("step05b", 55, 60, _MODEL),
+    Section("torch", 60, 90, _MODEL + ("torch", "transformers")),
+    Section("offload", 50, 120, _MODEL + ("jaxsft.offload", "bench.modes")),
 )
 BY_NAME = {s.name: s for s in SECTIONS}
 BUDGET_S = 430.0  # GPU: the sections' limits (420 s) + the parent's own start and writes
-DRY_BUDGET_S = 340.0
+DRY_BUDGET_S = 560.0  # ceilings for a loaded 2-core CI machine; an idle one needs far less
 MAX_TAR_BYTES = 15 * 2**20  # what comes back is at most 16 MiB a file
 FAULTS = ("hang", "import", "crash")
 
@@ -236,7 +237,6 @@ def section_attention(args, rec: Recorder) -> None:
     import jax.numpy as jnp
 
     from jaxsft.model import blockwise
-    from jaxsft.model.attention import reference_attention
 
     b, t, hq, hkv, d = (1, 128, 2, 1, 32) if args.dry else (1, 4096, 28, 4, 128)
     keys = jax.random.split(jax.random.key(2), 3)
@@ -249,6 +249,8 @@ def section_attention(args, rec: Recorder) -> None:
     rec.put("forward_flops", fwd_flops)
     rec.put("backward_flops", 2.5 * fwd_flops)
     try:  # the error reference; its failure must not make any backend its own reference
+        from jaxsft.model.attention import reference_attention  # imports the Pallas ops: may fail on a new jax
+
         ref = jax.jit(reference_attention)(q, k, v, seg)
     except Exception as e:  # noqa: BLE001
         ref = None
@@ -704,8 +706,9 @@ def main(argv=None) -> dict | None:
     budget = args.budget_s or (DRY_BUDGET_S if args.dry else BUDGET_S)
     limits = {s.name: (s.dry_limit_s if args.dry else s.limit_s) for s in SECTIONS if s.name in args.sections}
     limits.update({k: float(v) for k, _, v in (x.partition("=") for x in args.limit) if k in limits})
-    if sum(limits.values()) > budget:
-        raise SystemExit(f"the section limits add up to {sum(limits.values()):.0f} s, over the {budget:.0f} s budget")
+    if sum(limits.values()) > budget:  # a slow install left less: the last sections get what remains
+        print(f"[gpu_check] the section limits add up to {sum(limits.values()):.0f} s, over the {budget:.0f} s "
+              f"budget: the last sections are cut", flush=True)
     t0 = time.monotonic()
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dry": args.dry,
               "command": "python -m bench.gpu_check " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -725,13 +728,17 @@ def main(argv=None) -> dict | None:
             if s.name not in limits:
                 continue
             why = _not_runnable(s, report)
+            left = budget - (time.monotonic() - t0) - 2  # 2 s for the last writes
+            if not why and left < 10:
+                why = "skipped: the overall budget is spent"
             if why:
                 report["sections"][s.name] = {"status": why, "limit_s": limits[s.name], "wall_s": 0.0, "figures": {}}
                 continue
-            print(f"[gpu_check] {s.name} (limit {limits[s.name]:.0f} s)", flush=True)
-            report["sections"][s.name] = {"status": "running", "limit_s": limits[s.name], "figures": {}}
+            limit = min(limits[s.name], left)
+            print(f"[gpu_check] {s.name} (limit {limit:.0f} s)", flush=True)
+            report["sections"][s.name] = {"status": "running", "limit_s": limit, "figures": {}}
             try:
-                report["sections"][s.name] = r = run_section(s.name, args, limits[s.name], progress)
+                report["sections"][s.name] = r = run_section(s.name, args, limit, progress)
             except Interrupted as e:
                 if e.args and isinstance(e.args[0], dict):
                     report["sections"][s.name] = e.args[0]

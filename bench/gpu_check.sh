@@ -8,6 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 START=$SECONDS
+WHL=${GPU_CHECK_WHEELS:-.whl}  # the carried wheel folder
 TOTAL_S=470          # the whole script, install included (the device allows 480 s a command)
 INSTALL_S=25         # the wheel install's own limit
 
@@ -41,13 +42,13 @@ INSTALL_JSON=$SCRATCH/install.json
 # 1. the wheels: only distributions that are missing, without dependencies or an index
 if [ "$DRY" = 1 ]; then
   echo '{"status": "skipped (--dry)"}' > "$INSTALL_JSON"
-elif ! ls .whl/*.whl >/dev/null 2>&1; then
-  echo "[gpu_check] no .whl/ folder: build it first on a machine with PyPI (bash bench/gpu_check.sh --make-wheels) and carry it here" >&2
+elif ! ls "$WHL"/*.whl >/dev/null 2>&1; then
+  echo "[gpu_check] no wheels in $WHL/: build them first on a machine with PyPI (bash bench/gpu_check.sh --make-wheels) and carry them here" >&2
   exit 2
 else
-  MISSING=$("$PYTHON" - <<'PY'
-import glob, importlib.metadata as md, re
-for w in sorted(glob.glob(".whl/*.whl")):
+  MISSING=$("$PYTHON" - "$WHL" <<'PY'
+import glob, importlib.metadata as md, re, sys
+for w in sorted(glob.glob(sys.argv[1] + "/*.whl")):
     name = re.sub(r"[-_.]+", "-", w.split("/")[-1].split("-")[0]).lower()
     try:
         md.version(name)
