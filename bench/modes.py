@@ -24,6 +24,8 @@ import numpy as np
 
 from bench.throughput import SHAPES, jaxsft_batches, random_model, sample_lengths
 
+PROGRESS = None  # fn(key, value), set by a caller in this process (bench.gpu_check)
+
 def parse_mode(text: str) -> dict:
     """full | offload | lora:RANK | new_tokens:N (N rows appended and trained) | lora:RANK+offload, ..."""
     mode = {"lora": 0, "new_tokens": 0, "offload": False, "name": text}
@@ -119,6 +121,8 @@ def timing(args) -> list[dict]:
                "step_s_max": float(timed.max()), "load_1min": os.getloadavg()[0], "devices": jax.device_count(),
                "peak_bytes_in_use_so_far": stats.get("peak_bytes_in_use")}
         out.append(row)
+        if PROGRESS is not None:  # bench.gpu_check keeps each mode's row as soon as it is measured
+            PROGRESS("measured", {r["mode"]: r for r in out})
         print(f"[bench.modes] {args.shape} {mode['name']}: step {row['step_s_mean']:.4f} s mean, {row['step_s_min']:.4f} "
               f"min, {row['step_s_max']:.4f} max over {len(timed)} steps ({row['devices']} devices; load "
               f"{row['load_1min']:.1f})", flush=True)

@@ -59,6 +59,14 @@ _Z = {0.5: 0.0, 0.9: 1.2815515655446004, 0.99: 2.3263478740408408}  # standard n
 MIN_LENGTH = 8
 LOSS_FRACTION = 0.6  # the loss mask covers the last 60 % of a sample (the "response")
 RESULTS_MARKER = "<!-- bench:results -->"
+# A caller in this process (bench.gpu_check) may set this to `fn(key, value)`: the jaxsft run reports
+# its compile time, memory plan and each step's time as it has them, so a run killed midway keeps them.
+PROGRESS = None
+
+
+def _progress(key: str, value) -> None:
+    if PROGRESS is not None:
+        PROGRESS(key, value)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--hlo-out", default=None, help="write the compiled jaxsft step's optimized HLO text here")
     p.add_argument("--append-md", default=None, help="append a row to this file's results table")
     p.add_argument("--compile-only", action="store_true",
                    help="jaxsft only: compile the train step for abstract (unallocated) state and report the "
@@ -426,6 +435,10 @@ def run_jaxsft(args, model_cfg: dict, lengths: np.ndarray, dp: int) -> dict:
         t0 = time.perf_counter()
         compiled = fn.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - t0
+        _progress("compile_s", compile_s)
+        _progress("compiled_memory", _memory_analysis(compiled))
+        if args.hlo_out:
+            Path(args.hlo_out).write_text(compiled.as_text())
         times, losses, counted = [], [], []
         for b in batches:
             t0 = time.perf_counter()
@@ -433,6 +446,7 @@ def run_jaxsft(args, model_cfg: dict, lengths: np.ndarray, dp: int) -> dict:
             losses.append(float(m["loss"]))  # syncs: the step has finished
             times.append(time.perf_counter() - t0)
             counted.append(int(m["loss_tokens"]))
+            _progress("step_times_s", times)
     # The step's own count of loss tokens must be the one this benchmark divides by.
     expected = step_counts(lengths)[1]
     if counted != [int(n) for n in expected]:
