@@ -17,7 +17,7 @@ from flax import nnx
 from jax._src import compiler  # private: see _compile_with_host_memory
 from jax._src.lib import _jax
 
-from jaxsft import hlo_stats, metrics, offload, parallel, step, train_state, trainable
+from jaxsft import hlo_stats, metrics, offload, parallel, roofline, step, train_state, trainable
 from jaxsft.data.loader import FIELDS
 from jaxsft.model import blockwise
 from jaxsft.model.qwen2 import Qwen2ForCausalLM
@@ -180,7 +180,8 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
         raise
     ma = compiled.memory_analysis()
     peak = _peak(ma)
-    stats = hlo_stats.analyse(compiled.as_text(), seq_len=batch_shape[-1])
+    text = compiled.as_text()
+    stats = hlo_stats.analyse(text, seq_len=batch_shape[-1])
     cubins = None
     if target.platform == "cuda":
         cubins = hlo_stats.cuda_binaries(compiled)
@@ -189,6 +190,9 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
                             f"XLA could not run ptxas; pip install nvidia-cuda-nvcc-cu12")
     k, rows, t = batch_shape
     model_flops = metrics.training_flops_per_token(model_config, t) * k * rows * t / target.num_devices
+    # A GPU that is not here: what the compiled program would take at the GPU's peaks (not a measurement).
+    estimate = roofline.to_dict(roofline.estimate(text, target.kind, model_flops)) if target.kind in roofline.TARGETS \
+        else None
     return Plan(
         target=target.spec, devices=target.num_devices, mesh={"dp": dp, "sp": sp},
         compiled_for=f"{target.platform}: {target.device_kind}", settings=_settings_dict(settings, step_cfg),
@@ -200,7 +204,7 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
         step_flops=stats.step_flops, model_flops=model_flops, opaque_calls=stats.opaque_calls,
         collectives=stats.collectives, collectives_per_step=stats.collectives_per_step, tt_buffers=stats.tt_buffers,
         cuda_binaries=cubins, target_config=target.target_config,
-        trained=part.what, opt_state_bytes=_bytes(state["opt_state"]),
+        trained=part.what, estimate=estimate, opt_state_bytes=_bytes(state["opt_state"]),
         host_argument_bytes=int(ma.host_argument_size_in_bytes), host_temp_bytes=int(ma.host_temp_size_in_bytes),
         host_peak_bytes=int(ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes - ma.host_alias_size_in_bytes
                             + ma.host_temp_size_in_bytes))

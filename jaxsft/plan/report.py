@@ -43,6 +43,8 @@ class Plan:
     host_argument_bytes: int = 0
     host_temp_bytes: int = 0
     host_peak_bytes: int = 0
+    # jaxsft.roofline's estimate of the step on the target's peaks (h100/h200 targets), as a dict
+    estimate: dict | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +83,8 @@ class Plan:
             lines.append(f"[plan] host memory (pinned_host) per device: arguments {_gib(self.host_argument_bytes)} "
                          f"(the offloaded Adam moments, updated in place), temp {_gib(self.host_temp_bytes)}; peak "
                          f"{_gib(self.host_peak_bytes)} (not part of the device peak)")
+        if self.estimate:
+            lines.append(_estimate_line(self.estimate))
         return lines
 
     def _opaque(self) -> str:
@@ -100,6 +104,15 @@ def _gib(n: float) -> str:
 
 def _flop(n: float) -> str:
     return f"{n / 1e12:.1f} TFLOP" if n >= 1e11 else f"{n / 1e9:.2f} GFLOP"
+
+
+def _estimate_line(e: dict) -> str:
+    """The roofline estimate in one line: time, MFU, where the time goes, what it flags."""
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(e["shares"].items(), key=lambda kv: -kv[1]) if v >= 0.01)
+    mfu = f", MFU {e['mfu']:.1%}" if e.get("mfu") else ""
+    flags = f"; flags: {'; '.join(e['flags'])}" if e["flags"] else "; no float32 GEMM, no copy/transpose over 2 %"
+    return (f"[plan] roofline estimate on {e['target']} peaks (an estimate, not a measurement): step "
+            f"{e['step_s'] * 1e3:.1f} ms{mfu}; time by class: {shares}{flags}")
 
 
 def fits(peak_bytes: float, usable_bytes: float) -> bool:
