@@ -17,14 +17,24 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-
 from jaxsft.model.dense import reference_attention
 
 
+@functools.cache
+def _pallas():
+    """jax's Pallas (Triton) GPU attention, imported on first use: an experimental module (deprecated
+    in jax 0.11) whose absence must cost this backend only, not the model's import."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+    except Exception as e:  # noqa: BLE001 - any failure to import it means: no flash here
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return pallas_attention, ""
+
+
 def available() -> bool:
-    """True when the default device can run the Triton kernel (a CUDA GPU, sm_80 or newer)."""
-    if jax.default_backend() != "gpu":
+    """True when the default device can run the Triton kernel (a CUDA GPU, sm_80 or newer) and this
+    jax still has it."""
+    if jax.default_backend() != "gpu" or _pallas()[0] is None:
         return False
     capability = getattr(jax.devices()[0], "compute_capability", None)
     return capability is None or float(capability) >= 8.0
@@ -63,6 +73,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
         segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))  # segment 0: never seen by real rows
 
+    pallas_attention, why = _pallas()
+    if pallas_attention is None:
+        raise RuntimeError(f"model.attn_implementation=flash: this jax has no Pallas GPU attention ({why})")
     sizes = pallas_attention.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bb, block_kv_dkv=bb,
                                         block_q_dq=bb, block_kv_dq=bb)
     out = pallas_attention.mha(q, k, v, segment_ids, sm_scale=head_dim ** -0.5, causal=True,
