@@ -268,6 +268,14 @@ def test_auto_settings_in_a_real_run(tmp_path, base_model):
     m = re.search(r"model.remat_policy=(\w+), data.micro_batch_size_per_gpu=(\d+)", line)
     assert m and m.group(1) == "none" and int(m.group(2)) == 8  # host RAM: the cheapest, largest fits
     assert "[1 micro-batches, 16 rows, 1280 tokens]" in proc.stdout  # the loader uses the choice
+    # RUN_DIR/config.yaml and the checkpoint's meta show what ran, not `auto`
+    import yaml
+
+    from jaxsft.checkpoint import read_meta
+
+    for config in (yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()),
+                   read_meta(tmp_path / "run" / "global_step_1")["config"]):
+        assert config["model"]["remat_policy"] == "none" and config["data"]["micro_batch_size_per_gpu"] == 8
 
 
 def test_cpu_target_plans_this_machine():
