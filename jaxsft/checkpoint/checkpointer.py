@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxsft import __version__, distributed, hf
-from jaxsft.checkpoint.compat import check_same_mode, check_same_shapes
+from jaxsft.checkpoint.compat import MODE_KEYS, check_same_mode, check_same_shapes
 from jaxsft.checkpoint.integrity import describe, resolve_resume, step_problems, write_manifest
 from jaxsft.checkpoint.layout import (
     ADAPTER_DIR, MANIFEST, STEP_PREFIX, TRACKER, CheckpointError, group_of, read_json_item, read_meta, read_tracker,
@@ -38,12 +38,15 @@ class Checkpointer:
     """Saves and restores train states under `trainer.default_local_dir` (see the module doc)."""
 
     def __init__(self, ckpt, *, base_model_dir, max_length: int, process_index: int | None = None,
-                 meta: dict | None = None, export=None, trust_remote_code: bool = False):
+                 meta: dict | None = None, export=None, trust_remote_code: bool = False, mode_defaults=None):
         """`ckpt`: the checkpoint settings (`jaxsft.config.settings.CheckpointSettings`); the HF
         export takes config and tokenizer from `base_model_dir` and raises its context to
         `max_length`. `meta` goes into every step's meta; `export` (`jaxsft.hf.Export`) says what
-        the HF export of a state's parameters is (merged LoRA, the PEFT adapter, added tokens)."""
+        the HF export of a state's parameters is (merged LoRA, the PEFT adapter, added tokens).
+        `mode_defaults`: the defaults of the training-mode keys, for metas saved before one of them
+        existed (`compat.check_same_mode`)."""
         self._exporter = export
+        self._mode_defaults = dict(mode_defaults or {})
         self._meta = {**(meta or {}), **(export.meta() if export else {}),
                       "lora_adapter": bool(export and export.lora and "hf_model" in ckpt.save_contents)}
         self._base_model_dir = str(Path(base_model_dir).absolute())
@@ -77,10 +80,12 @@ class Checkpointer:
 
     @classmethod
     def for_run(cls, settings, model_dir: Path, export) -> "Checkpointer":
-        """The run's checkpointer: every step's meta records the configuration and the base model."""
+        """The run's checkpointer: every step's meta records the configuration and the base model;
+        the settings give the training-mode keys' defaults (for metas older than a key)."""
         return cls(settings.checkpoint, base_model_dir=model_dir, max_length=settings.data.max_length,
                    meta={"config": settings.config, "base_model": str(Path(model_dir).resolve())}, export=export,
-                   trust_remote_code=settings.model.trust_remote_code)
+                   trust_remote_code=settings.model.trust_remote_code,
+                   mode_defaults={f"model.{k}": settings.recorded_default(f"model.{k}") for k in MODE_KEYS})
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"{STEP_PREFIX}_{step}"
@@ -214,7 +219,7 @@ class Checkpointer:
             log.warning("%s was saved without %s (save_contents: %s); those start fresh", step_dir,
                         ", ".join(missing), ", ".join(meta.get("save_contents", ())))
         target = {k: abstract_state[k] for k in wanted if k in saved_tree}
-        check_same_mode(step_dir, meta, self._meta)
+        check_same_mode(step_dir, meta, self._meta, self._mode_defaults)
         check_same_shapes(step_dir, target, saved_tree, meta)
         state = restore_state_tree(step_dir, target, ocp.checkpoint_utils.construct_restore_args(target)) if target else {}
         data_state = self._restore_data_state(step_dir) if "extra" in self.load_contents else None

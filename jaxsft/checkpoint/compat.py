@@ -35,20 +35,25 @@ def check_same_shapes(step_dir: Path, target: dict, saved_tree: dict, meta: dict
 
 
 # model.* keys that change what the train state holds (LoRA adapters, trainable part, vocabulary)
-# or what its numbers mean (the adapters' scale and dropout), with their defaults.
-_MODE_KEYS = {"lora_rank": 0, "lora_alpha": 16, "target_modules": ["all-linear"], "lora_dropout": 0.0,
-              "trainable": ["all"]}
+# or what its numbers mean (the adapters' scale and dropout).
+MODE_KEYS = ("lora_rank", "lora_alpha", "target_modules", "lora_dropout", "trainable")
 
 
-def check_same_mode(step_dir: Path, saved_meta: dict, current_meta: dict) -> None:
+def check_same_mode(step_dir: Path, saved_meta: dict, current_meta: dict, defaults: dict) -> None:
     """Refuse, naming the keys, a checkpoint saved under other training-mode settings (the added
-    tokens compared as the tokens the meta records, not as the file that listed them)."""
+    tokens compared as the tokens the meta records, not as the file that listed them).
+
+    Every meta records the whole configuration, so a mode key is absent only from a meta written
+    before the key existed: it reads as its default, `defaults["model.<key>"]` in the form the meta
+    records (None when not given). The caller passes the defaults in (`Checkpointer.for_run` asks the
+    settings) rather than this module restating them: the key table lives in jaxsft.config, which
+    sits above the checkpoint package, and a second copy here would drift from it."""
     if not current_meta.get("config"):
         return
 
     def mode(meta):
         model = (meta.get("config") or {}).get("model", {})
-        return {**{f"model.{k}": model.get(k, default) for k, default in _MODE_KEYS.items()},
+        return {**{f"model.{k}": model.get(k, defaults.get(f"model.{k}")) for k in MODE_KEYS},
                 "model.added_tokens": meta.get("added_tokens")}
 
     saved, now = mode(saved_meta), mode(current_meta)

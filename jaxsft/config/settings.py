@@ -16,7 +16,7 @@ import math
 import os
 from typing import Any
 
-from jaxsft.config.compose import Composed
+from jaxsft.config.compose import Composed, check_value
 from jaxsft.config.errors import ConfigError
 from jaxsft.config.keys import AFTER_EACH_EPOCH, AUTO, BY_NAME, KEYS, nested
 
@@ -157,6 +157,13 @@ class Settings:
     config: dict[str, Any]  # the effective configuration, nested, in the keys' spelling (config.yaml)
     notes: tuple[str, ...]  # one sentence per setting that acts differently from how it reads
     recipe: str | None
+
+    @staticmethod
+    def recorded_default(name: str) -> Any:
+        """Key `name`'s default in the form `config` (and so a checkpoint's meta) records it, e.g. a
+        list for a list-valued key: how a record written before the key existed is read."""
+        key = BY_NAME[name]
+        return _plain(check_value(key, key.default, "its default"))
 
 
 def _layer(c: Composed, name: str) -> int:
