@@ -43,7 +43,8 @@ class Trainer:
             graphdef, rest, state, shardings = step.init_train_state(
                 model, tx, self.mesh, partition, optimizer_offload=s.model.optimizer_offload, say=self.say)
         self.ckpt = checkpoint.Checkpointer.for_run(s, self.model_dir, export=hf.Export(self.model_config, s.model.lora, added))
-        self.state = self.ckpt.resume(s.checkpoint, state, shardings, self.data.loader, say=self.say)
+        self.state = self.ckpt.resume(s.checkpoint, state, shardings, say=self.say, restore_data=lambda saved: (
+            self.data.loader.set_state(saved, accept_changed_data=s.checkpoint.resume_accept_changed_data, say=self.say)))
         self.step = int(self.state["step"])
         self.train_step, self.eval_step = step.compile_steps(graphdef, rest, tx, lr_schedule, step.StepConfig.of(s, self.mesh),
                                                              shardings, self.mesh, partition)

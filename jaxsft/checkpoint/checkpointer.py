@@ -225,18 +225,23 @@ class Checkpointer:
         data_state = self._restore_data_state(step_dir) if "extra" in self.load_contents else None
         return state, data_state, meta
 
-    def resume(self, ckpt, state: dict, shardings: dict, loader, say=print) -> dict:
+    def resume(self, ckpt, state: dict, shardings: dict, *, restore_data, say=print) -> dict:
         """The train state to start from: `state` (fresh) unless the checkpoint settings `ckpt`
         name a step to resume (`resolve_resume`); then that step's contents restored into
-        `shardings`, and the data loader set to its position. Warns first when the disk is short
-        of one checkpoint."""
+        `shardings`, and `restore_data(saved)` called with its data-iterator state (when it has
+        one) for the caller to reposition its data loader. Warns first when the disk is short of
+        one checkpoint.
+
+        The caller repositions the loader (the checkpoint knows no loader), through a callback
+        rather than after the return so that "resumed from" is said only once the loader has
+        accepted the position: a refused data state stays the run's last word."""
         self.warn_if_short_of_space(state, say=say)
         step_dir = resolve_resume(ckpt, warn=lambda message: say(f"[jaxsft] warning: {message}"))
         if step_dir is None:
             return state
         state, data_state = self.restore_state(step_dir, state, shardings)
         if data_state is not None:
-            loader.set_state(data_state, accept_changed_data=ckpt.resume_accept_changed_data, say=say)
+            restore_data(data_state)
         say(f"[jaxsft] resumed from {step_dir} at step {int(state['step'])}")
         return state
 
