@@ -12,6 +12,7 @@ one that hangs is noticed through the coordination service's heartbeat
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -159,3 +160,18 @@ def global_array(local: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax
     global_shape = list(local.shape)
     global_shape[row_axis] *= jax.process_count()
     return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
+def gather_json(obj) -> list:
+    """Every process's JSON-able `obj`, by process index (Orbax's JSON items are written by
+    process 0 only, so process 0 must hold all of them)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    everyone = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(everyone[i, :sizes[i]].tobytes()) for i in range(len(sizes))]

@@ -6,7 +6,7 @@
 4. `settle_auto`: `auto` settings chosen by plan on this machine (compile only), before the loader;
 5. `build_run_data`: the train loader, step counts, which steps validate and save;
 6. `build_model`: the model (loaded, or abstract for a plan) and what of it trains;
-7. `build_state`: the train state, fresh or restored — one restore-or-init path;
+7. `make_checkpointer`, `build_state`: the train state, fresh or restored — one restore-or-init path;
 8. `compile_steps`: the jitted train and eval steps.
 
 `dry_run` runs phases 2–3 and plans what phases 5–8 would compile, for a target that need not be here.
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import jax
 
-from jaxsft import base_model, devices, distributed, hf, optim, parallel, plan, step, trainable
+from jaxsft import base_model, checkpoint, devices, distributed, hf, optim, parallel, plan, step, trainable
+from jaxsft.config.resolve import recorded_default
 from jaxsft.data import RunData, TrainLoader, build_datasets
 from jaxsft.settings import AUTO, Settings, check_devices, with_choices
 
@@ -105,14 +106,26 @@ def build_model(settings: Settings, base: BaseModel, mesh, say=print):
     return model, trainable.for_model(model, settings.model, base.added, say=say)
 
 
+def make_checkpointer(settings: Settings, base: BaseModel) -> checkpoint.Checkpointer:
+    """The run's checkpointer (its meta records the configuration and the base model; the export
+    carries LoRA and added tokens)."""
+    defaults = {f"model.{k}": recorded_default(f"model.{k}") for k in checkpoint.MODE_KEYS}
+    return checkpoint.Checkpointer.for_run(settings, base.dir, export=hf.Export(base.config, settings.model.lora, base.added),
+                                           mode_defaults=defaults)
+
+
 def build_state(settings: Settings, model, partition, run_data: RunData, mesh, checkpointer, say=print):
     """(graphdef, rest, state, shardings, tx, lr_schedule): the fresh train state, or the checkpoint's
-    that the settings name (the loader repositioned with it)."""
+    that the settings name — one restore-or-init path; the loader is repositioned here, with it."""
     tx, lr_schedule = optim.make_optimizer(settings.optim, run_data.total_steps, settings.model.trained_dtype)
     with jax.set_mesh(mesh):
         graphdef, rest, state, shardings = step.init_train_state(
             model, tx, mesh, partition, optimizer_offload=settings.model.optimizer_offload, say=say)
-    state = checkpointer.resume(settings.checkpoint, state, shardings, run_data.loader, say=say)
+
+    def reposition(saved) -> None:
+        run_data.loader.set_state(saved, accept_changed_data=settings.checkpoint.resume_accept_changed_data, say=say)
+
+    state = checkpointer.resume(settings.checkpoint, state, shardings, restore_data=reposition, say=say)
     return graphdef, rest, state, shardings, tx, lr_schedule
 
 

@@ -12,7 +12,8 @@ import time
 
 import jax
 
-from jaxsft import checkpoint, cli, compile_cache, distributed, hf, metrics, parallel, reporting, run_dir, setup, step
+from jaxsft import cli, compile_cache, distributed, metrics, parallel, reporting, run_dir, setup, step
+from jaxsft.preemption import PreemptionFlag
 
 
 class Trainer:
@@ -33,13 +34,13 @@ class Trainer:
         self.run.record_config(s.config)  # what runs: `auto` replaced by the planned choice
         self.data = setup.build_run_data(s, base, train, val, self.mesh, max_rows_per_rank=max_rows, say=self.say)
         model, partition = setup.build_model(s, base, self.mesh, say=self.say)
-        self.ckpt = checkpoint.Checkpointer.for_run(s, base.dir, export=hf.Export(base.config, s.model.lora, base.added))
+        self.ckpt = setup.make_checkpointer(s, base)
         graphdef, rest, self.state, shardings, tx, lr_schedule = setup.build_state(
             s, model, partition, self.data, self.mesh, self.ckpt, say=self.say)
         self.step = int(self.state["step"])
         self.train_step, self.eval_step = setup.compile_steps(s, graphdef, rest, tx, lr_schedule, shardings, self.mesh,
                                                               partition)
-        self.preempted = checkpoint.PreemptionFlag()
+        self.preempted = PreemptionFlag()
 
     def fit(self) -> None:
         s, last_step = self.settings, self.data.last_step

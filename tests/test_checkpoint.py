@@ -237,6 +237,24 @@ def test_save_and_load_contents(tmp_path):
         make_ckpt(tmp_path / "c", save_contents=("model", "weights"))
 
 
+def test_a_meta_older_than_the_mode_keys_reads_them_as_their_defaults(tmp_path):
+    """The training-mode check reads a key that an older step's meta lacks as the key's default,
+    which the run's checkpointer takes from the configuration (jaxsft.setup.make_checkpointer; the
+    checkpoint package restates none)."""
+    state = make_state()
+    old = make_ckpt(tmp_path)
+    old.save(1, state, meta={"config": {"model": {}}})  # saved before any mode key existed
+    old.save(2, state, meta={"config": {"model": {"lora_rank": 4}}})
+    old.close()
+    from jaxsft import setup
+
+    run = setup.make_checkpointer(make_settings(tmp_path), setup.BaseModel(tmp_path, None, None, None))
+    restored, _, _ = run.restore(tmp_path / "global_step_1", abstract(host(state), (4, 2)))
+    assert sorted(restored) == ["opt_state", "params", "step"]
+    with pytest.raises(CheckpointError, match=r"other settings — model\.lora_rank=4 there, 0 here; resume with its"):
+        run.restore(tmp_path / "global_step_2", abstract(host(state), (4, 2)))
+
+
 def test_resolve_resume(tmp_path):
     def trainer(**kw):
         return make_settings(tmp_path / "run", **kw).checkpoint

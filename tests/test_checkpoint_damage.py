@@ -29,14 +29,6 @@ from jaxsft import checkpoint
 from jaxsft.checkpoint import MANIFEST, TRACKER, CheckpointError, resolve_resume
 
 
-class FakeLoader:
-    def __init__(self):
-        self.states = []
-
-    def set_state(self, state, **kw):
-        self.states.append(state)
-
-
 def largest_array_file(step_dir: Path) -> Path:
     return max((f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"),
                key=lambda f: f.stat().st_size)
@@ -104,10 +96,11 @@ def test_a_damaged_newest_step_is_not_resumed(saved, tmp_path, damage):
     settings = make_settings(root)
     ckpt = make_ckpt(root)
     fresh = make_state(seed=99)
-    loader = FakeLoader()
-    state = ckpt.resume(settings.checkpoint, fresh, jax.tree.map(lambda x: x.sharding, fresh), loader, say=said.append)
+    data_states = []  # what the trainer hands its data loader
+    state = ckpt.resume(settings.checkpoint, fresh, jax.tree.map(lambda x: x.sharding, fresh),
+                        restore_data=data_states.append, say=said.append)
     assert_identical(state, saved[1][1])
-    assert loader.states == [{"next_step": 1}]
+    assert data_states == [{"next_step": 1}]
     warnings = [line for line in said if "warning" in line]
     assert len(warnings) == 1 and re.fullmatch(rf"\[jaxsft\] warning: global_step_2 is incomplete \({expected}.*\); "
                                                r"resuming from global_step_1 instead", warnings[0]), said

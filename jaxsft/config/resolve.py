@@ -15,13 +15,19 @@ import math
 import os
 
 from jaxsft import trainable as trainable_items
-from jaxsft.config.compose import Composed
+from jaxsft.config.compose import Composed, check_value
 from jaxsft.config.keys import BY_NAME, KEYS, nested
 from jaxsft.errors import ConfigError
 from jaxsft.hf.writer import parse_size
 from jaxsft.model import attention, lora, remat
 from jaxsft.settings import (AFTER_EACH_EPOCH, AUTO, CONTENTS, DTYPES, LOGGERS, CheckpointSettings, DataSettings,
                              LoRASettings, ModelSettings, OptimSettings, Settings, TinyModel, TrainerSettings)
+
+def recorded_default(name: str):
+    """Key `name`'s default in the form `config` (and so a checkpoint's meta) records it, e.g. a
+    list for a list-valued key: how a record written before the key existed is read."""
+    key = BY_NAME[name]
+    return _plain(check_value(key, key.default, "its default"))
 
 
 def _layer(c: Composed, name: str) -> int:
