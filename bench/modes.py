@@ -68,8 +68,8 @@ def _build(args, mode, mesh):
 
     from jaxsft import config as jconfig, optim, step, trainable
     from jaxsft.model.config import Qwen2Config
-    from jaxsft.model.lora import MODULES, LoRASettings
-    from jaxsft.model.qwen2 import ModelSettings
+    from jaxsft.model.lora import MODULES
+    from jaxsft.settings import LoRASettings, ModelSettings
 
     config = Qwen2Config.from_hf_dict(SHAPES[args.shape])
     base_vocab = config.vocab_size
