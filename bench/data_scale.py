@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parallel = build(path, a.workers, cache_dir)
     parallel.pop("dataset")
     assert parallel["fingerprint"] == single["fingerprint"] and not parallel["hit"]
-    proc = subprocess.run([sys.executable, "-m", "bench.data_scale", "--phase", "cached", "--dir", str(folder),
-                           "--rows", str(a.rows)], capture_output=True, text=True, env=os.environ)
+    child = [sys.executable, "-m", "bench.data_scale", "--phase", "cached", "--dir", str(folder.resolve()),
+             "--rows", str(a.rows)]
+    # from the repository root, so `-m bench.data_scale` is found wherever this process started
+    proc = subprocess.run(child, capture_output=True, text=True, env=os.environ, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode:
         raise SystemExit(proc.stdout + proc.stderr)
     cached = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])

@@ -28,7 +28,8 @@ def gradients(shape: str, k: int, seq_len: int, seed: int = 0) -> dict[str, floa
     from bench.throughput import SHAPES, jaxsft_batches, sample_lengths
     from jaxsft import parallel, step
     from jaxsft.model.config import Qwen2Config
-    from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM
+    from jaxsft.model.qwen2 import Qwen2ForCausalLM
+    from jaxsft.settings import ModelSettings
 
     config = Qwen2Config.from_hf_dict(SHAPES[shape])
     mesh = parallel.make_mesh(1, 1, jax.devices()[:1])

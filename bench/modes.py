@@ -5,11 +5,11 @@ offload, each mode's real jitted train step on random weights.
         --mode full --mode offload --mode lora:8 [--json FILE]
 
 1 + warmup untimed steps, then `--steps` timed ones, each ended by reading its loss, on every
-device. On a GPU each row also carries the device's peak bytes in use so far (`memory_stats`;
-the counter only grows, and each mode's state is freed before the next is built, so list the
-mode expected to need the least memory first). On the CPU memory is not measured: GPU memory
-comes from the XLA:GPU plan of the run's own command (`python -m jaxsft.train ... --dry_run=h100:N`,
-jaxsft.plan), never from XLA:CPU.
+device (or the first `--dp`). On a GPU each row also carries the device's peak bytes in use so
+far (`memory_stats`; the counter only grows, and each mode's state is freed before the next is
+built, so list the mode expected to need the least memory first). On the CPU memory is not
+measured: GPU memory comes from the XLA:GPU plan of the run's own command (`python -m
+jaxsft.train ... --dry_run=h100:N`, jaxsft.plan), never from XLA:CPU.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def parse_args(argv=None):
     p.add_argument("what", choices=("time",))
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--global-batch", type=int, default=1, help="samples per step (time: over every device)")
+    p.add_argument("--global-batch", type=int, default=1, help="samples per step (over the --dp devices)")
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--dp", type=int, default=None, help="devices to use (default: all)")
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--remat", default="full")
@@ -69,8 +70,8 @@ def _build(args, mode, mesh):
 
     from jaxsft import config as jconfig, optim, step, trainable
     from jaxsft.model.config import Qwen2Config
-    from jaxsft.model.lora import MODULES, LoRASettings
-    from jaxsft.model.qwen2 import ModelSettings
+    from jaxsft.model.lora import MODULES
+    from jaxsft.settings import LoRASettings, ModelSettings
 
     config = Qwen2Config.from_hf_dict(SHAPES[args.shape])
     base_vocab = config.vocab_size
@@ -95,7 +96,7 @@ def timing(args) -> list[dict]:
 
     from jaxsft import parallel, step
 
-    mesh = parallel.make_mesh(jax.device_count(), 1)
+    mesh = parallel.make_mesh(args.dp or jax.device_count(), 1)
     out = []
     for mode in args.mode:
         with jax.set_mesh(mesh):
@@ -118,7 +119,7 @@ def timing(args) -> list[dict]:
         stats = jax.local_devices()[0].memory_stats() or {}
         timed = np.asarray(times[1 + args.warmup:])
         row = {"mode": mode["name"], "step_s_mean": float(timed.mean()), "step_s_min": float(timed.min()),
-               "step_s_max": float(timed.max()), "load_1min": os.getloadavg()[0], "devices": jax.device_count(),
+               "step_s_max": float(timed.max()), "load_1min": os.getloadavg()[0], "devices": mesh.size,
                "peak_bytes_in_use_so_far": stats.get("peak_bytes_in_use")}
         out.append(row)
         if PROGRESS is not None:  # bench.gpu_check keeps each mode's row as soon as it is measured

@@ -405,7 +405,7 @@ def run_jaxsft(args, model_cfg: dict, lengths: np.ndarray, dp: int) -> dict:
     from jaxsft import config as jconfig, metrics, optim, parallel, step
     from jaxsft.model import attention
     from jaxsft.model.config import Qwen2Config
-    from jaxsft.model.qwen2 import ModelSettings
+    from jaxsft.settings import ModelSettings
 
     devices = jax.devices()[:dp]
     mesh = parallel.make_mesh(dp, 1, devices)
@@ -506,7 +506,8 @@ def compile_only(args, model_cfg: dict, lengths: np.ndarray) -> dict:
     from jaxsft import config as jconfig, optim, step
     from jaxsft.model import attention
     from jaxsft.model.config import Qwen2Config
-    from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM
+    from jaxsft.model.qwen2 import Qwen2ForCausalLM
+    from jaxsft.settings import ModelSettings
 
     settings = ModelSettings(param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
                              scan_layers=not args.no_scan, remat_policy=args.remat, attn_implementation=args.attn)
