@@ -68,10 +68,9 @@ def _jaxsft_names(tree: ast.Module) -> list[tuple[int, str, bool]]:
     return results
 
 
-# Known stale names, each to be removed here when its file is fixed (the test fails until it is):
-# gpu_check.py, being rewritten elsewhere, calls the dense attention by its name before a860e49
-# (now attention.reference_attention).
-STALE = {"gpu_check.py": ["jaxsft.model.attention.xla_attention"] * 2}
+# Known stale names, each to be removed here when its file is fixed (the test fails until it is).
+# None now: gpu_check.py's xla_attention (renamed reference_attention in a860e49) was fixed with its rewrite.
+STALE: dict[str, list[str]] = {}
 
 
 @pytest.mark.parametrize("path", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
