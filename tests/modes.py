@@ -144,6 +144,7 @@ def adam_close(ours, theirs, grads, lr=LR):
     beyond = np.maximum(diff - 2 * np.spacing(np.abs(theirs)), 0) * conditioned_entries
     conditioned = float(beyond.max())
     at = np.unravel_index(np.argmax(beyond), diff.shape)
+    # not derivable a priori (Adam's amplification of δ, above): from δ ≤ 1e-8 of the largest gradient; ulps beyond 2
     assert worst <= 1e-2 * lr and conditioned <= 1e-4 * lr, (worst / lr, conditioned / lr, at, ours[at], theirs[at],
                                                               [float(g[at]) for g in grads])
     return worst / lr, conditioned / lr

@@ -16,7 +16,10 @@ from jaxsft.model import attention, blockwise, remat
 from jaxsft.model.blockwise import _work_list, blockwise_attention
 from naive_attention import naive_attention
 
-TOL = 1e-5  # float32
+EPS = float(np.finfo(np.float32).eps)  # 2^-23
+# float32, different orders (online softmax over blocks vs one softmax): γ_N of max|ref|, N ≤ 128 ≥ the longest chain
+# here (≤ 100 keys in a row's sample + a D ≤ 16 dot product + exp/lse/rescale roundings). Measured ≤ 4 eps.
+TOL = 128 * EPS
 
 
 def rel_err(a, b):
@@ -150,6 +153,8 @@ def test_bfloat16_is_as_close_as_the_dense_reference():
     print("bf16 rel err out,dq,dk,dv: blockwise " + " ".join(f"{e:.1e}" for e in ours)
           + " | dense reference " + " ".join(f"{e:.1e}" for e in dense))
     for mine, theirs in zip(ours, dense):
+        # bf16 (ulp 2^-7 at 1): both round P before PV, dS before its matmuls and the results (½ ulp of terms ≤ max|ref|
+        # each: ≤ 2 ulps = 1.6e-2 ≤ 2e-2); ×2 of the dense one's: the same roundings, at other places of the row max
         assert mine <= 2e-2 and mine <= 2 * theirs, (ours, dense)
     assert blockwise_attention(q, k, v, seg, block=32).dtype == jnp.bfloat16
 
@@ -238,7 +243,8 @@ def test_under_every_remat_policy(policy):
     got = jax.jit(jax.grad(lambda q, k, v: jnp.sum(layer(q, k, v) * cot), argnums=(0, 1, 2)))(q, k, v)
     _, want = value_and_grads(fn, q * 1.5, k, v, seg, cot)
     want = (want[0] * 1.5,) + want[1:]
-    assert max(rel_err(g, w) for g, w in zip(got, want)) <= TOL
+    # the same computation (remat reruns the same forward ops on the same inputs; ×1.5 is applied alike): exact
+    assert all(np.array_equal(g, w) for g, w in zip(got, want)), [rel_err(g, w) for g, w in zip(got, want)]
 
 
 def _attention_loops(policy):

@@ -8,9 +8,9 @@ from jaxsft.model.flash import available, flash_attention
 from naive_attention import naive_attention
 from jaxsft.model.ulysses import ulysses_attention
 
-# max |err| / max |reference|, float32. Interpret mode measured ~1e-6 here; the margin covers a
-# different summation order of the blockwise (online) softmax.
-TOL = 2e-5
+# max |err| / max |reference|, float32, a different summation order (online softmax over blocks vs one softmax):
+# γ_N of max|ref|, N = 128 ≥ the longest chain (≤ 96 keys in a row + D = 16 + exp/lse/rescale roundings).
+TOL = 128 * float(np.finfo(np.float32).eps)
 
 
 def packed_segments(rng, rows, t):

@@ -61,6 +61,7 @@ def test_two_steps_match_torch_peft(model_dir, tmp_path):
     for i, batch in enumerate(batches):
         m = run(batch)
         t_loss, t_norm, _, t_params = ref[i]
+        # end to end vs torch/PEFT: not derivable (op orders through the layers); 8 eps as tests/test_train_step.py
         assert rel(m["loss"], t_loss) <= 1e-6 and rel(m["grad_norm"], t_norm) <= 1e-6, (i, m, t_loss, t_norm)
         ours = dict(adapter.adapter_tensors(run.state["params"], run.config, LORA))
         worst = [adam_close(np.asarray(jax.device_get(ours[n])), t_params[n], [r[2][n] for r in ref[:i + 1]], LR) for n in torch_params]
@@ -118,14 +119,15 @@ def test_merged_export_equals_peft_merge_and_unload(model_dir, tmp_path):
     merged = run.hf_params(lora=LORA)
     pm = peft_model(model_dir, adapter_dir).eval()
     batch = padded_batch(7, 1, 4, 16, VOCAB)
-    assert logits_error(run, pm, batch) <= 1e-5
+    assert logits_error(run, pm, batch) <= 1e-5  # jax vs torch forward: not derivable, as tests/test_model_parity.py
     unloaded = {n: p.detach().numpy() for n, p in pm.merge_and_unload().state_dict().items()}
     base = load_file(model_dir / "model.safetensors")
     targeted = 0
     for name, w in merged.items():
         if any(f".{t}." in name for t in LORA.targets) and name.endswith("proj.weight"):
             targeted += 1
-            assert rel(w, unloaded[name]) <= 1e-6 and not np.array_equal(w, base[name]), name
+            # W + (B·A)·α/r, a rank-4 product (γ_4) and one addition, in other orders: ≤ 8 eps of max|W|
+            assert rel(w, unloaded[name]) <= 8 * np.finfo(np.float32).eps and not np.array_equal(w, base[name]), name
         else:
             assert np.array_equal(w, base[name]), name
     assert targeted == 2 * len(LORA.targets)
@@ -141,8 +143,11 @@ def test_dropout_is_peft_s_and_deterministic(model_dir):
     keep = np.asarray(jax.random.bernoulli(key, 0.75, x.shape))
     expect = ((np.asarray(x) * keep / 0.75) @ np.asarray(a)) @ np.asarray(b) * 2.0
     assert 0.6 < keep.mean() < 0.9
-    assert rel(lora_lib.delta(x, a, b, settings, key), expect) <= 1e-6
-    assert rel(lora_lib.delta(x, a, b, settings, None), (np.asarray(x) @ np.asarray(a)) @ np.asarray(b) * 2.0) <= 1e-6
+    # float32 ((x·m/(1-p))·A)·B·α/r in other orders: γ_N, N = 64 + 4 + 3 roundings, of the terms' |X|·|A|·|B|·α/r
+    tol = lambda xm, want: 71 * np.finfo(np.float32).eps * np.max(np.abs(xm) @ np.abs(a) @ np.abs(b) * 2.0) / np.max(np.abs(want))
+    assert rel(lora_lib.delta(x, a, b, settings, key), expect) <= tol(np.asarray(x) * keep / 0.75, expect)
+    plain = (np.asarray(x) @ np.asarray(a)) @ np.asarray(b) * 2.0
+    assert rel(lora_lib.delta(x, a, b, settings, None), plain) <= tol(x, plain)
     drop = LoRASettings(rank=4, alpha=8.0, targets=LORA.targets, dropout=0.25)
     batches = [padded_batch(s, 2, 4, 16, VOCAB) for s in (8, 9)]
     runs = [Run(model_dir, (4, 2), lora=drop, dropout_seed=seed) for seed in (1, 1, 2)]
@@ -174,6 +179,6 @@ def test_adapter_gradients_do_not_depend_on_mesh_scan_or_remat(model_dir, mesh_s
         _REFERENCE["ref"] = grads((4, 2))
     ref_loss, ref = _REFERENCE["ref"]
     loss, got = grads(mesh_shape, scan_layers=scan, remat_policy=remat)
-    assert rel(loss, ref_loss) <= 1e-6
+    assert rel(loss, ref_loss) <= 1e-6  # the same sums regrouped (as tests/test_train_step.py): γ_16 = 8 eps
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-        assert rel(a, b) <= 2e-6
+        assert rel(a, b) <= 2e-6  # as test_global_tokens_invariant_to_split_and_mesh: γ_16 of Σ|partial| ≤ 2·max|g|

@@ -5,6 +5,9 @@ import pytest
 
 from jaxsft.model.loss import masked_ce_per_row
 
+EPS = float(np.finfo(np.float32).eps)  # 2^-23: one float32 ulp at 1
+BF16_EPS = 2.0 ** -7  # one bfloat16 ulp at 1 (8 significand bits with the implicit one; rounding: ½ of it)
+
 
 def naive_ce_per_row(hidden, kernel, targets, weights):
     logits = jnp.einsum("bth,hv->btv", hidden.astype(jnp.float32), kernel.astype(jnp.float32))
@@ -38,14 +41,17 @@ def test_chunked_matches_naive_values_and_grads(chunk_size):
     ref_sum, ref_w = naive_ce_per_row(hidden, kernel, targets, weights)
     got_sum, got_w = masked_ce_per_row(hidden, kernel, targets, weights, chunk_size)
     assert got_sum.dtype == jnp.float32 and got_sum.shape == (2,)
-    np.testing.assert_allclose(got_sum, ref_sum, rtol=1e-6)
+    # different arithmetic (chunked scan + logsumexp vs one log_softmax): γ_N of the chain logits (H = 16 products),
+    # log-sum-exp (V = 50 terms), row sum (T = 13 terms, all ≥ 0, so relative to the result): N·eps, N = 79
+    np.testing.assert_allclose(got_sum, ref_sum, rtol=(16 + 50 + 13) * EPS)
     np.testing.assert_array_equal(got_w, ref_w)
 
     chunked = objective(lambda *a: masked_ce_per_row(*a, chunk_size), row_scale)
     ref_grads = jax.grad(objective(naive_ce_per_row, row_scale), argnums=(0, 1, 2))(hidden, kernel, weights, targets)
     got_grads = jax.jit(jax.grad(chunked, argnums=(0, 1, 2)))(hidden, kernel, weights, targets)
     for got, ref in zip(got_grads, ref_grads):
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        # γ_N, N = H + V + B·T = 92 accumulations (d_h sums V, d_kernel B·T tokens); atol: the same of max|ref| where terms cancel
+        np.testing.assert_allclose(got, ref, rtol=92 * EPS, atol=92 * EPS * float(np.max(np.abs(ref))))
 
 
 def test_bf16_hidden_keeps_dtypes_and_stays_close():
@@ -56,8 +62,10 @@ def test_bf16_hidden_keeps_dtypes_and_stays_close():
     d_h, d_k = jax.grad(f, argnums=(0, 1))(hidden_bf16, kernel, weights, targets)
     r_h, r_k = jax.grad(ref, argnums=(0, 1))(hidden_bf16, kernel.astype(jnp.bfloat16), weights, targets)
     assert d_h.dtype == jnp.bfloat16 and d_k.dtype == jnp.float32
-    np.testing.assert_allclose(d_h.astype(jnp.float32), r_h, rtol=0.05, atol=2e-3)
-    np.testing.assert_allclose(d_k, r_k, rtol=0.05, atol=2e-3)
+    # same bf16 operands; ours rounds d_logits to bf16 (½ ulp of each term, Σ|terms| ≤ 2·max|ref|: ≤ 1 ulp) and both
+    # round their results to bf16 (½ ulp each): ≤ 2 bf16 ulps of max|ref|, held to 4 (measured 0.85 d_h, 0.4 d_k)
+    np.testing.assert_allclose(d_h.astype(jnp.float32), r_h, rtol=0, atol=4 * BF16_EPS * float(jnp.max(jnp.abs(r_h))))
+    np.testing.assert_allclose(d_k, r_k, rtol=0, atol=4 * BF16_EPS * float(jnp.max(jnp.abs(r_k))))
 
 
 def test_chunked_grad_never_holds_full_f32_logits():

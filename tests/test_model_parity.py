@@ -121,6 +121,8 @@ def test_logits_match_transformers(reference, name, mesh_shape):
     ours = gather_real(sharded_logits(model_dir, mesh_shape, F32, batch), places)
     abs_err, rel_err = errors(ours, ref)
     print(f"\n{name} mesh {mesh_shape}: max abs {abs_err:.2e}, max rel {rel_err:.2e}")
+    # not derivable: jax vs torch op orders (each op ≤ γ_n, n ≤ 160) compound through ≤ 3 layers' Jacobians;
+    # 1e-5 = 84 eps against measured ≤ 3.3e-7 (≈ 3 eps) on every mesh (printed)
     assert rel_err <= 1e-5
 
 
@@ -144,6 +146,8 @@ def test_bf16_compute_kl(tmp_path):
     entropy = -np.sum(np.exp(lp_ref) * lp_ref, axis=-1)
     print(f"\nbf16 compute: KL mean {kl.mean():.2e} max {kl.max():.2e} nats/token; reference entropy "
           f"{entropy.mean():.2f} nats (uniform {np.log(512):.2f}); logits rel {errors(ours, ref)[1]:.2e}")
+    # not derivable: bf16 (ulp 2^-7) rounds every activation of 2 layers; KL ≈ ½·Var_p(δ) of the logit errors δ, so
+    # 5e-3 ↔ δ ≈ 0.1 nat ≈ 13 bf16 ulps of a unit logit; measured 1.0e-3 (printed)
     assert kl.mean() <= 5e-3
 
 
@@ -199,7 +203,8 @@ def test_scan_unscanned_and_every_remat_policy_agree(small_model):
         worst[scan, policy] = max(errors(a, b)[1] for a, b in zip(run(scan, policy), ref))
     print("\nremat/scan worst relative difference per variant:",
           ", ".join(f"{'scan' if s else 'loop'}/{p} {w:.1e}" for (s, p), w in worst.items()))
-    assert max(worst.values()) <= 5e-6, worst
+    # the same ops, fused and ordered otherwise: γ_N of max|ref|, N = B·T = 128 tokens summed into a weight gradient
+    assert max(worst.values()) <= B * T * np.finfo(np.float32).eps, worst
 
 
 def test_remat_policies_save_the_named_tensors(small_model):
@@ -240,7 +245,8 @@ def test_padding_rows_give_zeros_and_finite_gradients():
     grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
     assert all(np.all(np.isfinite(g)) for g in grads)
     # Token 3 starts segment 2: it sees only itself, so its output is its own value (GQA: KV head 0 for q heads 0, 1).
-    np.testing.assert_allclose(out[0, 3, :2], jnp.broadcast_to(v[0, 3, 0], (2, 16)), rtol=1e-6)
+    # its softmax weight is 1 only to float32 rounding (exp of s - lse, a division): ≤ 4 ulps of v (tests/test_blockwise.py)
+    np.testing.assert_allclose(out[0, 3, :2], jnp.broadcast_to(v[0, 3, 0], (2, 16)), rtol=4 * np.finfo(np.float32).eps, atol=0)
 
 
 YARN_CASES = [
@@ -266,8 +272,11 @@ def test_rope_frequencies_match_transformers(params, theta):
     else:
         hf_inv, hf_scale = fn(hf_config, None)
     inv, scale = rope_frequencies(Qwen2Config.from_hf_dict(hf_config.to_dict()))
-    np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=1e-6)
-    assert scale == pytest.approx(hf_scale, rel=1e-12)
+    # ours: float64 rounded once; HF: float32 pow (≤ 1 ulp), 1/x, yarn's blend (3 roundings) and its float32 ramp m,
+    # whose ½ ulp moves inv by (factor - 1)·½ ulp: ≤ 3.5 + (factor - 1)/2 ulps relative
+    factor = 1.0 if params is None else params["factor"]
+    np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=(3.5 + (factor - 1) / 2) * np.finfo(np.float32).eps, atol=0)
+    assert scale == hf_scale  # the same float64 formula (transformers' get_mscale): the same computation
 
 
 def test_unknown_remat_policy_names_the_key():

@@ -86,7 +86,7 @@ def test_h100_plans_of_lora_and_offload():
     assert off.trained == "every parameter" and lora.opt_state_bytes < off.opt_state_bytes / 10
     assert 0 <= off.opt_state_bytes - off.host_argument_bytes < 64  # every moment on the host; Adam's count, lr not
     assert off.host_temp_bytes == 0 and off.host_peak_bytes == off.host_argument_bytes  # updated in place
-    assert off.argument_bytes == pytest.approx(full.argument_bytes - off.host_argument_bytes, abs=64)
+    assert off.argument_bytes == pytest.approx(full.argument_bytes - off.host_argument_bytes, abs=64)  # bytes: Adam's count and lr stay
     # the update streams the moments through the device a layer at a time: the device peak drops by
     # nearly all of them (94 % at this shape; all at once on the device would save nothing at the update)
     assert off.per_device_peak_bytes < full.per_device_peak_bytes - 0.85 * off.host_argument_bytes

@@ -215,6 +215,7 @@ def test_resume_on_another_mesh(base_model, reference, tmp_path, devices, sp):
     assert lr == ref_lr
     rel = abs(loss - ref_loss) / abs(ref_loss)
     print(f"\nresumed on {devices} devices, sp={sp}: step-4 loss relative difference {rel:.1e}")
+    # other meshes reorder the sums of 3 trained steps and step 4 (float32, Adam amplifies): not derivable; 8 eps, printed
     assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (loss, ref_loss)
 
 

@@ -8,7 +8,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from naive_attention import naive_attention
 from jaxsft.model.ulysses import check_ulysses, ulysses_attention
 
-REL_TOL = 1e-6
+# Not the same program (per device fewer rows/heads: XLA orders the dots and sums otherwise; replicated KV heads'
+# gradients summed across devices): γ_N of max|ref| in float32, N = 48 ≥ T = 32 keys + D = 8 + softmax roundings
+REL_TOL = 48 * float(np.finfo(np.float32).eps)  # measured ≤ 1.8 eps
 
 
 def make_segments(rng, rows, t, packed):
