@@ -22,3 +22,29 @@ def base_model(tmp_path_factory):
     from jaxsft import bundled, tiny
 
     return tiny.ensure_tiny_model(tmp_path_factory.mktemp("base") / "model", bundled.path("tokenizer"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+    """One JAX compilation cache for every training launch of the session, in this process or not
+    (tests/e2e.py's train_args names it): a launch reads the steps an earlier one compiled. A cache
+    hit gives the same executable, so the same numbers (tests/test_resume.py resumes on hits)."""
+    from e2e import COMPILE_CACHE
+
+    os.environ[COMPILE_CACHE] = str(tmp_path_factory.mktemp("compile_cache"))
+    yield os.environ[COMPILE_CACHE]
+    os.environ.pop(COMPILE_CACHE, None)
+
+
+@pytest.fixture(scope="session")
+def reference(base_model, tmp_path_factory):
+    """The unbroken run of tests/runs.py's REFERENCE settings (6 steps, saved at 3 and 6 with the HF
+    export), as a subprocess on 8 devices: its run directory, shared by the end-to-end files.
+    Tests copy it before they change anything in it."""
+    from e2e import metrics, run_train
+    from runs import REFERENCE, REFERENCE_STEPS
+
+    run_dir = tmp_path_factory.mktemp("reference")
+    run_train(run_dir, base_model, *REFERENCE)
+    assert sorted(m["step"] for m in metrics(run_dir) if "train/loss" in m["data"]) == list(range(1, REFERENCE_STEPS + 1))
+    return run_dir

@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.py")
+COMPILE_CACHE = "JAXSFT_TEST_COMPILE_CACHE"  # the environment variable naming the session's compilation cache
 
 
 def env_for(devices: int, **extra) -> dict:
@@ -23,9 +24,15 @@ def env_for(devices: int, **extra) -> dict:
 
 
 def train_args(run_dir: Path, base_model: Path, *overrides: str) -> list[str]:
+    """The smoke recipe on `base_model` in `run_dir`; unless `overrides` name trainer.compile_cache*
+    themselves, compiled steps go to the session's shared cache (conftest.py), so that no launch
+    compiles what an earlier one did."""
+    shared = os.environ.get(COMPILE_CACHE)
+    cache = () if not shared or any("trainer.compile_cache" in o for o in overrides) else \
+        (f"--config.trainer.compile_cache_dir={shared}",)
     return [sys.executable, "-m", "jaxsft.train", f"--config={SMOKE}",
             f"--config.trainer.default_local_dir={run_dir}", f"--config.model.partial_pretrain={base_model}",
-            *overrides]
+            *cache, *overrides]
 
 
 def run_train(run_dir: Path, base_model: Path, *overrides: str, devices: int = 8, timeout: float = 600,

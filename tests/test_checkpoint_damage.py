@@ -282,6 +282,7 @@ SMALL_DISK = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
+@pytest.mark.slow
 def test_a_real_full_disk(tmp_path, async_save):
     """A 20 MiB tmpfs: step 1 (small) fits, step 2 (~49 MB of arrays) does not. Orbax's
     RESOURCE_EXHAUSTED (in its background thread, or at once) becomes one line; Orbax's

@@ -1,5 +1,10 @@
 """The command line: verl's launch line runs on verl's defaults, every mistake is one line (exit 2,
-nothing run), the resolved configuration is shown and recorded, one run per directory."""
+nothing run), the resolved configuration is shown and recorded, one run per directory.
+
+The mistakes go through the command's own `jaxsft.train.main` in this process (tests/runs.py),
+which prints the line and returns the exit status; a real process shows the status (and that no
+traceback reaches stderr) for a run directory it may not write, and for a second run refused while
+another process holds the directory."""
 
 import json
 import os
@@ -8,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import runs
 import yaml
 from e2e import ROOT, env_for, metrics, start_train, train_args
 from unprivileged import bound
@@ -30,23 +36,27 @@ def one_error_line(proc) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("devices, override, expect", [
-    (1, "--config.data.truncation=middle", "data.truncation='middle' (command line) is not one of error, left, right"),
-    (8, "--config.data.train_batch_size=12", "data.train_batch_size=12 is not divisible by the data-parallel size 8"),
-    (1, "--config.data.train_files=/nonexistent/train.parquet", "/nonexistent/train.parquet: file not found"),
-    (1, "--config.model.remat_policy=sometimes", "model.remat_policy"),
-    (1, "--config.optim.lr=abc", "optim.lr='abc' (command line) is not a number"),
-    (1, "stray", "unexpected argument 'stray'"),
-    (1, "data.train_batchsize=4", "unknown setting 'data.train_batchsize'; did you mean data.train_batch_size"),
-    (1, "--config.optim.lrr=1", "unknown setting 'optim.lrr'; did you mean optim.lr"),
-    (1, "--bogus", "unknown flag '--bogus'"),
-    (1, "model.build_tiny_from=/tmp/x", "model.build_tiny_from is set by the smoke recipe only"),
-    (1, "--config.model.attn_implementation=flash", "model.attn_implementation=flash needs a CUDA GPU of compute "
+def in_process(*args, cwd):
+    return runs.main(args, cwd=cwd)
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("--config.data.truncation=middle", "data.truncation='middle' (command line) is not one of error, left, right"),
+    ("--config.data.train_batch_size=12", "data.train_batch_size=12 is not divisible by the data-parallel size 8"),
+    ("--config.data.train_files=/nonexistent/train.parquet", "/nonexistent/train.parquet: file not found"),
+    ("--config.model.remat_policy=sometimes", "model.remat_policy"),
+    ("--config.optim.lr=abc", "optim.lr='abc' (command line) is not a number"),
+    ("stray", "unexpected argument 'stray'"),
+    ("data.train_batchsize=4", "unknown setting 'data.train_batchsize'; did you mean data.train_batch_size"),
+    ("--config.optim.lrr=1", "unknown setting 'optim.lrr'; did you mean optim.lr"),
+    ("--bogus", "unknown flag '--bogus'"),
+    ("model.build_tiny_from=/tmp/x", "model.build_tiny_from is set by the smoke recipe only"),
+    ("--config.model.attn_implementation=flash", "model.attn_implementation=flash needs a CUDA GPU of compute "
      "capability 8.0 (sm80) or newer; this machine's devices are cpu (cpu): use model.attn_implementation=auto"),
 ])
-def test_bad_input_is_one_line_and_exit_2(base_model, tmp_path, devices, override, expect):
-    proc = subprocess.run(train_args(tmp_path / "run", base_model, override), cwd=ROOT, env=env_for(devices),
-                          capture_output=True, text=True, timeout=300)
+def test_bad_input_is_one_line_and_exit_2(base_model, tmp_path, override, expect):
+    """In this process (its 8 devices: the batch of 12 meets a data-parallel size of 8)."""
+    proc = runs.train(tmp_path / "run", base_model, override, check=False)
     assert expect in one_error_line(proc)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -55,14 +65,15 @@ def test_a_model_directory_the_user_gave_is_never_created(tmp_path):
     """With the smoke recipe, or with no recipe (verl's defaults): a missing model directory is an
     error naming the key; no tiny model appears at the user's path."""
     missing = tmp_path / "Qwen" / "Qwen2.5-Coder-7B-Instruct"
-    for args in ([f"--config=smoke", f"model.partial_pretrain={missing}"],
+    for args in ([f"--config=smoke", *runs.EIGHT_DEVICES, f"model.partial_pretrain={missing}"],
                  [f"model.partial_pretrain={missing}", f"data.train_files={TRAIN}", "trainer.device=cpu",
                   "trainer.logger=[console]", f"trainer.default_local_dir={tmp_path / 'run'}"]):
-        line = one_error_line(jaxsft(*args, cwd=tmp_path))
+        line = one_error_line(in_process(*args, cwd=tmp_path))
         assert f"model.partial_pretrain='{missing}' is not a Hugging Face model directory" in line
         assert not missing.exists()
 
 
+@pytest.mark.slow
 def test_seed_launch_line_runs_on_verls_defaults(base_model, tmp_path):
     """shared/seeds/001 §6's verl launch line, pasted as it is, with local paths, the sizes shrunk
     (max_length, batch, steps) and trainer.device=cpu: it trains on verl's defaults underneath,
@@ -102,7 +113,7 @@ def test_seed_launch_line_runs_on_verls_defaults(base_model, tmp_path):
 
 
 def test_print_config_and_a_recipe_by_name_from_any_directory(tmp_path):
-    proc = jaxsft("--config", "qwen7b", "--print_config", "data.train_files=/d.parquet", "model.partial_pretrain=/m",
+    proc = in_process("--config", "qwen7b", "--print_config", "data.train_files=/d.parquet", "model.partial_pretrain=/m",
                   "trainer.default_local_dir=${oc.env:HOME}/ckpt", "data.val_files=null", "trainer.max_ckpt_to_keep=null",
                   "use_remove_padding=true", "model.enable_gradient_checkpointing=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,13 +123,15 @@ def test_print_config_and_a_recipe_by_name_from_any_directory(tmp_path):
     assert printed["data"]["val_files"] is None and printed["trainer"]["max_ckpt_to_keep"] is None
     assert printed["data"]["packing"] == "first_fit" and printed["model"]["remat_policy"] == "none"
     assert not list(tmp_path.iterdir())  # nothing run, nothing written
-    help_text = jaxsft("--help", cwd=tmp_path)
+    help_text = in_process("--help", cwd=tmp_path)
     assert help_text.returncode == 0 and "    optim.min_lr_ratio = 0.0\n" in help_text.stdout
 
 
+@pytest.mark.slow
 def test_one_run_per_directory_and_the_lock_does_not_outlive_its_run(base_model, tmp_path):
-    """A second run on a directory in use is refused (naming the holder) before it loads anything;
-    after the first is killed with SIGKILL the directory is free again."""
+    """A second run on a directory in use (by another process) is refused (naming the holder) before
+    it loads anything; after the first is killed with SIGKILL the directory is free again. The
+    second launch is a process too: the exit status of a refused launch, seen from outside."""
     first = start_train(tmp_path, base_model, "trainer.save_freq=1", "data.train_max_samples=32",
                         devices=1, hook="pause:1")
     for line in first.stdout:
@@ -141,10 +154,10 @@ def test_one_run_per_directory_and_the_lock_does_not_outlive_its_run(base_model,
 def test_recipe_file_missing_or_broken(tmp_path):
     broken = tmp_path / "recipe.py"
     broken.write_text("def get_config(:\n")
-    line = one_error_line(jaxsft(f"--config={tmp_path / 'nope.py'}", cwd=tmp_path))
+    line = one_error_line(in_process(f"--config={tmp_path / 'nope.py'}", cwd=tmp_path))
     assert line == (f"jaxsft: error: --config '{tmp_path / 'nope.py'}': no such recipe file; give a path or one of: "
                     "qwen05b, qwen7b, smoke")
-    line = one_error_line(jaxsft(f"--config={broken}", cwd=tmp_path))
+    line = one_error_line(in_process(f"--config={broken}", cwd=tmp_path))
     assert line == f"jaxsft: error: --config {broken}: the recipe failed to load (SyntaxError: invalid syntax (recipe.py, line 1))"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.py"]
 

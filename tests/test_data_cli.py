@@ -1,15 +1,14 @@
 """Data that used to train silently wrong (NaN loss, zero loss tokens: exit 0) or crash with a
 traceback now stops `python -m jaxsft.train` with one `jaxsft: error:` line naming the file and
-row, exit 2, before any training."""
-
-import subprocess
+row, exit 2, before any training (the command's own `jaxsft.train.main`, in this process:
+tests/runs.py)."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import runs
 
-from e2e import ROOT, env_for, train_args
 from jaxsft import bundled
 
 
@@ -57,8 +56,7 @@ def test_data_errors_stop_the_run_in_one_line(tmp_path, base_model, case):
         bad = not_utf8(tmp_path / "bad.parquet")
         model, args, expect = base_model, [f"--config.data.train_files={bad}"], \
             f"{bad} row 5: column 'messages' holds text that is not valid UTF-8"
-    proc = subprocess.run(train_args(tmp_path / "run", model, *args), cwd=ROOT, env=env_for(1),
-                          capture_output=True, text=True, timeout=300)
+    proc = runs.train(tmp_path / "run", model, *args, check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("jaxsft: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"jaxsft: error: {expect}"), proc.stderr[-3000:]

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cfg import settings
+import runs
 from e2e import run_train, start_train
 from test_resume import resumed_at, train_rows, wait_for_pause
 
@@ -122,23 +123,28 @@ def mixture_files(tmp_path_factory):
     return f"--config.data.train_files=['{paths[0]}','{paths[1]}']"
 
 
+@pytest.mark.slow
 def test_a_killed_mixture_run_resumes_exactly_from_the_data_cache(base_model, mixture_files, tmp_path):
     """Killed once step 3 (the last of epoch 0) is saved; the restart reads the tokenised data from
-    the cache and the train step from the compilation cache, and logs what an unbroken run logs."""
+    the cache and the train step from the compilation cache, and logs what an unbroken run logs.
+    The unbroken run is in this process (tests/runs.py); the killed run and its restart are
+    processes with the run's own compilation cache (the default RUN/compile_cache, not the
+    session's), which the first writes and the second reads."""
     reference = tmp_path / "reference"
-    out = run_train(reference, base_model, *FAST, mixture_files).stdout
+    out = runs.train(reference, base_model, *FAST, mixture_files).stdout
     assert "epoch 0 from the 2 files (weights 3:1): " in out and " 18 samples of 16 rows (1.12x)" in out
     assert sorted(train_rows(reference)) == [1, 2, 3, 4, 5, 6]
 
     run = tmp_path / "run"
-    proc = start_train(run, base_model, *FAST, mixture_files, hook="pause:3")
+    own_cache = "--config.trainer.compile_cache=true"  # names the key: e2e.train_args leaves the default
+    proc = start_train(run, base_model, *FAST, mixture_files, own_cache, hook="pause:3")
     wait_for_pause(proc, 3)
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
     compiled = sorted(p.name for p in (run / "compile_cache").glob("jit_train_step-*"))
     assert len(compiled) == 1
 
-    restart = run_train(run, base_model, *FAST, mixture_files, JAX_LOG_COMPILES=1)
+    restart = run_train(run, base_model, *FAST, mixture_files, own_cache, JAX_LOG_COMPILES=1)
     assert resumed_at(restart).endswith(f"{run / 'global_step_3'} at step 3")
     assert "; read from the data cache " in restart.stdout
     assert "Persistent compilation cache hit for 'jit_train_step'" in restart.stderr

@@ -152,6 +152,7 @@ _MEMORY_PROBE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_export_peak_host_memory_is_bounded(tmp_path, dtype):
     """A 67 MB float32 model exported with 20 MB shards: the peak RSS growth stays within two of
     its largest tensors plus one shard, well under the model size."""

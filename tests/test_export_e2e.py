@@ -3,7 +3,8 @@ and its logits equal jaxsft's on the trained parameters; `bin/convert_to_hf` wri
 tensors; `convert.from_hf` → `bin/convert_to_hf` gives an HF model back bit for bit (peak host
 memory measured), and training from a converted checkpoint equals training from the HF directory.
 
-The trained model is the smoke recipe's tiny tied Qwen2 (0.76 MB; vocabulary 1,600). HF → jaxsft
+The trained model is the smoke recipe's tiny tied Qwen2 (0.76 MB; vocabulary 1,600), trained by the
+session's `reference` run (tests/conftest.py: 6 steps, exported at the last in 100 KB shards). HF → jaxsft
 → HF round trips of tied, untied, single-file and sharded models through `jaxsft.hf` are in
 tests/test_hf_loading.py.
 """
@@ -22,7 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
-from e2e import ROOT, env_for, losses, run_train
+import runs
+from e2e import ROOT, env_for, losses
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -30,10 +32,8 @@ from convert import from_hf
 from jaxsft import bundled, checkpoint, hf, parallel, tiny
 from jaxsft.model.qwen2 import ModelSettings
 
-FAST = ("--config.data.max_length=256", "--config.data.train_batch_size=8", "--config.data.micro_batch_size_per_gpu=1",
-        "--config.data.packing=none", "--config.data.train_max_samples=24", "--config.data.val_files=None",
-        "--config.trainer.test_freq=-1", "--config.trainer.save_freq=-1", "--config.trainer.total_training_steps=2")
-SHARD = "100KB"  # the 410 KB embedding gets a shard of its own: the export has an index
+SHARD = "100KB"  # the reference's shards: the 410 KB embedding gets a shard of its own, the export has an index
+LAST = f"global_step_{runs.REFERENCE_STEPS}"
 F32 = ModelSettings(param_dtype="float32", compute_dtype="float32", remat_policy="none", attn_implementation="xla")
 
 
@@ -50,16 +50,18 @@ def assert_same_tensors(got: dict, expected: dict) -> None:
         assert got[name].dtype == a.dtype and got[name].tobytes() == a.tobytes(), name
 
 
-@pytest.fixture(scope="module")
-def trained(base_model, tmp_path_factory):
-    """Two steps of the smoke recipe (which saves hf_model) with 100 KB shards: the run directory."""
-    run_dir = tmp_path_factory.mktemp("trained")
-    run_train(run_dir, base_model, *FAST, f"--config.trainer.checkpoint.max_shard_size={SHARD}")
-    return run_dir
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def trained(reference):
+    """The run directory of the session's reference run (read only)."""
+    assert f"--config.trainer.checkpoint.max_shard_size={SHARD}" in runs.REFERENCE
+    return reference
 
 
 def test_transformers_loads_the_export_and_matches_jaxsft(base_model, trained):
-    step_dir = trained / "global_step_2"
+    step_dir = trained / LAST
     export = step_dir / "huggingface"
     assert (export / "model.safetensors.index.json").is_file() and "lm_head.weight" not in tensors(export)
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
@@ -99,8 +101,8 @@ def test_convert_to_hf_writes_the_same_tensors(trained, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bin" / "convert_to_hf"), str(trained), "--out", str(out),
                            "--max-shard-size", SHARD], cwd=ROOT, env=env_for(1), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "global_step_2" in proc.stdout
-    export = trained / "global_step_2" / "huggingface"
+    assert LAST in proc.stdout
+    export = trained / LAST / "huggingface"
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in export.iterdir())
     for name in ("config.json", "model.safetensors.index.json"):
         assert json.loads((out / name).read_text()) == json.loads((export / name).read_text())
@@ -165,10 +167,10 @@ def test_round_trip_through_the_converters_and_peak_memory(tmp_path):
 
 def test_training_from_a_from_hf_checkpoint(base_model, trained, tmp_path):
     """Training from `convert.from_hf`'s global_step_0 (resume_mode=resume_path) logs the same losses
-    as the run that read the HF directory."""
+    as the run that read the HF directory (the reference; this launch in this process)."""
     step0 = from_hf.convert(str(base_model), str(tmp_path / "converted"))
     run_dir = tmp_path / "run"
-    proc = run_train(run_dir, base_model, *FAST, "--config.trainer.resume_mode=resume_path",
-                     f"--config.trainer.resume_from_path={step0}")
+    proc = runs.train(run_dir, base_model, *runs.REFERENCE, "--config.trainer.resume_mode=resume_path",
+                      f"--config.trainer.resume_from_path={step0}")
     assert f"resumed from {step0} at step 0" in proc.stdout
     assert losses(run_dir) == losses(trained)

@@ -292,6 +292,7 @@ def measure_load(model_dir) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_loading_peak_host_memory(tmp_path):
     """Loading a 72 MB model (largest tensor 33.5 MB) in a fresh process raises peak RSS by the
     model itself (on CPU the devices' buffers are host memory) plus a fixed cost of compiling the

@@ -1,7 +1,9 @@
 """A model directory as users break it (issue 11 group 3, issue 10 items 5, 6, 9).
 
 Every mistake in `model.partial_pretrain` stops `python -m jaxsft.train` with one
-`jaxsft: error:` line naming the file, exit 2, before the data is read; hub ids resolve from the
+`jaxsft: error:` line naming the file, exit 2, before the data is read (the command's own
+`jaxsft.train.main`, in this process: tests/runs.py; a hub id missing from the cache through a
+real process, since HF_HOME is read when huggingface_hub is imported); hub ids resolve from the
 local Hugging Face cache only; a directory without its vocabulary is refused instead of giving an
 empty tokenizer; exported files honour the umask; the exported config.json is read the same by
 transformers, jaxsft and older readers; resuming onto another base model is one line.
@@ -20,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import runs
 import transformers
-from e2e import ROOT, env_for, run_train, train_args
+from e2e import ROOT, env_for, train_args
 from safetensors.numpy import load_file, save_file
 from unprivileged import run_python
 
@@ -120,7 +123,7 @@ CLI_CASES = {
 }
 
 
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
+def one_error_line(proc: subprocess.CompletedProcess | runs.Launch) -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("jaxsft: error:")]
@@ -128,10 +131,8 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def train(tmp_path: Path, model: str | Path, *overrides: str, **env) -> subprocess.CompletedProcess:
-    args = train_args(tmp_path / "run", model, *overrides)
-    environ = {k: v for k, v in env_for(1, **env).items() if k != "HF_HUB_CACHE"}  # HF_HOME decides
-    return subprocess.run(args, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)
+def train(tmp_path: Path, model: str | Path, *overrides: str) -> runs.Launch:
+    return runs.train(tmp_path / "run", model, *overrides, check=False)
 
 
 @pytest.mark.parametrize("case", list(CLI_CASES))
@@ -146,8 +147,11 @@ def test_model_directory_mistake_is_one_line_exit_2(base_model, tmp_path, case):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_hub_id_not_in_the_cache_says_how_to_download(tmp_path):
-    proc = train(tmp_path, "Org/NotCached", HF_HOME=tmp_path / "hf_home")
+    environ = {k: v for k, v in env_for(1, HF_HOME=tmp_path / "hf_home").items() if k != "HF_HUB_CACHE"}  # HF_HOME decides
+    proc = subprocess.run(train_args(tmp_path / "run", "Org/NotCached"), cwd=ROOT, env=environ, capture_output=True,
+                          text=True, timeout=300)
     line = one_error_line(proc)
     assert "model.partial_pretrain='Org/NotCached' is neither a local directory nor a model in the Hugging Face cache" \
         in line and f"{tmp_path / 'hf_home' / 'hub'}" in line and "`hf download Org/NotCached`" in line, line
@@ -447,23 +451,18 @@ def test_exported_config_reads_the_same_everywhere(base_model, tmp_path, rope_sc
 
 # ---- resuming onto another base model ----------------------------------------------------------------
 
-FAST = ("--config.data.max_length=256", "--config.data.train_batch_size=8", "--config.data.micro_batch_size_per_gpu=1",
-        "--config.data.packing=none", "--config.data.train_max_samples=8", "--config.data.val_files=None",
-        "--config.trainer.test_freq=-1", "--config.trainer.save_freq=1",
-        "--config.trainer.checkpoint.save_contents=('model','optimizer','extra')")
-
-
-def test_resuming_with_another_base_model_is_one_line(base_model, tmp_path):
+@pytest.mark.slow
+def test_resuming_with_another_base_model_is_one_line(base_model, reference, tmp_path):
+    """The session's reference run (tests/conftest.py) resumed with a base model of another shape,
+    in this process."""
     run_dir = tmp_path / "run"
-    run_train(run_dir, base_model, *FAST, "--config.trainer.total_training_steps=1", devices=1)
+    shutil.copytree(reference, run_dir)
     other = tiny.ensure_tiny_model(tmp_path / "other", bundled.path("tokenizer"), intermediate_size=96)
-    proc = subprocess.run(train_args(run_dir, other, *FAST, "--config.trainer.total_training_steps=2"), cwd=ROOT,
-                          env=env_for(1), capture_output=True, text=True, timeout=300)
-    line = one_error_line(proc)
-    assert f"cannot resume from {run_dir / 'global_step_1'}: it holds a different model" in line, line
+    line = one_error_line(runs.train(run_dir, other, *runs.REFERENCE, check=False))
+    assert f"cannot resume from {run_dir / 'global_step_6'}: it holds a different model" in line, line
     assert "params/layers/mlp/down_proj/kernel has shape [2, 160, 64] there but [2, 96, 64] here" in line, line
     assert f"it was trained from {base_model.resolve()}" in line, line
-    assert sorted(p.name for p in run_dir.glob("global_step_*")) == ["global_step_1"]  # nothing overwritten
+    assert sorted(p.name for p in run_dir.glob("global_step_*")) == ["global_step_3", "global_step_6"]  # nothing overwritten
 
 
 def test_resume_refuses_a_checkpoint_with_other_parameters(tmp_path):

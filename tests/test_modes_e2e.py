@@ -3,7 +3,8 @@ tiny tied Qwen2): LoRA with dropout, Ulysses sp = 2, packing and optimizer offlo
 `model.trainable=new_token_embeddings`. Each run is SIGKILLed after its step-2 save and relaunched
 with the same command: steps 3 and 4 log the unbroken run's values bit for bit. The exports of the
 last step load in transformers (and the adapter in PEFT), and `bin/convert_to_hf` writes the same
-files.
+files. The killed launch is a process; the unbroken run and the relaunch run the command's own
+`jaxsft.train.main` in this process (tests/runs.py).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import json
 import numpy as np
 import peft
 import pytest
+import runs
 import torch
 import transformers
-from e2e import metrics, run_train, start_train
+from e2e import metrics, start_train
 from safetensors.numpy import load_file
 
 from convert import to_hf
@@ -26,6 +28,8 @@ COMMON = ("--config.data.max_length=256", "--config.data.train_batch_size=8", "-
 LORA = ("model.lora_rank=4", "model.lora_alpha=8", "model.lora_dropout=0.1", "ulysses_sequence_parallel_size=2",
         "model.fsdp_config.optimizer_offload=true")
 TOKENS = tuple(f"<item_{i}>" for i in range(5))
+pytestmark = pytest.mark.slow
+
 EXACT = ("train/loss", "train/lr", "train/grad_norm", "train/loss_tokens")
 
 
@@ -43,7 +47,7 @@ def killed_and_resumed(run_dir, base_model, *overrides):
         raise AssertionError(f"exited {proc.wait()} before step 2")
     proc.kill()
     proc.wait()
-    return run_train(run_dir, base_model, *COMMON, *overrides).stdout
+    return runs.train(run_dir, base_model, *COMMON, *overrides).stdout
 
 
 def tensors(d):
@@ -62,7 +66,7 @@ def same_files(a, b):
 @pytest.fixture(scope="module")
 def lora_runs(base_model, tmp_path_factory):
     unbroken, resumed = tmp_path_factory.mktemp("lora_unbroken"), tmp_path_factory.mktemp("lora_resumed")
-    said = run_train(unbroken, base_model, *COMMON, *LORA).stdout
+    said = runs.train(unbroken, base_model, *COMMON, *LORA).stdout
     return unbroken, resumed, said, killed_and_resumed(resumed, base_model, *LORA)
 
 
@@ -102,7 +106,7 @@ def token_runs(base_model, tmp_path_factory):
     listing.write_text("\n".join(TOKENS) + "\n")
     keys = (f"model.added_tokens={listing}", "model.trainable=new_token_embeddings")
     unbroken, resumed = tmp_path_factory.mktemp("tokens_unbroken"), tmp_path_factory.mktemp("tokens_resumed")
-    said = run_train(unbroken, base_model, *COMMON, *keys).stdout
+    said = runs.train(unbroken, base_model, *COMMON, *keys).stdout
     return unbroken, resumed, said, killed_and_resumed(resumed, base_model, *keys)
 
 

@@ -227,6 +227,7 @@ def test_targets_and_config_errors():
         settings({"data.micro_batch_size_per_gpu": "two"})
 
 
+@pytest.mark.slow
 def test_dry_run_command_line(tmp_path, base_model):
     """`--dry_run=h100:2 --dry_run_json=PATH` on the smoke recipe with optimizer offload: printed
     and written, the moments planned in host memory (lowered on two CPU devices though the
@@ -256,6 +257,7 @@ def test_dry_run_command_line(tmp_path, base_model):
     assert "DOES NOT FIT" in proc.stdout
 
 
+@pytest.mark.slow
 def test_auto_settings_in_a_real_run(tmp_path, base_model):
     """A real (CPU) run with remat and micro-batch `auto`: planned on this machine at start-up,
     chosen, said in one line, then trained with the chosen values."""

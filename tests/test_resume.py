@@ -1,11 +1,15 @@
-"""Exact resume, end to end (issue 5): `python -m jaxsft.train` in a subprocess on 8 emulated CPU
-devices, killed with SIGKILL after a complete save and in the middle of an asynchronous one, or
-preempted with SIGTERM, then restarted with the same command: every later step logs the same
-train/loss (and lr, grad norm, loss-token count, epoch) as an unbroken run, bit for bit. Also
-retention across the two launches, resuming on another mesh, and what a save costs the loop.
+"""Exact resume, end to end (issue 5): `python -m jaxsft.train` on 8 emulated CPU devices, killed
+with SIGKILL after a complete save and in the middle of an asynchronous one, or preempted with
+SIGTERM, then restarted with the same command: every later step logs the same train/loss (and lr,
+grad norm, loss-token count, epoch) as an unbroken run, bit for bit. Also retention across the two
+launches, resuming on another mesh, and what a save costs the loop.
 
-The run: 24 samples, 8 per step → 3 steps per epoch, 2 epochs, 6 steps (step 3 ends epoch 0).
-Kill points are made deterministic by a Trainer hook (tests/hooked_train.py).
+The run: 24 samples, 8 per step → 3 steps per epoch, 2 epochs, 6 steps (step 3 ends epoch 0); the
+unbroken run is the session's `reference` (tests/conftest.py, tests/runs.py). Kill points are made
+deterministic by a Trainer hook (tests/hooked_train.py). What needs a process of its own (kill -9,
+a second Ctrl-C's exit status, another device count, a private mount) is a subprocess; the
+relaunches that follow a kill, and the launches no outside signal touches, run the same
+`jaxsft.train.main` in this process (tests/runs.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import runs
 from cfg import settings as settings_for_test
 import pyarrow.parquet as pq
 import small_disk
@@ -30,11 +35,11 @@ from jaxsft import checkpoint, hf, optim, parallel, step
 from jaxsft.checkpoint import TRACKER, Checkpointer
 from jaxsft.model.qwen2 import ModelSettings
 
-FAST = ("--config.data.max_length=256", "--config.data.train_batch_size=8", "--config.data.micro_batch_size_per_gpu=1",
-        "--config.data.packing=none", "--config.data.train_max_samples=24", "--config.data.val_files=None",
-        "--config.trainer.total_epochs=2", "--config.trainer.test_freq=-1",
-        "--config.trainer.checkpoint.save_contents=('model','optimizer','extra')")
-LAST_STEP = 6
+pytestmark = pytest.mark.slow
+
+# The reference's settings without the HF export (the kill points are about the Orbax save).
+FAST = (*runs.FAST, "--config.trainer.checkpoint.save_contents=('model','optimizer','extra')")
+LAST_STEP = runs.REFERENCE_STEPS
 
 
 EXACT = ("train/loss", "train/lr", "train/grad_norm", "train/loss_tokens", "train/epoch")  # not timings
@@ -43,15 +48,6 @@ EXACT = ("train/loss", "train/lr", "train/grad_norm", "train/loss_tokens", "trai
 def train_rows(run_dir) -> dict[int, tuple[float, ...]]:
     """step → the EXACT values as logged; a step repeated after a resume keeps the later row."""
     return {m["step"]: tuple(m["data"][k] for k in EXACT) for m in metrics(run_dir) if "train/loss" in m["data"]}
-
-
-@pytest.fixture(scope="module")
-def reference(base_model, tmp_path_factory):
-    """An unbroken run saving at steps 3 and 6: its run directory."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    run_train(run_dir, base_model, *FAST, "--config.trainer.save_freq=3")
-    assert sorted(train_rows(run_dir)) == list(range(1, LAST_STEP + 1))
-    return run_dir
 
 
 def wait_for_pause(proc: subprocess.Popen, step: int, said: str = "paused after step") -> None:
@@ -69,7 +65,8 @@ def resumed_at(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_sigkill_after_complete_save_at_epoch_end(base_model, reference, tmp_path):
-    """Killed once step 3 (the last of epoch 0) is saved and tracked: the restart starts epoch 1."""
+    """Killed once step 3 (the last of epoch 0) is saved and tracked: the restart (in this process)
+    starts epoch 1."""
     args = (*FAST, "--config.trainer.save_freq=3")
     proc = start_train(tmp_path, base_model, *args, hook="pause:3")
     wait_for_pause(proc, 3)
@@ -77,14 +74,15 @@ def test_sigkill_after_complete_save_at_epoch_end(base_model, reference, tmp_pat
     assert proc.wait() == -signal.SIGKILL
     assert (tmp_path / TRACKER).read_text() == "3" and checkpoint.is_complete(tmp_path / "global_step_3")
 
-    restart = run_train(tmp_path, base_model, *args)
+    restart = runs.train(tmp_path, base_model, *args)
     assert resumed_at(restart).endswith(f"{tmp_path / 'global_step_3'} at step 3")
     assert train_rows(tmp_path) == train_rows(reference)
 
 
 def test_sigkill_mid_async_save_and_retention_across_launches(base_model, reference, tmp_path):
     """Saving every step, keeping 2: killed while Orbax still writes step 3. The restart skips it,
-    resumes from step 2 and saves steps 3-6; the two launches never leave more than 2 steps."""
+    resumes (in this process) from step 2 and saves steps 3-6; the two launches never leave more
+    than 2 steps."""
     args = (*FAST, "--config.trainer.save_freq=1", "--config.trainer.max_ckpt_to_keep=2")
     proc = start_train(tmp_path, base_model, *args, hook="kill_mid_save:3")
     out = proc.communicate()[0]
@@ -94,7 +92,7 @@ def test_sigkill_mid_async_save_and_retention_across_launches(base_model, refere
     step3 = [p.name for p in tmp_path.glob("global_step_3*")]  # only Orbax's unfinished directory
     assert len(step3) == 1 and step3[0].startswith("global_step_3.orbax-checkpoint-tmp"), step3
 
-    restart = run_train(tmp_path, base_model, *args)
+    restart = runs.train(tmp_path, base_model, *args)
     assert resumed_at(restart).endswith(f"{tmp_path / 'global_step_2'} at step 2")
     assert train_rows(tmp_path) == train_rows(reference)
     assert sorted(checkpoint.step_dirs(tmp_path)) == [5, 6]  # launch 1's steps 1 and 2 were counted
@@ -104,18 +102,22 @@ def test_sigkill_mid_async_save_and_retention_across_launches(base_model, refere
 
 def test_sigterm_saves_the_current_step_and_exits_0(base_model, reference, tmp_path):
     """No periodic saves: SIGTERM during step 4 (mid-epoch 1) saves step 4 and exits 0; the same
-    command then runs steps 5 and 6."""
+    command then runs steps 5 and 6. In this process: the signal is a real SIGTERM, raised by a hook
+    once step 3 is done (where tests/hooked_train.py's pause:3 let a test send it), so it goes
+    through the trainer's handler as one from outside would; the exit status is main's return."""
     args = (*FAST, "--config.trainer.save_freq=-1")
-    proc = start_train(tmp_path, base_model, *args, hook="pause:3")
-    wait_for_pause(proc, 3)
-    proc.send_signal(signal.SIGTERM)  # the hook resumes the loop: step 4 runs, then the stop
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, out[-3000:]
+
+    def sigterm_after_step_3(trainer, at):
+        if at == 3:
+            signal.raise_signal(signal.SIGTERM)
+            assert trainer.preempted.is_set()  # the handler ran: the loop goes on to step 4, then stops
+
+    out = runs.train(tmp_path, base_model, *args, hooks=[sigterm_after_step_3]).stdout
     assert f"preempted: saved step 4 to {tmp_path / 'global_step_4'}; exiting" in out
     assert (tmp_path / TRACKER).read_text() == "4" and sorted(checkpoint.step_dirs(tmp_path)) == [4]
     assert max(losses(tmp_path)) == 4
 
-    restart = run_train(tmp_path, base_model, *args)
+    restart = runs.train(tmp_path, base_model, *args)
     assert resumed_at(restart).endswith("at step 4")
     assert train_rows(tmp_path) == train_rows(reference)
 
@@ -137,10 +139,10 @@ def test_second_ctrl_c_stops_at_once_without_saving(base_model, tmp_path):
 def test_damaged_newest_checkpoint_is_skipped_and_resume_stays_exact(base_model, reference, tmp_path):
     """The reference run's global_step_6 loses its state/: the same command falls back to step 3,
     says so in one line, and trains steps 4-6 exactly as the unbroken run (issue 11: it used to
-    resume "from global_step_6" with the base weights and a fresh optimizer)."""
+    resume "from global_step_6" with the base weights and a fresh optimizer). In this process."""
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     shutil.rmtree(tmp_path / "global_step_6" / "state")
-    restart = run_train(tmp_path, base_model, *FAST, "--config.trainer.save_freq=3")
+    restart = runs.train(tmp_path, base_model, *runs.REFERENCE)
     said = [line for line in restart.stdout.splitlines() if "incomplete" in line]
     assert said == ["[jaxsft] warning: global_step_6 is incomplete (state/ is missing); resuming from global_step_3 "
                     "instead"], restart.stdout[-3000:]
@@ -152,7 +154,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_resume_stays_exact(base_model,
 def test_resuming_onto_rewritten_data_is_refused_unless_accepted(base_model, reference, tmp_path):
     """The training file rewritten with the same 24 rows in another order (rows, batch and seed
     unchanged): the resume is one line, exit 2; with trainer.resume_accept_changed_data=true it
-    goes on and says so."""
+    goes on and says so. Both launches in this process."""
     rewritten = tmp_path / "train.parquet"
     table = pq.read_table(bundled.path("humaneval_chat", "train.parquet")).slice(0, 24)
     pq.write_table(table.take(list(range(23, -1, -1))), rewritten)
@@ -160,14 +162,13 @@ def test_resuming_onto_rewritten_data_is_refused_unless_accepted(base_model, ref
     shutil.copytree(reference, run)
     args = (*FAST, f"--config.data.train_files={rewritten}", "--config.trainer.resume_mode=resume_path",
             f"--config.trainer.resume_from_path={run / 'global_step_3'}", "--config.trainer.total_training_steps=4")
-    refused = subprocess.run(train_args(run, base_model, *args), cwd=ROOT, env=env_for(8), capture_output=True,
-                             text=True, timeout=600)
+    refused = runs.train(run, base_model, *args, check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     (line,) = [x for x in refused.stderr.splitlines() if x.startswith("jaxsft: error:")]
     assert line.startswith(f"jaxsft: error: {rewritten}: the tokenised training data differs from the data this "
                            f"checkpoint was trained on (same 24 rows") and "trainer.resume_accept_changed_data=true" in line
 
-    accepted = run_train(run, base_model, *args, "--config.trainer.resume_accept_changed_data=true")
+    accepted = runs.train(run, base_model, *args, "--config.trainer.resume_accept_changed_data=true")
     assert "resuming on it (trainer.resume_accept_changed_data=true)" in accepted.stdout
     assert resumed_at(accepted).endswith("at step 3") and max(losses(run)) == 4
 
@@ -204,11 +205,14 @@ def test_full_disk_at_a_save_is_one_line_and_the_rerun_resumes_exactly(base_mode
 @pytest.mark.parametrize("devices,sp", [(4, 1), (8, 2)], ids=["4dev_dp4", "8dev_dp4_sp2"])
 def test_resume_on_another_mesh(base_model, reference, tmp_path, devices, sp):
     """Step 3 of the dp=8 run restored onto dp=4 (4 devices, or 8 with sequence parallelism 2):
-    step 4 has the same lr and, up to summation order, the same loss."""
-    run_train(tmp_path, base_model, *FAST, f"--config.ulysses_sequence_parallel_size={sp}",
-              "--config.trainer.resume_mode=resume_path",
-              f"--config.trainer.resume_from_path={reference / 'global_step_3'}",
-              "--config.trainer.total_training_steps=4", devices=devices)
+    step 4 has the same lr and, up to summation order, the same loss. The 4 devices need a process
+    of their own; the 8 are this process's."""
+    args = (*FAST, f"--config.ulysses_sequence_parallel_size={sp}", "--config.trainer.resume_mode=resume_path",
+            f"--config.trainer.resume_from_path={reference / 'global_step_3'}", "--config.trainer.total_training_steps=4")
+    if devices == jax.device_count():
+        runs.train(tmp_path, base_model, *args)
+    else:
+        run_train(tmp_path, base_model, *args, devices=devices)
     rows = train_rows(tmp_path)
     assert sorted(rows) == [4]
     (loss, lr, *_), (ref_loss, ref_lr, *_) = rows[4], train_rows(reference)[4]

@@ -11,6 +11,8 @@ import pytest
 
 from e2e import env_for, metrics
 
+pytestmark = pytest.mark.slow  # two launches of the smoke recipe
+
 KEYS = ("train/loss", "train/lr", "train/grad_norm", "train/time(s)", "train/tokens_per_sec",
         "train/loss_tokens_per_sec", "train/loss_tokens", "train/mfu", "train/epoch")
 
