@@ -65,7 +65,7 @@ def test_a_model_directory_the_user_gave_is_never_created(tmp_path):
     """With the smoke recipe, or with no recipe (verl's defaults): a missing model directory is an
     error naming the key; no tiny model appears at the user's path."""
     missing = tmp_path / "Qwen" / "Qwen2.5-Coder-7B-Instruct"
-    for args in ([f"--config=smoke", *runs.EIGHT_DEVICES, f"model.partial_pretrain={missing}"],
+    for args in (["--config=smoke", *runs.EIGHT_DEVICES, f"model.partial_pretrain={missing}"],
                  [f"model.partial_pretrain={missing}", f"data.train_files={TRAIN}", "trainer.device=cpu",
                   "trainer.logger=[console]", f"trainer.default_local_dir={tmp_path / 'run'}"]):
         line = one_error_line(in_process(*args, cwd=tmp_path))

@@ -7,7 +7,6 @@ import signal
 from collections import Counter
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cfg import settings

@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import peft
 import pytest
-import torch
 from modes import (LR, Run, adam_close, hf_forward, load_torch, logits_error, model_settings, padded_batch, rel,
                    torch_steps)
 from safetensors.numpy import load_file

@@ -307,7 +307,7 @@ def test_accumulate_in_backward_equals_autodiff_sum():
     host = jaxsft_batches(lengths, 128, 2, 1, "first_fit", config.vocab_size, 0)[0]
     assert host["input_ids"].shape[0] > 1  # K > 1: the accumulator is used
     for acc_dtype, tol in (("float32", 1e-6),):  # the K = 2+ micro-batch sums in another order: γ_K·Σ|g_k| ≤ 8 eps·max|g|
-        from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM
+        from jaxsft.model.qwen2 import Qwen2ForCausalLM
 
         settings = ModelSettings(param_dtype="float32", compute_dtype="float32", remat_policy="full",
                                  attn_implementation="xla")
