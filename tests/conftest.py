@@ -6,6 +6,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA:CPU compiles without LLVM's expensive optimisation passes (as JAX's own test suite does): the
+# tests' tiny programs spend most of their time compiling, not running. The HLO (fusion, layouts,
+# buffer assignment, so the XLA:GPU plans) is the same; the CPU code is slower and may round
+# differently in the last bit, which no test depends on (exact comparisons are between runs of the
+# same build; parity with torch is held to bounds derived from float32). Processes the tests start
+# inherit it; tests/test_smoke.py runs the smoke recipe with the optimisations users get.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 
@@ -31,8 +38,14 @@ def compile_cache(tmp_path_factory):
     hit gives the same executable, so the same numbers (tests/test_resume.py resumes on hits)."""
     from e2e import COMPILE_CACHE
 
+    from jaxsft import compile_cache as cc
+
     os.environ[COMPILE_CACHE] = str(tmp_path_factory.mktemp("compile_cache"))
+    # This process too: a test that compiles a program an earlier test compiled (the same tiny model,
+    # settings and mesh through another jit) reads the executable instead of compiling it again.
+    cc.enable(os.environ[COMPILE_CACHE], say=lambda *a: None)
     yield os.environ[COMPILE_CACHE]
+    cc.enable(None, say=lambda *a: None)
     os.environ.pop(COMPILE_CACHE, None)
 
 

@@ -17,10 +17,12 @@ from jaxsft.config import ConfigError
 
 @pytest.fixture
 def cache_dir(tmp_path):
+    session = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
     yield tmp_path / "compile_cache"
-    compile_cache.enable(None, say=lambda *a: None)  # later tests compile without it
-    jax.config.update("jax_compilation_cache_dir", None)
-    cc.reset_cache()
+    compile_cache.enable(session, say=lambda *a: None)  # later tests use the session's cache again (conftest.py)
+    if session is None:
+        jax.config.update("jax_compilation_cache_dir", None)
+        cc.reset_cache()
 
 
 def entries(folder):

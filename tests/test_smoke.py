@@ -1,6 +1,7 @@
 """`python -m jaxsft.train` with the smoke recipe, as the README runs it: one CPU device, the
 bundled tokenizer and chats, a tiny random Qwen2 written as an HF directory first (at the recipe's
-own relative path, under the working directory); run again, it resumes from its last step."""
+own relative path, under the working directory); run again, it resumes from its last step. With
+XLA's full CPU optimisation, as users run it (the other tests compile with most of it off)."""
 
 import math
 import subprocess
@@ -28,8 +29,10 @@ def smoke_run(tmp_path_factory):
 
 
 def smoke(cwd, *settings):
+    # As users run it: XLA's full CPU optimisation (tests/conftest.py turns most of it off elsewhere).
+    env = {k: v for k, v in env_for(1).items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
     return subprocess.run([sys.executable, "-m", "jaxsft.train", "--config", "smoke", *settings], cwd=cwd,
-                          env=env_for(1), capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_smoke_loss_falls_and_every_metric_is_logged(smoke_run):
