@@ -40,7 +40,12 @@ def compile_cache(tmp_path_factory):
 
     from jaxsft import compile_cache as cc
 
-    os.environ[COMPILE_CACHE] = str(tmp_path_factory.mktemp("compile_cache"))
+    # One directory for the session, also across pytest-xdist's workers (the session's base
+    # directory is the parent of theirs); entries are written whole or not at all (jaxsft.compile_cache).
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "compile_cache"
+    shared.mkdir(exist_ok=True)
+    os.environ[COMPILE_CACHE] = str(shared)
     # This process too: a test that compiles a program an earlier test compiled (the same tiny model,
     # settings and mesh through another jit) reads the executable instead of compiling it again.
     cc.enable(os.environ[COMPILE_CACHE], say=lambda *a: None)
