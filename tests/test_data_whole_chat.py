@@ -248,6 +248,20 @@ def test_truncation_summary_and_cache_key_follow_the_mode(qwen3, tmp_path, capsy
         cut, _ = build(path, qwen3, max_length=t, truncation=side, **{"multiturn.mask_mode": "whole_chat"})
         assert cut.tokens(0)[0].tolist() == ids[keep].tolist() and cut.tokens(0)[1].tolist() == mask[keep].tolist()
     assert "(whole_chat masks)" in summary(full)
+    notes = settings({"data.multiturn.enable": True, "data.multiturn.mask_mode": "whole_chat",
+                      "data.ignore_input_ids_mismatch": True}).notes
+    assert any(n.startswith("data.ignore_input_ids_mismatch=True has no effect") for n in notes)
+    # Packing: both samples in one row, each with its own ids and whole_chat mask.
+    from jaxsft.data import TrainLoader
+
+    _, batch = next(TrainLoader(full, train_batch_size=2, micro_batch_size_per_gpu=2, dp=1, max_length=int(full.lengths.sum()),
+                                packing="first_fit", pad_token_id=0, verbose=False))
+    seg = batch["segment_ids"].reshape(-1, batch["segment_ids"].shape[-1])
+    packed = {(tuple(batch["input_ids"].reshape(seg.shape)[r][seg[r] == v].tolist()),
+               tuple(batch["loss_mask"].reshape(seg.shape)[r][seg[r] == v].tolist()))
+              for r in range(len(seg)) for v in set(seg[r].tolist()) - {0}}
+    assert packed == {(tuple(full.tokens(i)[0].tolist()), tuple(full.tokens(i)[1].tolist())) for i in range(2)}
+    assert (seg > 0).any(axis=1).sum() == 1  # one row holds both
     from jaxsft.data import cache as data_cache
 
     cache = data_cache.DataCache(tmp_path / "cache")

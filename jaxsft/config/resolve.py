@@ -146,6 +146,9 @@ def resolve(c: Composed) -> Settings:
     trainer = _trainer(c, v, data, notes)
     if not data.multiturn and data.mask_mode != "per_message":
         notes.append(f"data.multiturn.mask_mode={data.mask_mode!r} has no effect: data.multiturn.enable=false")
+    elif data.mask_mode == "whole_chat" and data.ignore_input_ids_mismatch:
+        notes.append("data.ignore_input_ids_mismatch=True has no effect: data.multiturn.mask_mode='whole_chat' "
+                     "trains on the whole-chat rendering, there is no per-message rendering to differ from it")
     for switch, where in (("data.cache", "data.cache_dir"), ("trainer.compile_cache", "trainer.compile_cache_dir")):
         if not v[switch] and v[where] is not None:
             notes.append(f"{where}={v[where]!r} has no effect: {switch}=false")
