@@ -39,6 +39,7 @@ class DataSettings:
     truncation: str
     apply_chat_template_kwargs: dict[str, Any]
     ignore_input_ids_mismatch: bool
+    mask_mode: str  # multi-turn loss masks: per_message (verl's) or whole_chat
     train_batch_size: int
     micro_batch_size_per_gpu: int | str  # or "auto" until jaxsft.plan settles it
     packing: str

@@ -63,6 +63,7 @@ SAMPLES = {
     "trainer.test_freq": "after_each_epoch", "model.target_modules": ["q_proj"], "data.max_length": 2048,
     "optim.total_training_steps": 10, "trainer.n_gpus_per_node": 4, "trainer.nnodes": 2,
     "data.train_weights": [2.0],  # one weight per file of BASE's data.train_files
+    "data.multiturn.mask_mode": "whole_chat",
 }
 
 

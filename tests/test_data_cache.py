@@ -126,6 +126,7 @@ def test_what_changes_the_tokens_changes_the_entry(tok, tmp_path):
         "truncation": cache.key([path], data_cfg(truncation="left"), tok, "train"),
         "thinking default": cache.key([path], data_cfg(enable_thinking_default=True), tok, "train"),
         "mismatch kept": cache.key([path], data_cfg(ignore_input_ids_mismatch=True), tok, "train"),
+        "mask mode": cache.key([path], data_cfg(**{"multiturn.mask_mode": "whole_chat"}), tok, "train"),
         "messages key": cache.key([path], data_cfg(messages_key="chat"), tok, "train"),
         "row limit": cache.key([path], data_cfg(train_max_samples=4), tok, "train"),
         "split": cache.key([path], data_cfg(), tok, "val"),

@@ -73,7 +73,11 @@ KEYS: tuple[Key, ...] = (
     _k("data.custom_cls.name", None, "str", "verl's custom dataset class name (not supported)", optional=True),
     _k("data.apply_chat_template_kwargs", {}, "dict", "extra keyword arguments for every apply_chat_template call"),
     _k("data.ignore_input_ids_mismatch", False, "bool",
-       "multi-turn: train on per-message tokens when they differ from the whole chat rendered at once"),
+       "multi-turn, per_message masks: train on per-message tokens when they differ from the whole chat rendered at once"),
+    _j("data.multiturn.mask_mode", "per_message", "str",
+       "multi-turn tokens and loss masks: per_message = each message rendered on its own (verl's MultiTurnSFTDataset); "
+       "whole_chat = the conversation rendered once (apply_chat_template exactly), the loss on each assistant turn as "
+       "rendered (templates that rewrite turns, e.g. Qwen3's reasoning)", choices=("per_message", "whole_chat")),
     _k("data.train_batch_size", 256, "int", "samples per optimizer step, over all devices"),
     _k("data.micro_batch_size_per_gpu", 4, "int_or_auto",
        "rows per device per micro-step (also the validation batch); auto = the largest whose plan fits "

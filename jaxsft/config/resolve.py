@@ -144,6 +144,11 @@ def resolve(c: Composed) -> Settings:
     optim = _optim(v)
     checkpoint = _checkpoint(v, model.param_dtype)
     trainer = _trainer(c, v, data, notes)
+    if not data.multiturn and data.mask_mode != "per_message":
+        notes.append(f"data.multiturn.mask_mode={data.mask_mode!r} has no effect: data.multiturn.enable=false")
+    elif data.mask_mode == "whole_chat" and data.ignore_input_ids_mismatch:
+        notes.append("data.ignore_input_ids_mismatch=True has no effect: data.multiturn.mask_mode='whole_chat' "
+                     "trains on the whole-chat rendering, there is no per-message rendering to differ from it")
     for switch, where in (("data.cache", "data.cache_dir"), ("trainer.compile_cache", "trainer.compile_cache_dir")):
         if not v[switch] and v[where] is not None:
             notes.append(f"{where}={v[where]!r} has no effect: {switch}=false")
@@ -184,7 +189,8 @@ def _data(c: Composed, v: dict) -> DataSettings:
         prompt_dict_keys=v["data.prompt_dict_keys"] or (), response_dict_keys=v["data.response_dict_keys"] or (),
         max_length=v["data.max_length"], truncation=v["data.truncation"],
         apply_chat_template_kwargs=dict(v["data.apply_chat_template_kwargs"]),
-        ignore_input_ids_mismatch=v["data.ignore_input_ids_mismatch"], train_batch_size=v["data.train_batch_size"],
+        ignore_input_ids_mismatch=v["data.ignore_input_ids_mismatch"], mask_mode=v["data.multiturn.mask_mode"],
+        train_batch_size=v["data.train_batch_size"],
         micro_batch_size_per_gpu=v["data.micro_batch_size_per_gpu"], packing=packing,
         balance_dp_token=v["data.balance_dp_token"], train_weights=_train_weights(v),
         cache_dir=(v["data.cache_dir"] or os.path.join(v["trainer.default_local_dir"], "data_cache"))

@@ -39,7 +39,8 @@ from jaxsft import __version__
 from jaxsft.data.samples import Origins, TokenizedDataset
 
 FORMAT = 1
-CODE = ("source.py", "tokenize.py", "workers.py", "dataset.py", "samples.py", "cache.py")  # what decides an entry's content
+# What decides an entry's content.
+CODE = ("source.py", "tokenize.py", "whole_chat.py", "workers.py", "dataset.py", "samples.py", "cache.py")
 # DataSettings fields that do not change the tokenised rows of a split (batching, mixing, where
 # the cache is); every other field is part of the key, so a new data key is keyed by default.
 NOT_TOKENISATION = ("train_files", "val_files", "train_max_samples", "val_max_samples", "train_batch_size",
@@ -219,7 +220,7 @@ class DataCache:
         meta = {"format": FORMAT, "key": key.digest, "inputs": key.inputs, "max_id": dataset.max_id(),
                 "fingerprint": dataset.fingerprint,
                 "stats": {k: s[k] for k in ("rows", "truncated", "seconds", "split", "truncation", "max_length",
-                                            "file_rows", "warnings", "processes")}, "arrays": {}}
+                                            "file_rows", "warnings", "processes", "mask_mode")}, "arrays": {}}
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -99,21 +99,38 @@ def _tokenize(paths, data, tokenizer, encoder, split, t0, workers) -> TokenizedD
     collected = Collected()
     counts = tokenize_files(paths, data, tokenizer, encoder, limit=data.max_samples(split), workers=workers,
                             add=collected.add, warn=warn)
-    if data.multiturn and counts["mismatched_rows"]:
-        warn(f"{counts['mismatched_rows']} row(s) of {', '.join(paths)} differ from the whole-conversation "
-             f"rendering; trained on the per-message tokens (data.ignore_input_ids_mismatch=true)")
-    if data.multiturn and counts["unprompted_turns"]:
-        file, row = counts["unprompted_example"]
-        warn(f"{counts['unprompted_turns']} assistant turn(s) of {', '.join(paths)} (first: {file} row {row}) do not "
-             f"start with the template's generation prompt {tokenizer.decode(encoder.generation_prompt)!r}; as in "
-             f"verl, the first {len(encoder.generation_prompt)} tokens of each are not targets, so "
-             f"{counts['untrained_tokens']} of their own tokens are not trained")
+    if data.multiturn:
+        _chat_warnings(counts, data, tokenizer, encoder, ", ".join(paths), warn)
     raw = collected.column("raw_lengths", np.int64)
     stats = {"rows": int(sum(counts["file_rows"])), "raw_lengths": raw, "truncated": int((raw > data.max_length).sum()),
              "seconds": time.perf_counter() - t0, "files": paths, "split": split, "truncation": data.truncation,
              "max_length": data.max_length, "file_rows": counts["file_rows"], "processes": counts["processes"],
-             "raw_loss_tokens": collected.column("raw_loss_tokens", np.int64), "warnings": said, "cache": None}
+             "raw_loss_tokens": collected.column("raw_loss_tokens", np.int64), "warnings": said, "cache": None,
+             "mask_mode": data.mask_mode if data.multiturn else None}
     return collected.to_dataset(stats)
+
+
+def _chat_warnings(counts, data, tokenizer, encoder, files: str, warn) -> None:
+    if counts["mismatched_rows"]:
+        warn(f"{counts['mismatched_rows']} row(s) of {files} differ from the whole-conversation rendering; trained on "
+             f"the per-message tokens, as verl (data.ignore_input_ids_mismatch=true); data.multiturn.mask_mode=whole_chat "
+             f"would train on the conversation as the template renders it")
+    dropped = counts["reasoning_dropped_rows"]
+    if dropped and data.mask_mode == "whole_chat":
+        warn(f"{dropped} row(s) of {files} hold assistant reasoning that the chat template leaves out of the "
+             f"conversation (Qwen3's drops it from the turns before the last user message): those turns train on "
+             f"their answers only, as the model sees them")
+    elif dropped:
+        warn(f"{dropped} of those row(s) hold assistant reasoning that the per-message renders drop (a lone assistant "
+             f"turn, as Qwen3's template renders it): none of it is trained, as in verl (data.multiturn.mask_mode="
+             f"per_message is verl's semantics); data.multiturn.mask_mode=whole_chat trains each turn as the template "
+             f"renders it in the conversation, the reasoning of the turns after the last user message included")
+    if counts["unprompted_turns"]:
+        file, row = counts["unprompted_example"]
+        warn(f"{counts['unprompted_turns']} assistant turn(s) of {files} (first: {file} row {row}) do not "
+             f"start with the template's generation prompt {tokenizer.decode(encoder.generation_prompt)!r}; as in "
+             f"verl, the first {len(encoder.generation_prompt)} tokens of each are not targets, so "
+             f"{counts['untrained_tokens']} of their own tokens are not trained")
 
 
 def summary(dataset: TokenizedDataset) -> str:
@@ -121,11 +138,12 @@ def summary(dataset: TokenizedDataset) -> str:
     raw = s["raw_lengths"]
     p50, p90, p99 = (int(np.percentile(raw, q, method="higher")) for q in (50, 90, 99))
     tokens = int(raw.sum())
+    masks = f" ({s['mask_mode']} masks)" if s.get("mask_mode") else ""
     text = (f"[jaxsft] {s['split']} data: {s['rows']} rows from {len(s['files'])} file(s); tokens per row "
             f"p50 {p50}, p90 {p90}, p99 {p99}, max {int(raw.max())}; {s['truncated']} row(s) over "
             f"data.max_length={s['max_length']} (truncation={s['truncation']}); "
             f"{int((dataset.loss_tokens == 0).sum())} row(s) with zero loss tokens; "
-            f"{int(dataset.loss_tokens.sum())} loss tokens in total; tokenised {tokens} tokens in {s['seconds']:.2f} s "
+            f"{int(dataset.loss_tokens.sum())} loss tokens in total{masks}; tokenised {tokens} tokens in {s['seconds']:.2f} s "
             f"({s['rows'] / max(s['seconds'], 1e-9):.0f} rows/s, {tokens / max(s['seconds'], 1e-9):.0f} tokens/s)")
     cached = s.get("cache")
     if cached:

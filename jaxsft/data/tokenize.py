@@ -14,6 +14,8 @@ verl). Two cases verl gets wrong are handled correctly here:
   template puts in front of it (verl masks only the generation prompt there).
 
 Checked row by row against verl 0.7.0's own MultiTurnSFTDataset: tests/test_data_verl_masks.py.
+This is `data.multiturn.mask_mode=per_message`; `whole_chat` (jaxsft.data.whole_chat) renders
+each conversation once instead, for templates that do not compose per message (Qwen3's).
 
 Rows are rendered to text and then tokenised in batches: the same ids as `apply_chat_template(...,
 tokenize=True)`, which tokenises the rendered text with `add_special_tokens=False`.
@@ -40,6 +42,23 @@ def _render(tokenizer, messages, *, path: str, row: int | None, **kwargs) -> str
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def reasoning_of(message: dict) -> str:
+    """An assistant message's reasoning: its `reasoning_content`, else the text between `<think>`
+    and `</think>` in its content (stripped; '' when it has none)."""
+    if message.get("role") != "assistant":
+        return ""
+    reasoning, content = message.get("reasoning_content"), message.get("content")
+    if not (isinstance(reasoning, str) and reasoning.strip()) and isinstance(content, str) and "</think>" in content:
+        reasoning = content.split("</think>")[0].split("<think>")[-1]
+    return reasoning.strip() if isinstance(reasoning, str) else ""
+
+
+def drops_reasoning(message: dict, rendered: str) -> bool:
+    """Whether `rendered` (the text the message was rendered into) leaves out its reasoning."""
+    reasoning = reasoning_of(message)
+    return bool(reasoning) and reasoning not in rendered
 
 
 def render_units(messages: Sequence[dict]) -> list[tuple[int, int]]:
@@ -80,6 +99,7 @@ class ChatEncoder:
         self.system_prefix = one[:len(one) - block]
         self.generation_prompt = gen[len(one):]
         self.mismatched_rows = 0
+        self.reasoning_dropped_rows = 0  # kept rows whose rendering leaves out assistant reasoning
         # Assistant turns that do not start with the generation prompt (e.g. a Qwen3 template with
         # enable_thinking=false: the prompt ends in an empty think block, a lone turn has none).
         # verl masks len(generation_prompt) tokens regardless, and so does this; counted for a warning.
@@ -99,18 +119,20 @@ class ChatEncoder:
             for r, row in enumerate(chunk, start=first_row + c):
                 kw = self._row_kwargs(row)
                 units = render_units(row.messages)
+                dropped = False
                 for a, b in units:
                     texts.append(_render(self.tokenizer, row.messages[a:b], tools=row.tools if a == 0 else None,
                                          path=path, row=r, **kw))
+                    dropped = dropped or any(drops_reasoning(m, texts[-1]) for m in row.messages[a:b])
                 texts.append(_render(self.tokenizer, row.messages, tools=row.tools, path=path, row=r, **kw))
-                layout.append(units)
+                layout.append((units, dropped))
             ids = iter(_encode(self.tokenizer, texts))
-            for r, (row, units) in enumerate(zip(chunk, layout), start=first_row + c):
+            for r, (row, (units, dropped)) in enumerate(zip(chunk, layout), start=first_row + c):
                 parts = [(row.messages[a]["role"], a, next(ids)) for a, _ in units]
-                out.append(self._assemble(parts, next(ids), path, r))
+                out.append(self._assemble(parts, next(ids), path, r, dropped))
         return out
 
-    def _assemble(self, parts, full: list[int], path: str, row: int) -> tuple[np.ndarray, np.ndarray]:
+    def _assemble(self, parts, full: list[int], path: str, row: int, dropped: bool) -> tuple[np.ndarray, np.ndarray]:
         sp, gp = self.system_prefix, self.generation_prompt
         ids, mask = [], []
         for role, start, toks in parts:
@@ -132,9 +154,14 @@ class ChatEncoder:
                 k = next((i for i, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
                 raise DataError(at(path, row, f"the per-message tokens differ from the whole conversation rendered at once "
                                               f"(first difference at token {k}; {len(ids)} vs {len(full)} tokens): the chat "
-                                              f"template does not compose per message here. Set data.ignore_input_ids_mismatch=true "
-                                              f"to train on the per-message tokens (verl's behaviour)"))
+                                              f"template does not compose per message here. Either set "
+                                              f"data.multiturn.mask_mode=whole_chat to train on the conversation as rendered "
+                                              f"at once (the loss on each assistant turn as the template renders it), or "
+                                              f"data.ignore_input_ids_mismatch=true to train on the per-message tokens "
+                                              f"(verl's behaviour; a turn whose reasoning the template drops when it is "
+                                              f"rendered alone, as Qwen3's, then trains none of it)"))
             self.mismatched_rows += 1
+            self.reasoning_dropped_rows += dropped
         return np.asarray(ids, np.int32), np.asarray(mask, np.int8)
 
     def _note_unprompted_turn(self, turn: list[int], path: str, row: int) -> None:

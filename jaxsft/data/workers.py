@@ -32,8 +32,11 @@ import pyarrow as pa
 from jaxsft.data import source
 from jaxsft.data.errors import DataError
 from jaxsft.data.tokenize import CHUNK_ROWS, ChatEncoder, PairEncoder, truncate
+from jaxsft.data.whole_chat import WholeChatEncoder
 
 SLICE_ROWS = 4 * CHUNK_ROWS  # rows per slice at most: a few chunks, so a slice's Python objects stay small
+# The multi-turn encoder's counters behind the build's warnings, summed over slices.
+COUNTERS = ("mismatched_rows", "reasoning_dropped_rows", "unprompted_turns", "untrained_tokens")
 PARALLEL_MIN_ROWS = 8192  # fewer rows tokenise faster here than worker processes start (import transformers)
 
 
@@ -48,6 +51,7 @@ class SliceResult:
     silent: list[int]  # file rows without an assistant turn
     opted_out: int  # assistant messages with verl's old loss_mask=0
     mismatched_rows: int = 0
+    reasoning_dropped_rows: int = 0
     unprompted_turns: int = 0
     untrained_tokens: int = 0
     unprompted_example: tuple[str, int] | None = None
@@ -57,8 +61,9 @@ class SliceResult:
 def make_encoder(tokenizer, data):
     kwargs = dict(data.apply_chat_template_kwargs)
     if data.multiturn:
-        return ChatEncoder(tokenizer, kwargs, enable_thinking_default=data.enable_thinking_default,
-                           ignore_mismatch=data.ignore_input_ids_mismatch)
+        encoder = WholeChatEncoder if data.mask_mode == "whole_chat" else ChatEncoder
+        return encoder(tokenizer, kwargs, enable_thinking_default=data.enable_thinking_default,
+                       ignore_mismatch=data.ignore_input_ids_mismatch)
     return PairEncoder(tokenizer, kwargs)
 
 
@@ -82,7 +87,7 @@ class SliceTokenizer:
             rows, silent, opted_out = source.chats_from_table(path, table, messages_key=d.messages_key,
                                                               tools_key=d.tools_key,
                                                               enable_thinking_key=d.enable_thinking_key)
-            before = (enc.mismatched_rows, enc.unprompted_turns, enc.untrained_tokens)
+            before = [getattr(enc, k) for k in COUNTERS]
             enc.unprompted_example = None
         else:
             rows = source.pairs_from_table(path, table, prompt_key=d.prompt_key, response_key=d.response_key,
@@ -104,8 +109,8 @@ class SliceTokenizer:
                              np.concatenate(masks).astype(np.int8, copy=False) if masks else np.zeros(0, np.int8),
                              lengths, raw_lengths, raw_loss, [first_row + i for i in silent], opted_out, pid=os.getpid())
         if d.multiturn:
-            result.mismatched_rows, result.unprompted_turns, result.untrained_tokens = (
-                a - b for a, b in zip((enc.mismatched_rows, enc.unprompted_turns, enc.untrained_tokens), before))
+            for k, b in zip(COUNTERS, before):
+                setattr(result, k, getattr(enc, k) - b)
             result.unprompted_example = enc.unprompted_example
         return result
 
@@ -258,7 +263,7 @@ def tokenize_files(paths: list[str], data, tokenizer, encoder, *, limit: int | N
     `warn` as each file is done. Returns the rows per file and the encoder's counters. `workers`
     processes tokenise a file of at least PARALLEL_MIN_ROWS rows; smaller files are done here."""
     file_rows = [0] * len(paths)
-    counters = {"mismatched_rows": 0, "unprompted_turns": 0, "untrained_tokens": 0, "unprompted_example": None}
+    counters = {**{k: 0 for k in COUNTERS}, "unprompted_example": None}
     pids = set()
     pool = Workers(tokenizer, data, workers, SliceTokenizer(tokenizer, data, encoder))
     try:
@@ -283,7 +288,7 @@ def tokenize_files(paths: list[str], data, tokenizer, encoder, *, limit: int | N
                 file_rows[f] += len(result.lengths)
                 silent += result.silent
                 opted_out += result.opted_out
-                for k in ("mismatched_rows", "unprompted_turns", "untrained_tokens"):
+                for k in COUNTERS:
                     counters[k] += getattr(result, k)
                 counters["unprompted_example"] = counters["unprompted_example"] or result.unprompted_example
                 pids.add(result.pid)
