@@ -52,6 +52,7 @@ def _check(r, lines, md):
     assert len(rows) == 1 and md[md.index(rows[0]) - 1] == "|---|" and md[-1] == "after"
 
 
+@pytest.mark.slow  # an XLA:GPU compile or a sweep over every variant: CI, not the inner loop
 def test_padded_fixed_lengths_two_devices(tmp_path, capsys):
     r, lines, md = _run(tmp_path, capsys, "--dp", "2")
     _check(r, lines, md)
@@ -59,6 +60,7 @@ def test_padded_fixed_lengths_two_devices(tmp_path, capsys):
     assert r["jaxsft"]["real_token_fraction"] == 1.0
 
 
+@pytest.mark.slow  # an XLA:GPU compile or a sweep over every variant: CI, not the inner loop
 def test_packed_seed_lengths_against_padded_torch(tmp_path, capsys):
     # the baseline in this process (saves a second interpreter start); the test above runs the child
     r, lines, md = _run(tmp_path, capsys, "--dp", "1", "--lengths", "seed", "--packing", "first_fit",

@@ -157,6 +157,7 @@ def test_dropout_is_peft_s_and_deterministic(model_dir):
 _REFERENCE: dict = {}
 
 
+@pytest.mark.slow  # a sweep over every mesh: CI, not the inner loop
 @pytest.mark.parametrize("mesh_shape, scan, remat", [((1, 1), True, "none"), ((8, 1), False, "minimal"),
                                                      ((2, 4), True, "full")])
 def test_adapter_gradients_do_not_depend_on_mesh_scan_or_remat(model_dir, mesh_shape, scan, remat):

@@ -171,6 +171,7 @@ def small_model():
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+@pytest.mark.slow  # an XLA:GPU compile or a sweep over every variant: CI, not the inner loop
 def test_scan_unscanned_and_every_remat_policy_agree(small_model):
     """Logits and gradients of Σ logits·c (c random, real tokens) for every remat policy scanned,
     and for full/minimal unscanned, against the unscanned no-remat run. The same float32 ops are

@@ -50,6 +50,7 @@ def _plan_run(target, remat_policy, micro_batch="auto", attn="reference"):
                          step_cfg=step.StepConfig("global_tokens", False, 2, 128))
 
 
+@pytest.mark.slow  # an XLA:GPU compile or a sweep over every variant: CI, not the inner loop
 def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path, monkeypatch):
     """Tiny shape on a deviceless h100 1x1x2 topology: CUDA code, plan read, FSDP collectives;
     then with the device memory set just below what `none` needs, `auto` leaves `none`."""

@@ -59,6 +59,7 @@ def test_abstract_state_has_moments_for_the_trainable_part_only():
     assert all(s.memory_kind != offload.HOST for s in jax.tree.leaves(shardings["params"]))
 
 
+@pytest.mark.slow  # an XLA:GPU compile or a sweep over every variant: CI, not the inner loop
 def test_h100_plans_of_lora_and_offload():
     """From the run's settings on a deviceless h100:2: a LoRA plan's optimizer state is exactly its
     adapters' moments (float32), far below full fine-tuning's; with optimizer_offload every moment
@@ -94,6 +95,7 @@ def test_h100_plans_of_lora_and_offload():
     assert any("host memory (pinned_host) per device" in line for line in off.describe())
 
 
+@pytest.mark.slow  # an XLA:GPU compile or a sweep over every variant: CI, not the inner loop
 def test_lowering_on_cpu_devices_compiles_the_same_gpu_program():
     """The route an offload plan takes (lowered for CUDA on CPU devices, compiled by the
     compile-only CUDA client) gives the plain full fine-tuning step exactly the memory plan of the

@@ -162,6 +162,7 @@ def gradients(model_dir, mesh_shape, batch, **step_kw):
 _REF = {}
 
 
+@pytest.mark.slow  # a sweep over every mesh: CI, not the inner loop
 @pytest.mark.parametrize("mesh_shape", [(1, 1), (8, 1), (4, 2), (2, 4)])
 def test_global_tokens_invariant_to_split_and_mesh(model_dir, mesh_shape):
     """The same 8 samples as 1×8, 2×4 and 8×1 micro-batches on every mesh give the loss and the
