@@ -56,6 +56,9 @@ def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path, monkeyp
     big = plan.get_target("h100:2")
     assert big.platform == "cuda" and big.num_devices == 2 and "H100" in big.device_kind
     first = _plan_run(big, "none", micro_batch=4).plan
+    # the model line: family, head_dim and the Ulysses sp values its heads allow (4 q / 2 KV heads)
+    assert first.describe()[1] == ("[plan] model: qwen2, 2 layers, hidden 64, 4 query / 2 KV heads of head_dim 16, "
+                                   "tied embeddings; ulysses_sequence_parallel_size may be 1, 2, 4")
     assert first.compiled_for.startswith("cuda") and first.cuda_binaries and first.cuda_binaries > 0
     assert first.fits and first.per_device_peak_bytes < 0.95 * big.usable_bytes
     assert first.per_device_peak_bytes == (first.argument_bytes + first.output_bytes - first.alias_bytes
