@@ -51,7 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # modules the model sections need (flax may not import on a jax newer than it: google/flax#5596)
-_MODEL = ("flax.nnx", "optax", "ml_collections", "jaxsft.model.qwen2", "jaxsft.step", "bench.throughput")
+_MODEL = ("flax.nnx", "optax", "ml_collections", "jaxsft.model.decoder", "jaxsft.step", "bench.throughput")
 
 
 @dataclasses.dataclass(frozen=True)

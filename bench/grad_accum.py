@@ -27,11 +27,11 @@ def gradients(shape: str, k: int, seq_len: int, seed: int = 0) -> dict[str, floa
 
     from bench.throughput import SHAPES, jaxsft_batches, sample_lengths
     from jaxsft import parallel, step
-    from jaxsft.model.config import Qwen2Config
-    from jaxsft.model.qwen2 import Qwen2ForCausalLM
+    from jaxsft.model.config import ModelConfig
+    from jaxsft.model.decoder import CausalLM
     from jaxsft.settings import ModelSettings
 
-    config = Qwen2Config.from_hf_dict(SHAPES[shape])
+    config = ModelConfig.from_hf_dict(SHAPES[shape])
     mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
     lengths = sample_lengths("seed", seq_len, 1, k, seed)
     batch = {n: jnp.asarray(v) for n, v in
@@ -41,7 +41,7 @@ def gradients(shape: str, k: int, seq_len: int, seed: int = 0) -> dict[str, floa
         settings = ModelSettings(param_dtype=param_dtype, compute_dtype=compute_dtype, remat_policy="none",
                                  attn_implementation="xla")
         with jax.set_mesh(mesh):
-            model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, settings, rngs=nnx.Rngs(seed)))
+            model = nnx.eval_shape(lambda: CausalLM(config, settings, rngs=nnx.Rngs(seed)))
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             params = jax.tree.map(lambda p: p.astype(param_dtype), params16)
             cfg = step.StepConfig("global_tokens", False, 1, 512, grad_accum_dtype=acc_dtype)
@@ -51,7 +51,7 @@ def gradients(shape: str, k: int, seq_len: int, seed: int = 0) -> dict[str, floa
     with jax.set_mesh(mesh):
         bf16 = ModelSettings(param_dtype="bfloat16", compute_dtype="bfloat16", remat_policy="none",
                              attn_implementation="xla")
-        params16 = nnx.state(Qwen2ForCausalLM(config, bf16, rngs=nnx.Rngs(seed)), nnx.Param)
+        params16 = nnx.state(CausalLM(config, bf16, rngs=nnx.Rngs(seed)), nnx.Param)
     ref = grads("float32", "float32", "float32", params16)
     acc32 = grads("bfloat16", "bfloat16", "float32", params16)
     acc16 = grads("bfloat16", "bfloat16", "bfloat16", params16)

@@ -1,10 +1,11 @@
-"""A weightless model directory for planning: config.json of a real Qwen2.5 geometry plus the
+"""A weightless model directory for planning: config.json of a real model's geometry (Qwen2.5,
+Qwen3, Llama 3.1, Mistral, Gemma: bench.throughput.SHAPES) plus the
 bundled tokenizer, so `python -m jaxsft.train ... --dry_run=h100:8` can plan the real shape on a
 machine that has neither the weights nor a GPU.
 
     python -m bench.model_dir --shape qwen2.5-7b --out models/qwen2.5-7b-plan
 
-The tokenizer is jaxsft's small bundled one (its ids are below every Qwen2.5 vocabulary size):
+The tokenizer is jaxsft's small bundled one (its ids are below every listed vocabulary size):
 it only feeds the data summary and the batch shape. A directory made here has no weights, so
 training from it stops at loading with a sentence; it is for `--dry_run` only.
 """
@@ -15,19 +16,19 @@ import argparse
 import shutil
 from pathlib import Path
 
-from bench.throughput import SHAPES
+from bench.throughput import SHAPES, hf_config
 
 
 def write_model_dir(shape: str, out) -> Path:
     """config.json for SHAPES[shape] (transformers' own writer) and the bundled tokenizer files."""
-    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from jaxsft import bundled
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    geometry = {k: v for k, v in SHAPES[shape].items() if k != "model_type"}
-    config = transformers.Qwen2Config(**geometry, architectures=["Qwen2ForCausalLM"])
+    config = hf_config(shape)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.save_pretrained(out)
     for f in bundled.path("tokenizer").iterdir():
         shutil.copy(f, out / f.name)

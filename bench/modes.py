@@ -69,11 +69,11 @@ def _build(args, mode, mesh):
     from flax import nnx
 
     from jaxsft import config as jconfig, optim, step, trainable
-    from jaxsft.model.config import Qwen2Config
+    from jaxsft.model.config import ModelConfig
     from jaxsft.model.lora import MODULES
     from jaxsft.settings import LoRASettings, ModelSettings
 
-    config = Qwen2Config.from_hf_dict(SHAPES[args.shape])
+    config = ModelConfig.from_hf_dict(SHAPES[args.shape])
     base_vocab = config.vocab_size
     config = dataclasses.replace(config, vocab_size=base_vocab + mode["new_tokens"])
     lora = LoRASettings(rank=mode["lora"], alpha=2.0 * mode["lora"], targets=MODULES) if mode["lora"] else None

@@ -1,11 +1,11 @@
 """Training throughput of jaxsft against verl's per-GPU PyTorch path, on synthetic batches.
 
-    python -m bench.throughput --shape tiny|qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-7b [options]
+    python -m bench.throughput --shape tiny|qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-7b|qwen3-8b|llama-3.1-8b|... [options]
 
 One run:
 1. draws the samples of every step (lengths `fixed` = seq_len, or `seed` = a lognormal fitted to
    the seed data's quantiles), loss mask on the last ~60 % of each sample;
-2. runs the PyTorch baseline in a child process — transformers' Qwen2ForCausalLM (random init,
+2. runs the PyTorch baseline in a child process — transformers' model of the family (random init,
    SDPA, gradient checkpointing) + torch AdamW + clip_grad_norm_, every sample padded to seq_len,
    micro-batches accumulated with loss.backward(), as verl's FSDP SFT trainer does on one GPU.
    A child because JAX preallocates most of the GPU's memory and the two stacks bring their own
@@ -50,7 +50,34 @@ SHAPES = {
                          num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2.5-7b": dict(_QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    # the other families, as their published config.json files give them
+    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960, attention_bias=False,
+                     use_sliding_window=False, hidden_act="silu", tie_word_embeddings=False),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         rms_norm_eps=1e-5, max_position_embeddings=131072, hidden_act="silu",
+                         attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+                         rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, sliding_window=None,
+                       hidden_act="silu", tie_word_embeddings=False),
+    "gemma-7b": dict(model_type="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576,
+                     num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+                     rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=8192,
+                     hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True),
 }
+
+
+def hf_config(shape: str):
+    """transformers' config object of SHAPES[shape], of its family."""
+    import transformers
+
+    geometry = dict(SHAPES[shape])
+    return transformers.AutoConfig.for_model(geometry.pop("model_type"), **geometry)
 
 # Seed-data sample lengths (tokens) at max_length 4096: p50, p90, p99.
 SEED_QUANTILES = {0.5: 800.0, 0.9: 2000.0, 0.99: 3500.0}
@@ -274,17 +301,17 @@ def flop_figures(model_cfg: dict, seq_len: int, row_slots: int, lengths: np.ndar
 
 
 def run_torch(args, model_cfg: dict, lengths: np.ndarray) -> dict:
-    """transformers Qwen2ForCausalLM + AdamW, every sample padded to seq_len, on one device."""
+    """transformers' model of the shape's family + AdamW, every sample padded to seq_len, on one device."""
     import torch
     import transformers
 
     torch.manual_seed(args.seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.compute_dtype == "bfloat16"
-    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in model_cfg.items() if k != "model_type"})
+    hf_cfg = hf_config(args.shape)
     with torch.device(dev):
-        model = transformers.Qwen2ForCausalLM._from_config(hf_cfg, dtype=getattr(torch, args.param_dtype),
-                                                           attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=getattr(torch, args.param_dtype),
+                                                              attn_implementation="sdpa")
     model.config.use_cache = False
     # verl: gradient checkpointing, non-reentrant (transformers 5 renamed the method)
     if hasattr(model, "activation_checkpointing_enable"):
@@ -381,16 +408,16 @@ def torch_in_child(argv: list[str]) -> dict:
 
 
 def random_model(config, settings, mesh, seed: int):
-    """Qwen2ForCausalLM with random weights initialised on the devices, each parameter directly in
+    """CausalLM with random weights initialised on the devices, each parameter directly in
     its NamedSharding (no host copy: a 7B never exists whole anywhere)."""
     import jax
     from flax import nnx
 
     from jaxsft import parallel
-    from jaxsft.model.qwen2 import Qwen2ForCausalLM
+    from jaxsft.model.decoder import CausalLM
 
     def build():
-        return Qwen2ForCausalLM(config, settings, rngs=nnx.Rngs(seed))
+        return CausalLM(config, settings, rngs=nnx.Rngs(seed))
 
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
     shardings = parallel.param_shardings(abstract, mesh)
@@ -404,14 +431,14 @@ def run_jaxsft(args, model_cfg: dict, lengths: np.ndarray, dp: int) -> dict:
 
     from jaxsft import config as jconfig, metrics, optim, parallel, step
     from jaxsft.model import attention
-    from jaxsft.model.config import Qwen2Config
+    from jaxsft.model.config import ModelConfig
     from jaxsft.settings import ModelSettings
 
     devices = jax.devices()[:dp]
     mesh = parallel.make_mesh(dp, 1, devices)
     settings = ModelSettings(param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
                              scan_layers=not args.no_scan, remat_policy=args.remat, attn_implementation=args.attn)
-    config = Qwen2Config.from_hf_dict(model_cfg)
+    config = ModelConfig.from_hf_dict(model_cfg)
     optim_cfg = ml_collections.ConfigDict(jconfig.default_config().optim.to_dict())
     tx, schedule = optim.make_optimizer(optim_cfg, total_steps=1000, param_dtype=args.param_dtype)
     step_cfg = step.StepConfig(loss_normalization="global_tokens", balance_dp_token=False, dp=dp,
@@ -505,16 +532,16 @@ def compile_only(args, model_cfg: dict, lengths: np.ndarray) -> dict:
 
     from jaxsft import config as jconfig, optim, step
     from jaxsft.model import attention
-    from jaxsft.model.config import Qwen2Config
-    from jaxsft.model.qwen2 import Qwen2ForCausalLM
+    from jaxsft.model.config import ModelConfig
+    from jaxsft.model.decoder import CausalLM
     from jaxsft.settings import ModelSettings
 
     settings = ModelSettings(param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
                              scan_layers=not args.no_scan, remat_policy=args.remat, attn_implementation=args.attn)
-    config = Qwen2Config.from_hf_dict(model_cfg)
+    config = ModelConfig.from_hf_dict(model_cfg)
     tx, schedule = optim.make_optimizer(ml_collections.ConfigDict(jconfig.default_config().optim.to_dict()),
                                         total_steps=1000, param_dtype=args.param_dtype)
-    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, settings, rngs=nnx.Rngs(args.seed)))
+    model = nnx.eval_shape(lambda: CausalLM(config, settings, rngs=nnx.Rngs(args.seed)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
              "step": jax.ShapeDtypeStruct((), np.int32)}

@@ -37,7 +37,7 @@ from jaxsft import optim
 
 HOST = "pinned_host"
 DEVICE = "device"
-LAYERS = "layers"  # the model's stacked [L, ...] layer state (jaxsft.model.qwen2)
+LAYERS = "layers"  # the model's stacked [L, ...] layer state (jaxsft.model.decoder)
 
 
 def host_memory_kind(mesh) -> str | None:

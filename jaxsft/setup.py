@@ -24,6 +24,7 @@ import jax
 from jaxsft import base_model, checkpoint, devices, distributed, hf, optim, parallel, plan, step, trainable
 from jaxsft.config.resolve import recorded_default
 from jaxsft.data import RunData, TrainLoader, build_datasets
+from jaxsft.errors import ConfigError
 from jaxsft.settings import AUTO, Settings, check_devices, with_choices
 
 
@@ -36,7 +37,7 @@ def start_runtime(settings: Settings):
 @dataclasses.dataclass
 class BaseModel:
     dir: Path
-    config: object  # jaxsft.model.config.Qwen2Config, with the vocabulary of model.added_tokens
+    config: object  # jaxsft.model.config.ModelConfig, with the vocabulary of model.added_tokens
     tokenizer: object
     added: hf.AddedTokens | None
 
@@ -49,9 +50,20 @@ def find_model(settings: Settings, mesh, *, weights: bool = True, say=print) -> 
     if weights:
         hf.check_weights(model_dir, config)  # from the files' headers: before the data work
     devices.check_heads(config, mesh)
+    check_window(config, settings.data.max_length, model_dir)
     tokenizer = hf.load_tokenizer(model_dir, trust_remote_code=settings.model.trust_remote_code)
     added, config = hf.extend_vocabulary(settings.model.added_tokens, tokenizer, config, say=say)
     return BaseModel(model_dir, config, tokenizer, added)
+
+
+def check_window(config, max_length: int, model_dir) -> None:
+    """Mistral's sliding window: jaxsft attends over whole rows, which equals the window only when
+    no row is longer than it (a packed row holds samples of at most max_length tokens too)."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < max_length:
+        raise ConfigError(f"{model_dir}/config.json has sliding_window={window}, shorter than data.max_length="
+                          f"{max_length}: jaxsft implements full causal attention only, so lower data.max_length "
+                          f"to {window} or less (or set sliding_window to null if the model was trained without one)")
 
 
 def build_data(settings: Settings, base: BaseModel, *, new_cache: bool = True):

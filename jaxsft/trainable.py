@@ -149,7 +149,7 @@ EVERYTHING = Partition(whole=True)
 
 def partition(params, spec, config, new_token_ids=()) -> Partition:
     """The partition for the model settings `spec` (`jaxsft.settings.ModelSettings`: lora, trainable) of parameters
-    `params` of a model with `config` (Qwen2Config, after any vocabulary resize); `new_token_ids`:
+    `params` of a model with `config` (ModelConfig, after any vocabulary resize); `new_token_ids`:
     the ids `model.added_tokens` added. Raises UserError naming model.trainable for a pattern that
     matches nothing."""
     variables = _variables(params)

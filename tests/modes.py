@@ -12,7 +12,7 @@ import transformers
 from cfg import settings
 
 from jaxsft import hf, optim, parallel, step, trainable
-from jaxsft.model.qwen2 import ModelSettings
+from jaxsft.model.decoder import ModelSettings
 
 LR, TOTAL_STEPS = 1e-3, 20
 BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.01
@@ -120,7 +120,7 @@ def hf_forward(model):
 
 
 def load_torch(model_dir):
-    return transformers.Qwen2ForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
 
 
 def rel(a, b):

@@ -84,7 +84,7 @@ def test_bench_names_exist_in_jaxsft(path):
 
 
 def test_names_check_catches_a_rename():
-    code = ("def f():\n    from jaxsft import parallel, plan\n    from jaxsft.model.qwen2 import Qwen2ForCausalLM\n"
+    code = ("def f():\n    from jaxsft import parallel, plan\n    from jaxsft.model.decoder import CausalLM\n"
             "    parallel.mesh_for(1)\n    plan.make_plan\n    from jaxsft.hf import model_directory\n")
     missing = [name for _, name, found in _jaxsft_names(ast.parse(code)) if not found]
     assert sorted(missing) == ["jaxsft.hf.model_directory", "jaxsft.parallel.mesh_for"]
@@ -126,16 +126,38 @@ def test_model_dir(tmp_path, capsys):
     from jaxsft import hf
     from jaxsft.hf.files import ModelDirError
     from jaxsft.hf.tokenizer import load_tokenizer
-    from jaxsft.model.config import Qwen2Config
+    from jaxsft.model.config import ModelConfig
 
     out = tmp_path / "plan-model"
     model_dir.main(["--shape", "tiny", "--out", str(out)])
     assert f"wrote {out} (tiny:" in capsys.readouterr().out
     # what --dry_run reads: the geometry and a tokenizer; no weights, which loading says in a sentence
-    assert hf.read_config(out) == Qwen2Config.from_hf_dict(throughput.SHAPES["tiny"])
+    assert hf.read_config(out) == ModelConfig.from_hf_dict(throughput.SHAPES["tiny"])
     assert len(load_tokenizer(out)) > 0
     with pytest.raises(ModelDirError):
         hf.check_weights(out)
+
+
+@pytest.mark.parametrize("shape, model_type, head_dim, tied", [
+    ("qwen3-8b", "qwen3", 128, False), ("llama-3.1-8b", "llama", 128, False), ("mistral-7b", "mistral", 128, False),
+    ("gemma-7b", "gemma", 256, True), ("qwen2.5-0.5b", "qwen2", 64, True)])
+def test_model_dir_families(tmp_path, shape, model_type, head_dim, tied):
+    """Every family's planning directory reads back as that family; FLOPs use the real head_dim
+    (Gemma-7B: 256, not hidden/heads = 192)."""
+    from bench import model_dir
+    from jaxsft import hf, metrics
+
+    config = hf.read_config(model_dir.write_model_dir(shape, tmp_path / shape))
+    assert (config.model_type, config.head_dim, config.tie_word_embeddings) == (model_type, head_dim, tied)
+    assert (config.sliding_window, config.qk_norm) == (None, model_type == "qwen3")
+    layers, h, inter, nq, nkv, d, v = (config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                                       config.num_attention_heads, config.num_key_value_heads, head_dim,
+                                       config.vocab_size)
+    per_layer = h * nq * d + 2 * h * nkv * d + nq * d * h + 3 * h * inter
+    assert metrics.matmul_flops_per_token(config) == 6.0 * (layers * per_layer + h * v)
+    if model_type == "llama":
+        assert config.rope_scaling == dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)
 
 
 def test_modes(tmp_path, capsys):

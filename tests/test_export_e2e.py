@@ -30,7 +30,7 @@ from safetensors.numpy import load_file
 
 from convert import from_hf
 from jaxsft import bundled, checkpoint, hf, parallel, tiny
-from jaxsft.model.qwen2 import ModelSettings
+from jaxsft.model.decoder import ModelSettings
 
 SHARD = "100KB"  # the reference's shards: the 410 KB embedding gets a shard of its own, the export has an index
 LAST = f"global_step_{runs.REFERENCE_STEPS}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,8 @@ from safetensors.numpy import load_file, save_file
 from tiny_hf import load_hf_model, make_tiny_hf_model
 
 from jaxsft import hf, parallel
-from jaxsft.model.config import Qwen2Config, UnsupportedConfigError
-from jaxsft.model.qwen2 import ModelSettings
+from jaxsft.model.config import ModelConfig, UnsupportedConfigError
+from jaxsft.model.decoder import ModelSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 F32 = ModelSettings(param_dtype="float32", compute_dtype="float32", remat_policy="none", attn_implementation="xla")
@@ -213,12 +214,12 @@ QWEN25_7B = {  # Qwen2.5-7B-Instruct's config.json (transformers 4 era)
 
 
 def test_reads_old_and_new_config_json(tmp_path):
-    old = Qwen2Config.from_hf_dict(QWEN25_7B)
+    old = ModelConfig.from_hf_dict(QWEN25_7B)
     assert (old.head_dim, old.rope_theta, old.rope_scaling, old.num_key_value_heads) == (128, 1e6, None, 4)
     # transformers 5 writes rope_parameters instead of rope_theta
     new = dict(QWEN25_7B, rope_parameters={"rope_theta": 1e6, "rope_type": "default"})
     del new["rope_theta"]
-    assert Qwen2Config.from_hf_dict(new) == old
+    assert ModelConfig.from_hf_dict(new) == old
     model_dir = make_tiny_hf_model(tmp_path, rope_theta=1e6, head_dim=8)
     assert "rope_parameters" in json.loads((model_dir / "config.json").read_text())
     read = hf.read_config(model_dir)
@@ -227,26 +228,57 @@ def test_reads_old_and_new_config_json(tmp_path):
 
 def test_old_rope_scaling_yarn_equals_rope_parameters():
     """Qwen2.5's long-context recipe adds `rope_scaling: {type: yarn, ...}` to an old config.json."""
-    old = Qwen2Config.from_hf_dict(dict(QWEN25_7B, rope_scaling={"type": "yarn", "factor": 4.0,
+    old = ModelConfig.from_hf_dict(dict(QWEN25_7B, rope_scaling={"type": "yarn", "factor": 4.0,
                                                                  "original_max_position_embeddings": 32768}))
     new = dict(QWEN25_7B, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
                                            "original_max_position_embeddings": 32768})
     del new["rope_theta"]
-    assert old == Qwen2Config.from_hf_dict(new)
+    assert old == ModelConfig.from_hf_dict(new)
     assert old.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
-    assert hash(old) == hash(Qwen2Config.from_hf_dict(new))
+    assert hash(old) == hash(ModelConfig.from_hf_dict(new))
 
 
 @pytest.mark.parametrize("change,sentence", [
     (dict(use_sliding_window=True), "use_sliding_window: true; jaxsft implements full causal attention only"),
-    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope type 'dynamic'; jaxsft supports only 'default' and 'yarn'"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope type 'dynamic'; jaxsft supports only 'default', 'yarn', 'llama3'"),
     (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e6}), "rope type 'longrope'"),
-    (dict(model_type="llama"), "model_type='llama'; jaxsft supports only Qwen2"),
+    (dict(model_type="phi3"), "model_type='phi3'; jaxsft supports 'qwen2', 'qwen3', 'llama', 'mistral', 'gemma'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-], ids=["sliding_window", "dynamic_rope", "longrope", "llama", "gelu"])
+    (dict(model_type="qwen3", layer_types=["full_attention", "sliding_attention"]), "layer_types ['sliding_attention']"),
+    (dict(model_type="llama", rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     "llama3 rope scaling has no low_freq_factor, high_freq_factor"),
+    (dict(model_type="gemma", hidden_act="silu"), "hidden_act='silu'; the gemma MLP here is gelu_pytorch_tanh-gated"),
+    (dict(model_type="gemma", hidden_act="gelu", use_bidirectional_attention=True), "use_bidirectional_attention"),
+], ids=["sliding_window", "dynamic_rope", "longrope", "model_type", "gelu", "layer_types", "llama3_keys", "gemma_act",
+        "bidirectional"])
 def test_config_refusals(change, sentence):
-    with pytest.raises(UnsupportedConfigError, match=sentence.replace("(", r"\(")):
-        Qwen2Config.from_hf_dict(dict(QWEN25_7B, **change))
+    with pytest.raises(UnsupportedConfigError, match=re.escape(sentence)):
+        ModelConfig.from_hf_dict(dict(QWEN25_7B, **change))
+
+
+def test_family_defaults_and_mistral_window():
+    """Keys a config.json omits take the family's transformers default; a mistral sliding_window
+    shorter than data.max_length is one ConfigError naming both (jaxsft.setup.check_window)."""
+    from jaxsft.errors import ConfigError
+    from jaxsft.setup import check_window
+
+    bare = {k: QWEN25_7B[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                      "num_attention_heads", "num_key_value_heads")}
+    gemma = ModelConfig.from_hf_dict(dict(bare, model_type="gemma"))
+    assert (gemma.head_dim, gemma.tie_word_embeddings, gemma.hidden_act, gemma.qkv_bias) == (256, True,
+                                                                                            "gelu_pytorch_tanh", False)
+    assert ModelConfig.from_hf_dict(dict(bare, model_type="gemma", hidden_act="gelu")).hidden_act == "gelu_pytorch_tanh"
+    qwen3 = ModelConfig.from_hf_dict(dict(bare, model_type="qwen3"))
+    assert (qwen3.head_dim, qwen3.qk_norm, qwen3.qkv_bias, qwen3.o_bias) == (128, True, False, False)
+    llama = ModelConfig.from_hf_dict(dict(bare, model_type="llama", attention_bias=True, mlp_bias=True))
+    assert (llama.head_dim, llama.qkv_bias, llama.o_bias, llama.mlp_bias) == (128, True, True, True)
+    assert ModelConfig.from_hf_dict(dict(bare, model_type="mistral")).sliding_window == 4096  # transformers' default
+    assert ModelConfig.from_hf_dict(dict(bare, model_type="mistral", sliding_window=None)).sliding_window is None
+    assert ModelConfig.from_hf_dict(QWEN25_7B).sliding_window is None  # qwen2: use_sliding_window false
+    mistral = ModelConfig.from_hf_dict(dict(bare, model_type="mistral", sliding_window=4096))
+    check_window(mistral, 4096, "m")  # a row of 4096 tokens never reaches past the window
+    with pytest.raises(ConfigError, match=r"^m/config.json has sliding_window=4096, shorter than data.max_length=4097"):
+        check_window(mistral, 4097, "m")
 
 
 def test_missing_config_json(tmp_path):
@@ -261,7 +293,7 @@ _MEASURE = textwrap.dedent("""
     import jax
     from flax import nnx
     from jaxsft import hf, parallel
-    from jaxsft.model.qwen2 import ModelSettings
+    from jaxsft.model.decoder import ModelSettings
 
     def status(key):
         for line in open("/proc/self/status"):

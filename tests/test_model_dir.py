@@ -225,7 +225,7 @@ def test_peft_adapter_and_other_file_names(base_model, tmp_path):
     (lambda c: c.update(hidden_size="64"), "hidden_size is '64'; it must be a positive integer"),
     (lambda c: c.update(num_hidden_layers=0), "num_hidden_layers is 0; it must be a positive integer"),
     (lambda c: c.update(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
-    (lambda c: c.update(model_type="llama"), "{dir}: config.json has model_type='llama'"),
+    (lambda c: c.update(model_type="phi3"), "{dir}: config.json has model_type='phi3'"),
 ], ids=["string", "zero_layers", "heads", "model_type"])
 def test_config_json_values(base_model, tmp_path, change, expected):
     model_dir = copy_of(base_model, tmp_path)

@@ -1,4 +1,4 @@
-"""The Flax Qwen2 against transformers' PyTorch Qwen2 (float32, eager attention).
+"""The Flax decoder against transformers' PyTorch model of each family (float32, eager attention).
 
 Errors: abs = max|ours - ref|, rel = abs / max|ref|, both over real (non-padding) tokens only.
 """
@@ -17,12 +17,12 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from tiny_hf import load_hf_model, make_tiny_hf_model
+from tiny_hf import FAMILIES, load_hf_model, make_tiny_hf_model
 
 from jaxsft import hf, parallel
 from jaxsft.model import attention, remat
-from jaxsft.model.config import Qwen2Config, rope_frequencies
-from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM, check_settings
+from jaxsft.model.config import ModelConfig, rope_frequencies
+from jaxsft.model.decoder import ModelSettings, CausalLM, check_settings
 
 F32 = ModelSettings(param_dtype="float32", compute_dtype="float32", scan_layers=True, remat_policy="none",
                     attn_implementation="xla")
@@ -42,6 +42,7 @@ CONFIGS = {
                                 num_key_value_heads=2, head_dim=8,
                                 rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
                                                      original_max_position_embeddings=16)),
+    **FAMILIES,  # qwen3, llama (llama3 rope, tied), mistral, gemma: see tests/tiny_hf.py
 }
 
 
@@ -154,10 +155,10 @@ def test_bf16_compute_kl(tmp_path):
 @pytest.fixture(scope="module")
 def small_model():
     """(config, random parameter state): weights ~N(0, 0.1), norm weights 1 + N(0, 0.1)."""
-    config = Qwen2Config.from_hf_dict(dict(model_type="qwen2", vocab_size=128, hidden_size=48, intermediate_size=64,
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=128, hidden_size=48, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                            rope_theta=1e4))
-    state = nnx.state(nnx.eval_shape(lambda: Qwen2ForCausalLM(config, F32, rngs=nnx.Rngs(0))))
+    state = nnx.state(nnx.eval_shape(lambda: CausalLM(config, F32, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
 
     def draw(path, x):
@@ -185,7 +186,7 @@ def test_scan_unscanned_and_every_remat_policy_agree(small_model):
     def run(scan, policy):
         settings = ModelSettings(param_dtype="float32", compute_dtype="float32", scan_layers=scan,
                                  remat_policy=policy, attn_implementation="xla")
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen2ForCausalLM(config, settings, rngs=nnx.Rngs(0))))
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(config, settings, rngs=nnx.Rngs(0))))
 
         def objective(s):
             logits = nnx.merge(graphdef, s)(*inputs)
@@ -218,7 +219,7 @@ def test_remat_policies_save_the_named_tensors(small_model):
 
     def saved_names(policy):
         settings = dataclasses.replace(F32, scan_layers=False, remat_policy=policy)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen2ForCausalLM(config, settings, rngs=nnx.Rngs(0))))
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(config, settings, rngs=nnx.Rngs(0))))
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             jax.ad_checkpoint.print_saved_residuals(lambda s: nnx.merge(graphdef, s)(*inputs).sum(), state)
@@ -250,6 +251,11 @@ def test_padding_rows_give_zeros_and_finite_gradients():
     np.testing.assert_allclose(out[0, 3, :2], jnp.broadcast_to(v[0, 3, 0], (2, 16)), rtol=4 * np.finfo(np.float32).eps, atol=0)
 
 
+LLAMA3_CASES = [
+    dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
+    dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),  # 3.2
+    dict(factor=4.0, low_freq_factor=2.0, high_freq_factor=8.0, original_max_position_embeddings=128),
+]
 YARN_CASES = [
     dict(factor=4.0, original_max_position_embeddings=16),
     dict(factor=2.0, original_max_position_embeddings=32, beta_fast=16, beta_slow=2, truncate=False),
@@ -260,10 +266,10 @@ YARN_CASES = [
 
 
 @pytest.mark.parametrize("theta", [1e4, 1e6])
-@pytest.mark.parametrize("params", [None] + YARN_CASES)
+@pytest.mark.parametrize("params", [None] + YARN_CASES + [dict(rope_type="llama3", **c) for c in LLAMA3_CASES])
 def test_rope_frequencies_match_transformers(params, theta):
-    rope = dict(rope_type="default", rope_theta=theta) if params is None else dict(rope_type="yarn", rope_theta=theta,
-                                                                                 **params)
+    rope = dict(rope_type="default", rope_theta=theta) if params is None else dict(
+        dict(rope_type="yarn", rope_theta=theta), **params)
     hf_config = transformers.Qwen2Config(hidden_size=128, num_attention_heads=4, max_position_embeddings=256,
                                          rope_parameters=rope)
     fn = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS.get(rope["rope_type"])
@@ -272,11 +278,14 @@ def test_rope_frequencies_match_transformers(params, theta):
             hf_config)
     else:
         hf_inv, hf_scale = fn(hf_config, None)
-    inv, scale = rope_frequencies(Qwen2Config.from_hf_dict(hf_config.to_dict()))
+    inv, scale = rope_frequencies(ModelConfig.from_hf_dict(hf_config.to_dict()))
     # ours: float64 rounded once; HF: float32 pow (≤ 1 ulp), 1/x, yarn's blend (3 roundings) and its float32 ramp m,
     # whose ½ ulp moves inv by (factor - 1)·½ ulp: ≤ 3.5 + (factor - 1)/2 ulps relative
+    # llama3: the same 3.5 ulps, then HF's float32 /factor and blend (s·x + (1 - s)·x/f: ≤ 4 roundings of terms ≤ x,
+    # s from float32 wavelengths: ≤ 3 ulps of s·x): ≤ 3.5 + 2 + 3 < 10 ulps
     factor = 1.0 if params is None else params["factor"]
-    np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=(3.5 + (factor - 1) / 2) * np.finfo(np.float32).eps, atol=0)
+    ulps = 10 if rope["rope_type"] == "llama3" else 3.5 + (factor - 1) / 2
+    np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=ulps * np.finfo(np.float32).eps, atol=0)
     assert scale == hf_scale  # the same float64 formula (transformers' get_mscale): the same computation
 
 

@@ -19,7 +19,7 @@ from cfg import settings
 from e2e import ROOT, env_for, train_args
 
 from jaxsft import config as jconfig, hlo_stats, optim, plan, step
-from jaxsft.model.config import Qwen2Config
+from jaxsft.model.config import ModelConfig
 from jaxsft.settings import ModelSettings
 from jaxsft.model import blockwise as blockwise_module
 
@@ -42,7 +42,7 @@ def _small_target_config(tmp_path, memory_bytes: int):
 
 def _plan_run(target, remat_policy, micro_batch="auto", attn="reference"):
     tx, schedule = _tx()
-    return plan.plan_run(target, model_config=Qwen2Config.from_hf_dict(TINY),
+    return plan.plan_run(target, model_config=ModelConfig.from_hf_dict(TINY),
                          model=ModelSettings(param_dtype="float32", compute_dtype="bfloat16", scan_layers=True,
                                              attn_implementation=attn, remat_policy=remat_policy),
                          micro_batch=micro_batch, samples_per_rank=4, rows_per_rank=4,
@@ -57,6 +57,9 @@ def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path, monkeyp
     big = plan.get_target("h100:2")
     assert big.platform == "cuda" and big.num_devices == 2 and "H100" in big.device_kind
     first = _plan_run(big, "none", micro_batch=4).plan
+    # the model line: family, head_dim and the Ulysses sp values its heads allow (4 q / 2 KV heads)
+    assert first.describe()[1] == ("[plan] model: qwen2, 2 layers, hidden 64, 4 query / 2 KV heads of head_dim 16, "
+                                   "tied embeddings; ulysses_sequence_parallel_size may be 1, 2, 4")
     assert first.compiled_for.startswith("cuda") and first.cuda_binaries and first.cuda_binaries > 0
     assert first.fits and first.per_device_peak_bytes < 0.95 * big.usable_bytes
     assert first.per_device_peak_bytes == (first.argument_bytes + first.output_bytes - first.alias_bytes
@@ -66,7 +69,7 @@ def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path, monkeyp
     # and the chunked loss's backward recomputes the LM-head logits: the model count plus those two.
     from jaxsft import metrics
 
-    cfg = Qwen2Config.from_hf_dict(TINY)
+    cfg = ModelConfig.from_hf_dict(TINY)
     tokens = 4 * 2 * T / 2  # [K=1, rows=2·4, T] over 2 devices
     expected = first.model_flops + tokens * (metrics.attention_flops_for_segments(cfg, [T]) / T
                                              + 2 * cfg.hidden_size * cfg.vocab_size)
@@ -103,11 +106,11 @@ def test_h100_plan_is_cuda_code_and_auto_remat_chooses_by_plan(tmp_path, monkeyp
 def test_abstract_state_gives_adam_moments_their_parameters_sharding():
     """jax.eval_shape(tx.init) drops shardings; the plan must not show replicated moments."""
     from jaxsft import parallel
-    from jaxsft.model.qwen2 import ModelSettings
+    from jaxsft.model.decoder import ModelSettings
 
     mesh = parallel.make_mesh(4, 2)
     tx, _ = _tx()
-    _, _, state, shardings = plan.abstract_train_state(Qwen2Config.from_hf_dict(TINY), ModelSettings(), mesh, tx)
+    _, _, state, shardings = plan.abstract_train_state(ModelConfig.from_hf_dict(TINY), ModelSettings(), mesh, tx)
     params = {plan._path_key(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
     moments = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]:
@@ -302,18 +305,18 @@ def test_accumulate_in_backward_equals_autodiff_sum():
     from bench.throughput import jaxsft_batches, sample_lengths
     from jaxsft import parallel
 
-    config = Qwen2Config.from_hf_dict(TINY)
+    config = ModelConfig.from_hf_dict(TINY)
     mesh = parallel.make_mesh(2, 2, jax.devices()[:4])
     lengths = sample_lengths("seed", 128, 1, 12, 0)
     host = jaxsft_batches(lengths, 128, 2, 1, "first_fit", config.vocab_size, 0)[0]
     assert host["input_ids"].shape[0] > 1  # K > 1: the accumulator is used
     for acc_dtype, tol in (("float32", 1e-6),):  # the K = 2+ micro-batch sums in another order: γ_K·Σ|g_k| ≤ 8 eps·max|g|
-        from jaxsft.model.qwen2 import Qwen2ForCausalLM
+        from jaxsft.model.decoder import CausalLM
 
         settings = ModelSettings(param_dtype="float32", compute_dtype="float32", remat_policy="full",
                                  attn_implementation="xla")
         with jax.set_mesh(mesh):
-            model = Qwen2ForCausalLM(config, settings, rngs=nnx.Rngs(3))
+            model = CausalLM(config, settings, rngs=nnx.Rngs(3))
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             batch = {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in host.items()}
             out = {}

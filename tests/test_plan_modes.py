@@ -17,11 +17,11 @@ from cfg import settings
 from test_plan import TINY
 
 from jaxsft import offload, optim, parallel, plan, step
-from jaxsft.model.config import Qwen2Config
+from jaxsft.model.config import ModelConfig
 from jaxsft.model.lora import ADAPTERS, LoRASettings
-from jaxsft.model.qwen2 import ModelSettings
+from jaxsft.model.decoder import ModelSettings
 
-CONFIG = Qwen2Config.from_hf_dict(TINY)
+CONFIG = ModelConfig.from_hf_dict(TINY)
 LORA = LoRASettings(rank=4, alpha=8.0, targets=("q_proj", "down_proj"))
 
 

@@ -33,7 +33,7 @@ from jaxsft import bundled
 
 from jaxsft import checkpoint, hf, optim, parallel, step
 from jaxsft.checkpoint import TRACKER, Checkpointer
-from jaxsft.model.qwen2 import ModelSettings
+from jaxsft.model.decoder import ModelSettings
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from naive_attention import naive_attention
-from jaxsft.model.ulysses import check_ulysses, ulysses_attention
+from jaxsft.model.ulysses import check_ulysses, ulysses_attention, valid_sp
 
 # Not the same program (per device fewer rows/heads: XLA orders the dots and sums otherwise; replicated KV heads'
 # gradients summed across devices): γ_N of max|ref| in float32, N = 48 ≥ T = 32 keys + D = 8 + softmax roundings
@@ -92,6 +92,20 @@ def test_check_ulysses_qwen25_7b():
     check_ulysses(8, 2, 8)  # kv < sp with sp % kv == 0: replication
     with pytest.raises(ValueError, match="num_key_value_heads=3"):
         check_ulysses(12, 3, 2)  # 2 neither divides 3 nor is a multiple of it
+
+
+def test_valid_sp_lists_what_check_ulysses_accepts():
+    # Qwen2.5-7B (28 q / 4 KV heads): 28 replicates each KV head 7 times; Qwen3-8B / Llama-3.1-8B (32 / 8)
+    assert valid_sp(28, 4) == [1, 2, 4, 28]
+    assert valid_sp(32, 8) == [1, 2, 4, 8, 16, 32]
+    for hq, hkv in ((28, 4), (32, 8), (16, 16), (14, 2), (12, 3)):
+        for sp in range(1, hq + 1):
+            try:
+                check_ulysses(hq, hkv, sp)
+                ok = True
+            except ValueError:
+                ok = False
+            assert ok == (sp in valid_sp(hq, hkv)), (hq, hkv, sp)
 
 
 def test_ulysses_rejects_bad_shapes():

@@ -1,10 +1,13 @@
-"""A tiny random transformers Qwen2 saved as a Hugging Face directory, for tests.
+"""A tiny random transformers model of a supported family (Qwen2 by default) saved as a Hugging
+Face directory, for tests.
 
     from tiny_hf import make_tiny_hf_model
     model_dir = make_tiny_hf_model(tmp_path, num_key_value_heads=1, tie_word_embeddings=True)
+    model_dir = make_tiny_hf_model(tmp_path, **FAMILIES["gemma"])
 
-Every weight is random and non-trivial: q/k/v biases ~ N(0, 0.1) (HF initialises them to 0) and
-norm weights 1 + N(0, 0.1) (HF: 1), so a model that drops a bias or a norm weight fails parity.
+Every weight is random and non-trivial: biases ~ N(0, 0.1) (HF initialises them to 0) and norm
+weights HF's init (1; Gemma's 1 + w: 0) + N(0, 0.1), so a model that drops a bias or a norm weight
+fails parity.
 Saved in float32 with eager attention (the exact reference). Not a pytest fixture: import it.
 """
 
@@ -16,13 +19,39 @@ DEFAULTS = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidde
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                 tie_word_embeddings=False, rope_theta=1e4, rms_norm_eps=1e-6, initializer_range=0.02)
 
+# One tiny model per family beyond Qwen2, each with odd shapes and the family's options switched on:
+# qwen3 head_dim 10 (q width 40 != hidden 48) with attention_bias (o_proj too); llama tied (3.2 style)
+# with llama3 rope scaling whose band covers some of head_dim 16's wavelengths (6.3 ... 6283: scaled
+# above 64, blended between 16 and 64) and mlp_bias; mistral with a sliding window of the test's
+# row length 16 (so it never cuts); gemma tied, MQA (1 KV head), head_dim 16 (q width 64 != hidden 48).
+FAMILIES = {
+    "qwen3": dict(model_type="qwen3", hidden_size=48, intermediate_size=80, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=10, attention_bias=True, rope_theta=1e6),
+    "llama": dict(model_type="llama", tie_word_embeddings=True, hidden_size=64, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=1, mlp_bias=True, max_position_embeddings=128,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=64)),
+    "mistral": dict(model_type="mistral", hidden_size=48, intermediate_size=96, num_attention_heads=6,
+                    num_key_value_heads=2, sliding_window=16, rope_theta=1e6),
+    "gemma": dict(model_type="gemma", tie_word_embeddings=True, hidden_size=48, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=16, rope_theta=1e4),
+}
+
+
+def hf_config(**kwargs):
+    """transformers' config of `model_type` (default qwen2) with `kwargs`, eager attention."""
+    import transformers
+
+    kwargs = dict(kwargs)
+    return transformers.AutoConfig.for_model(kwargs.pop("model_type", "qwen2"), **kwargs, attn_implementation="eager")
+
 
 def make_tiny_hf_model(tmp_path, *, seed: int = 0, name: str = "tiny_qwen2", max_shard_size=None,
                        **overrides) -> Path:
     """Write `tmp_path/name` and return it.
 
-    overrides: any transformers `Qwen2Config` keyword (e.g. `rope_parameters={...}` for yarn,
-    `head_dim=...`), replacing DEFAULTS. `max_shard_size` (e.g. "20KB") makes transformers write
+    overrides: `model_type` (default qwen2) and any keyword of its transformers config (e.g.
+    `rope_parameters={...}` for yarn, `head_dim=...`), replacing DEFAULTS. `max_shard_size` (e.g. "20KB") makes transformers write
     several shards plus `model.safetensors.index.json`. `seed` seeds torch.
     """
     import torch
@@ -31,9 +60,9 @@ def make_tiny_hf_model(tmp_path, *, seed: int = 0, name: str = "tiny_qwen2", max
     kwargs = {**DEFAULTS, **overrides}
     if "rope_parameters" in overrides:
         kwargs.pop("rope_theta")
-    config = transformers.Qwen2Config(**kwargs, attn_implementation="eager")
+    config = hf_config(**kwargs)
     torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(config).float()
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
@@ -47,9 +76,9 @@ def make_tiny_hf_model(tmp_path, *, seed: int = 0, name: str = "tiny_qwen2", max
 
 
 def load_hf_model(model_dir):
-    """transformers' float32 eager Qwen2ForCausalLM from `model_dir` (the reference), in eval mode."""
+    """transformers' float32 eager ForCausalLM of the directory's family (the reference), in eval mode."""
     import torch
     import transformers
 
-    return transformers.Qwen2ForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
-                                                         dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
+                                                             dtype=torch.float32).eval()

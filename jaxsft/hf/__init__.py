@@ -1,6 +1,6 @@
 """jaxsft's Hugging Face boundary: everything that reads or writes a Hugging Face model directory.
 
-- `names`: HF tensor names ↔ jaxsft parameter paths (`NAME_MAP`, both ways) and file names.
+- `names`: HF tensor names ↔ jaxsft parameter paths (`name_map(config)`, both ways) and file names.
 - `files`: reading a model directory's JSON files and `ModelDirError`, for every mistake in one.
 - `hub`: `resolve_model_dir(model.partial_pretrain)`: a local directory, or a hub id from the
   local cache (never a download).
@@ -19,13 +19,13 @@ import dataclasses
 
 from jaxsft.hf.hub import resolve_model_dir
 from jaxsft.hf.load import ModelDirError, check_weights, load_model, read_config
-from jaxsft.hf.names import CONFIG_FILE, INDEX_FILE, NAME_MAP, SINGLE_FILE
+from jaxsft.hf.names import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, name_map
 from jaxsft.hf.save import BaseModelFiles, Export, export_tensors, write_hf_directory
 from jaxsft.hf.writer import parse_size, write_weights
 from jaxsft.hf.tokenizer import AddedTokens, add_tokens, load_tokenizer, open_tokenizer, read_added_tokens
 
-__all__ = ["AddedTokens", "BaseModelFiles", "CONFIG_FILE", "Export", "INDEX_FILE", "ModelDirError", "NAME_MAP",
-           "SINGLE_FILE", "add_tokens", "extend_vocabulary", "check_weights", "export_tensors", "load_model",
+__all__ = ["AddedTokens", "BaseModelFiles", "CONFIG_FILE", "Export", "INDEX_FILE", "ModelDirError",
+           "SINGLE_FILE", "name_map", "add_tokens", "extend_vocabulary", "check_weights", "export_tensors", "load_model",
            "load_tokenizer", "open_tokenizer", "parse_size", "read_added_tokens", "read_config",
            "resolve_model_dir", "write_hf_directory", "write_weights"]
 

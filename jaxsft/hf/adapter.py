@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jaxsft.hf.names import PEFT_PREFIX, lora_modules
 from jaxsft.hf.writer import param_arrays, write_single_file
-from jaxsft.model.config import Qwen2Config
+from jaxsft.model.config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -29,7 +29,7 @@ def adapter_config(lora, base_model_name_or_path: str) -> dict:
             "base_model_name_or_path": base_model_name_or_path}
 
 
-def adapter_tensors(model_or_params, config: Qwen2Config, lora, *, fetch=None):
+def adapter_tensors(model_or_params, config: ModelConfig, lora, *, fetch=None):
     """(PEFT name, host-ready array [r, in] or [out, r]) for every adapter, layer by layer."""
     if fetch is None:
         params = param_arrays(model_or_params)
@@ -47,7 +47,7 @@ def _get(tree, path):
     return tree
 
 
-def write_adapter(model_or_params, config: Qwen2Config, lora, out_dir, *, base_model_name_or_path: str,
+def write_adapter(model_or_params, config: ModelConfig, lora, out_dir, *, base_model_name_or_path: str,
                   fetch=None) -> Path:
     """Write `out_dir` as a PEFT LoRA adapter directory; returns its path."""
     out_dir = Path(out_dir)

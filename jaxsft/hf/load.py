@@ -34,8 +34,8 @@ from jaxsft.errors import UserError
 from jaxsft.hf.files import ModelDirError, check_readable, read_json  # noqa: F401 (ModelDirError: part of this API)
 from jaxsft.hf.names import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, entries, hf_shape, ignored
 from jaxsft.model import lora, vocab
-from jaxsft.model.config import Qwen2Config
-from jaxsft.model.qwen2 import ModelSettings, Qwen2ForCausalLM
+from jaxsft.model.config import ModelConfig
+from jaxsft.model.decoder import ModelSettings, CausalLM
 
 # safetensors dtype codes jaxsft reads (cast to the parameter dtype on the devices).
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -44,8 +44,8 @@ REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 _TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def read_config(model_dir) -> Qwen2Config:
-    """config.json as a Qwen2Config; every problem is one ModelDirError (or
+def read_config(model_dir) -> ModelConfig:
+    """config.json as a ModelConfig; every problem is one ModelDirError (or
     UnsupportedConfigError) naming the directory or file."""
     model_dir = Path(model_dir)
     check_readable(model_dir)
@@ -57,7 +57,7 @@ def read_config(model_dir) -> Qwen2Config:
         raise ModelDirError(f"{path} holds a JSON {type(d).__name__}, not an object of settings")
     for key in REQUIRED_KEYS:
         if key not in d:
-            raise ModelDirError(f"{path} has no {key!r}, which a Qwen2 config.json needs")
+            raise ModelDirError(f"{path} has no {key!r}, which a decoder config.json needs")
     for key in REQUIRED_KEYS + ("num_key_value_heads", "head_dim"):
         value = d.get(key)
         if value is not None and (type(value) is not int or value <= 0):
@@ -69,7 +69,7 @@ def read_config(model_dir) -> Qwen2Config:
         raise ModelDirError(f"{path}: hidden_size={d['hidden_size']} is not a multiple of num_attention_heads={heads} "
                             f"(and there is no head_dim)")
     try:
-        return Qwen2Config.from_hf_dict(d)
+        return ModelConfig.from_hf_dict(d)
     except UserError as e:  # names the key, not yet the directory
         raise type(e)(f"{model_dir}: {e}") from None
 
@@ -144,11 +144,11 @@ def _listing(model_dir: Path) -> tuple[Path, dict[str, TensorInfo]]:
     raise _no_weights(model_dir)
 
 
-def _abstract_model(config: Qwen2Config, settings: ModelSettings):
-    return nnx.eval_shape(lambda: Qwen2ForCausalLM(config, settings, rngs=nnx.Rngs(0)))
+def _abstract_model(config: ModelConfig, settings: ModelSettings):
+    return nnx.eval_shape(lambda: CausalLM(config, settings, rngs=nnx.Rngs(0)))
 
 
-def check_weights(model_dir, config: Qwen2Config | None = None) -> dict[str, TensorInfo]:
+def check_weights(model_dir, config: ModelConfig | None = None) -> dict[str, TensorInfo]:
     """Name → TensorInfo of every weight `load_model` will read, after checking from the files'
     headers alone (no tensor is read) that they are exactly the weights of config.json's model."""
     model_dir = Path(model_dir)
@@ -159,7 +159,7 @@ def check_weights(model_dir, config: Qwen2Config | None = None) -> dict[str, Ten
                 for name, path, layer, transposed in entries(config)}
     for name, info in tensors.items():
         if name not in expected and not ignored(name, config):
-            raise ModelDirError(f"{info.file}: unexpected tensor {name} (not a weight of this Qwen2 config.json)")
+            raise ModelDirError(f"{info.file}: unexpected tensor {name} (not a weight of this {config.model_type} config.json)")
     for name, shape in expected.items():
         if name not in tensors:
             raise ModelDirError(f"{listing}: tensor {name} is missing")
@@ -221,8 +221,8 @@ def _adapter_init(path, var, mesh: Mesh, seed: int) -> jax.Array:
 
 
 def load_model(model_dir, mesh: Mesh, settings: ModelSettings, *, seed: int = 0,
-               config: Qwen2Config | None = None) -> Qwen2ForCausalLM:
-    """The HF model at `model_dir` as a Qwen2ForCausalLM whose parameters live in their
+               config: ModelConfig | None = None) -> CausalLM:
+    """The HF model at `model_dir` as a CausalLM whose parameters live in their
     NamedShardings on `mesh` (see jaxsft.parallel for the rule).
 
     With `settings.lora`, the adapters start as PEFT's (seeded by `seed`). A `config` whose
@@ -262,7 +262,7 @@ def load_model(model_dir, mesh: Mesh, settings: ModelSettings, *, seed: int = 0,
     return model
 
 
-def _resize_vocabulary(model: Qwen2ForCausalLM, vocab_size: int, mesh: Mesh, seed: int) -> None:
+def _resize_vocabulary(model: CausalLM, vocab_size: int, mesh: Mesh, seed: int) -> None:
     tables = [(model.embed_tokens.embedding, 0)]
     if model.lm_head is not None:
         tables.append((model.lm_head.kernel, 1))

@@ -1,7 +1,8 @@
-"""Hugging Face Qwen2 tensor names ↔ jaxsft parameter paths, the one place that knows them.
+"""Hugging Face tensor names ↔ jaxsft parameter paths, the one place that knows them (every
+supported family shares the Llama layout; a family adds or drops biases and q/k norms).
 
 A linear weight is HF's `[out, in]` transposed to a `[in, out]` kernel; a per-layer tensor
-`model.layers.{i}.…` is slice i of a stacked `[L, …]` parameter. Loading reads `NAME_MAP`
+`model.layers.{i}.…` is slice i of a stacked `[L, …]` parameter. Loading reads `name_map`
 HF → jaxsft, export reads it jaxsft → HF.
 """
 
@@ -9,46 +10,64 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from jaxsft.model.config import Qwen2Config
+from jaxsft.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
-# (HF name, parameter path, transposed). "{i}" marks a slice of a stacked per-layer parameter.
-NAME_MAP: tuple[tuple[str, tuple[str, ...], bool], ...] = (
-    ("model.embed_tokens.weight", ("embed_tokens", "embedding"), False),
-    ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "scale"), False),
-    ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj", "kernel"), True),
-    ("model.layers.{i}.self_attn.q_proj.bias", ("layers", "self_attn", "q_proj", "bias"), False),
-    ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj", "kernel"), True),
-    ("model.layers.{i}.self_attn.k_proj.bias", ("layers", "self_attn", "k_proj", "bias"), False),
-    ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj", "kernel"), True),
-    ("model.layers.{i}.self_attn.v_proj.bias", ("layers", "self_attn", "v_proj", "bias"), False),
-    ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj", "kernel"), True),
-    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale"), False),
-    ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), True),
-    ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), True),
-    ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), True),
-    ("model.norm.weight", ("norm", "scale"), False),
-    ("lm_head.weight", ("lm_head", "kernel"), True),  # absent when tied
+# (HF name, parameter path, transposed, present when). "{i}" marks a slice of a stacked per-layer
+# parameter; the condition names the ModelConfig flag that gives a family the tensor (None: always).
+_NAMES: tuple[tuple[str, tuple[str, ...], bool, str | None], ...] = (
+    ("model.embed_tokens.weight", ("embed_tokens", "embedding"), False, None),
+    ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "scale"), False, None),
+    ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj", "kernel"), True, None),
+    ("model.layers.{i}.self_attn.q_proj.bias", ("layers", "self_attn", "q_proj", "bias"), False, "qkv_bias"),
+    ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj", "kernel"), True, None),
+    ("model.layers.{i}.self_attn.k_proj.bias", ("layers", "self_attn", "k_proj", "bias"), False, "qkv_bias"),
+    ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj", "kernel"), True, None),
+    ("model.layers.{i}.self_attn.v_proj.bias", ("layers", "self_attn", "v_proj", "bias"), False, "qkv_bias"),
+    ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj", "kernel"), True, None),
+    ("model.layers.{i}.self_attn.o_proj.bias", ("layers", "self_attn", "o_proj", "bias"), False, "o_bias"),
+    ("model.layers.{i}.self_attn.q_norm.weight", ("layers", "self_attn", "q_norm", "scale"), False, "qk_norm"),
+    ("model.layers.{i}.self_attn.k_norm.weight", ("layers", "self_attn", "k_norm", "scale"), False, "qk_norm"),
+    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale"), False, None),
+    ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), True, None),
+    ("model.layers.{i}.mlp.gate_proj.bias", ("layers", "mlp", "gate_proj", "bias"), False, "mlp_bias"),
+    ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), True, None),
+    ("model.layers.{i}.mlp.up_proj.bias", ("layers", "mlp", "up_proj", "bias"), False, "mlp_bias"),
+    ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), True, None),
+    ("model.layers.{i}.mlp.down_proj.bias", ("layers", "mlp", "down_proj", "bias"), False, "mlp_bias"),
+    ("model.norm.weight", ("norm", "scale"), False, None),
+    ("lm_head.weight", ("lm_head", "kernel"), True, "untied"),
 )
 
 
-def entries(config: Qwen2Config) -> Iterator[tuple[str, tuple[str, ...], int | None, bool]]:
+def name_map(config: ModelConfig) -> tuple[tuple[str, tuple[str, ...], bool], ...]:
+    """(HF name, parameter path, transposed) of every tensor of `config`'s family and options:
+    qwen2's q/k/v biases, qwen3's q_norm / k_norm, llama's attention_bias / mlp_bias, no lm_head
+    when the embeddings are tied."""
+    def present(when):
+        if when is None:
+            return True
+        return not config.tie_word_embeddings if when == "untied" else getattr(config, when)
+
+    return tuple((name, path, transposed) for name, path, transposed, when in _NAMES if present(when))
+
+
+def entries(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int | None, bool]]:
     """(HF name, parameter path, layer index or None, transposed), parameter by parameter: every
-    layer of a stacked parameter together, so an exporter needs only one in memory at a time.
-    No LM head when the embeddings are tied."""
-    for name, path, transposed in NAME_MAP:
+    layer of a stacked parameter together, so an exporter needs only one in memory at a time."""
+    for name, path, transposed in name_map(config):
         if "{i}" in name:
             for i in range(config.num_hidden_layers):
                 yield name.format(i=i), path, i, transposed
-        elif not (path[0] == "lm_head" and config.tie_word_embeddings):
+        else:
             yield name, path, None, transposed
 
 
-def ignored(name: str, config: Qwen2Config) -> bool:
+def ignored(name: str, config: ModelConfig) -> bool:
     """Tensors a checkpoint may carry that are no weight: old rotary buffers, and the lm_head
     some tied checkpoints still save (transformers ignores both)."""
     return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings)
@@ -64,7 +83,7 @@ def hf_shape(param_shape, layer: int | None, transposed: bool) -> tuple[int, ...
 PEFT_PREFIX = "base_model.model."
 
 
-def lora_modules(config: Qwen2Config, targets) -> Iterator[tuple[str, tuple[str, ...], int]]:
+def lora_modules(config: ModelConfig, targets) -> Iterator[tuple[str, tuple[str, ...], int]]:
     """(HF module name, parameter path of the module, layer index) of every LoRA-targeted linear
     layer, e.g. ("model.layers.3.self_attn.q_proj", ("layers", "self_attn", "q_proj"), 3)."""
     for name, path, layer, _ in entries(config):

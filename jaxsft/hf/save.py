@@ -25,7 +25,7 @@ from jaxsft.hf.files import ModelDirError, read_json
 from jaxsft.hf.names import CONFIG_FILE, GENERATION_CONFIG_FILE, entries, lora_kernel
 from jaxsft.hf.tokenizer import AddedTokens, add_tokens, open_tokenizer
 from jaxsft.hf.writer import param_arrays, to_host, write_weights
-from jaxsft.model.config import Qwen2Config
+from jaxsft.model.config import ModelConfig
 
 
 
@@ -47,7 +47,7 @@ def _merged_slice(stack, a, b, i, scale) -> np.ndarray:
     return (w + scale * (a @ b)).T.astype(np.float32)
 
 
-def export_tensors(model_or_params, config: Qwen2Config, *, fetch=None, lora=None) -> Iterator[tuple[str, jax.Array]]:
+def export_tensors(model_or_params, config: ModelConfig, *, fetch=None, lora=None) -> Iterator[tuple[str, jax.Array]]:
     """(HF name, array in HF layout and the parameter dtype), one tensor at a time, parameter by
     parameter (every layer of a stacked parameter together); no lm_head.weight when tied.
 
@@ -176,7 +176,7 @@ class Export:
     """What an export of this run writes beyond the parameters: `config` (after any vocabulary
     resize), `lora` (merged into `huggingface/`, and a PEFT `lora_adapter/` beside it) and `added`
     (model.added_tokens: the exported tokenizer and config.json carry them)."""
-    config: Qwen2Config
+    config: ModelConfig
     lora: Any = None
     added: AddedTokens | None = None
 

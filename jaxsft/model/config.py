@@ -1,8 +1,12 @@
-"""The Qwen2 architecture hyper-parameters, read from a Hugging Face `config.json`.
+"""The decoder's hyper-parameters, read from a Hugging Face `config.json`, for the families
+jaxsft computes exactly like transformers: qwen2, qwen3, llama, mistral and gemma (Gemma 1).
 
-Only what changes the computation is kept. Anything jaxsft would compute differently from
-transformers (sliding-window attention, rope types other than `default` and `yarn`, another model
-family or activation) is refused with a sentence instead of silently training a different model.
+Only what changes the computation is kept. The families differ in a few pieces (`FAMILIES`): which
+projections carry a bias, a per-head RMSNorm on q and k (qwen3), the MLP activation, RMSNorm's
+weight as `1 + w` and embeddings scaled by sqrt(hidden) (gemma), and the defaults transformers
+fills in for keys a config.json leaves out. Anything jaxsft would compute differently (another
+model_type, sliding-window layers, a rope type other than default / yarn / llama3, another
+activation) is refused with a sentence instead of silently training a different model.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 
 from jaxsft.errors import UserError
 
-SUPPORTED_ROPE_TYPES = ("default", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "yarn", "llama3")
 
 
 class UnsupportedConfigError(UserError):
@@ -23,7 +27,34 @@ class UnsupportedConfigError(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen2Config:
+class Family:
+    """How one model_type differs from the common pre-norm decoder (transformers' modeling_<type>.py)."""
+    qkv_bias: bool | None  # True/False fixed (qwen2: q/k/v always); None: config.json's attention_bias
+    qk_norm: bool = False  # qwen3: RMSNorm over head_dim on q and k, before RoPE
+    activations: tuple[str, ...] = ("silu",)  # hidden_act values accepted, all computing the first
+    unit_offset_norm: bool = False  # gemma: x̂·(1 + w) in float32, then cast
+    scale_embeddings: bool = False  # gemma: embeddings × sqrt(hidden_size)
+    mlp_bias: bool = False  # llama reads config.json's mlp_bias
+    # transformers' defaults for keys config.json may omit
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+
+_COMMON_DEFAULTS = (("rms_norm_eps", 1e-6), ("tie_word_embeddings", False), ("head_dim", None))
+FAMILIES: dict[str, Family] = {
+    "qwen2": Family(qkv_bias=True, defaults=(("max_position_embeddings", 32768),)),
+    "qwen3": Family(qkv_bias=None, qk_norm=True, defaults=(("max_position_embeddings", 32768), ("head_dim", 128))),
+    "llama": Family(qkv_bias=None, mlp_bias=True, defaults=(("max_position_embeddings", 2048),)),
+    # Mistral's sliding_window defaults to 4096 in transformers (v0.3's config.json says null)
+    "mistral": Family(qkv_bias=False, defaults=(("max_position_embeddings", 4096 * 32), ("sliding_window", 4096))),
+    # transformers reads Gemma 1's legacy hidden_act "gelu" as the tanh approximation
+    "gemma": Family(qkv_bias=None, activations=("gelu_pytorch_tanh", "gelu"), unit_offset_norm=True,
+                    scale_embeddings=True, defaults=(("max_position_embeddings", 8192), ("head_dim", 256),
+                                                     ("tie_word_embeddings", True))),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -33,10 +64,21 @@ class Qwen2Config:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    # None for plain RoPE; else the scaling parameters with `rope_type` (only "yarn" today).
+    # None for plain RoPE; else the scaling parameters with `rope_type` ("yarn" or "llama3").
     rope_scaling: dict | None
     tie_word_embeddings: bool
     max_position_embeddings: int
+    model_type: str = "qwen2"
+    qkv_bias: bool = True  # q/k/v projections carry a bias
+    o_bias: bool = False  # o_proj too (llama / qwen3 / gemma attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"  # "silu" or "gelu_pytorch_tanh"
+    unit_offset_norm: bool = False
+    scale_embeddings: bool = False
+    # mistral: a token attends to at most this many tokens (itself included); None: no window.
+    # The run checks that no row is longer (jaxsft.setup), so attention here stays full causal.
+    sliding_window: int | None = None
 
     def __hash__(self):
         # The dict field would make the generated hash fail; configs are used as static metadata.
@@ -44,22 +86,21 @@ class Qwen2Config:
         return hash((dataclasses.astuple(dataclasses.replace(self, rope_scaling=None)), scaling))
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "Qwen2Config":
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from a `config.json` dict (old top-level `rope_theta` / `rope_scaling`, or
         transformers-5 `rope_parameters`); raises UnsupportedConfigError with a sentence."""
         model_type = d.get("model_type", "qwen2")
-        if model_type != "qwen2":
+        family = FAMILIES.get(model_type)
+        if family is None:
             raise UnsupportedConfigError(
-                f"config.json has model_type={model_type!r}; jaxsft supports only Qwen2 / Qwen2.5 (model_type 'qwen2').")
-        if d.get("use_sliding_window", False):
-            raise UnsupportedConfigError(
-                "config.json sets use_sliding_window: true; jaxsft implements full causal attention only, "
-                "so set use_sliding_window to false (Qwen2.5 checkpoints ship with false).")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedConfigError(f"config.json has hidden_act={act!r}; the Qwen2 MLP here is SwiGLU (silu).")
+                f"config.json has model_type={model_type!r}; jaxsft supports {', '.join(map(repr, FAMILIES))} "
+                f"(Qwen2/2.5, Qwen3, Llama 3.x, Mistral, Gemma 1).")
+        d = {**dict(_COMMON_DEFAULTS), **dict(family.defaults), **{k: v for k, v in d.items() if v is not None
+                                                                    or k == "sliding_window"}}
+        _refuse_unsupported(model_type, family, d)
         heads = d["num_attention_heads"]
         theta, scaling = _rope_settings(d)
+        attention_bias = bool(d.get("attention_bias", False))
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -68,12 +109,39 @@ class Qwen2Config:
             num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(d["rms_norm_eps"]),
             rope_theta=theta,
             rope_scaling=scaling,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(d["tie_word_embeddings"]),
+            max_position_embeddings=d["max_position_embeddings"],
+            model_type=model_type,
+            qkv_bias=attention_bias if family.qkv_bias is None else family.qkv_bias,
+            o_bias=attention_bias if family.qkv_bias is None else False,
+            mlp_bias=family.mlp_bias and bool(d.get("mlp_bias", False)),
+            qk_norm=family.qk_norm,
+            hidden_act="silu" if family.activations[0] == "silu" else "gelu_pytorch_tanh",
+            unit_offset_norm=family.unit_offset_norm,
+            scale_embeddings=family.scale_embeddings,
+            sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
         )
+
+
+def _refuse_unsupported(model_type: str, family: Family, d: dict[str, Any]) -> None:
+    """One sentence for a feature of a listed family that jaxsft does not compute."""
+    if d.get("use_sliding_window", False):
+        raise UnsupportedConfigError(
+            "config.json sets use_sliding_window: true; jaxsft implements full causal attention only, "
+            "so set use_sliding_window to false (Qwen2.5 and Qwen3 checkpoints ship with false).")
+    layer_types = set(d.get("layer_types") or ()) - {"full_attention"}
+    if layer_types:
+        raise UnsupportedConfigError(f"config.json has layer_types {sorted(layer_types)}; jaxsft implements "
+                                     f"full_attention layers only.")
+    act = d.get("hidden_act", family.activations[0])
+    if act not in family.activations:
+        raise UnsupportedConfigError(f"config.json has hidden_act={act!r}; the {model_type} MLP here is "
+                                     f"{family.activations[0]}-gated.")
+    if d.get("use_bidirectional_attention"):
+        raise UnsupportedConfigError("config.json sets use_bidirectional_attention; jaxsft trains causal LMs only.")
 
 
 def _rope_settings(d: dict[str, Any]) -> tuple[float, dict | None]:
@@ -86,27 +154,46 @@ def _rope_settings(d: dict[str, Any]) -> tuple[float, dict | None]:
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedConfigError(
             f"config.json asks for rope type {rope_type!r}; jaxsft supports only "
-            f"{' and '.join(map(repr, SUPPORTED_ROPE_TYPES))}.")
+            f"{', '.join(map(repr, SUPPORTED_ROPE_TYPES))}.")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedConfigError("config.json sets partial_rotary_factor != 1; Qwen2 rotates the whole head.")
+        raise UnsupportedConfigError("config.json sets partial_rotary_factor != 1; jaxsft rotates the whole head.")
     if rope_type == "default":
         return float(theta), None
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+    if rope_type == "llama3" and missing:
+        raise UnsupportedConfigError(f"config.json's {rope_type} rope scaling has no {', '.join(missing)}.")
     # transformers fills original_max_position_embeddings from max_position_embeddings if absent.
     params.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 32768))
     return float(theta), {"rope_type": rope_type, **params}
 
 
-def rope_frequencies(config: Qwen2Config) -> tuple[np.ndarray, float]:
+def rope_frequencies(config: ModelConfig) -> tuple[np.ndarray, float]:
     """(inverse frequencies float32 [head_dim/2], attention scaling for cos/sin), as transformers'
     `_compute_default_rope_parameters` / `_compute_yarn_parameters` compute them."""
     dim, base = config.head_dim, config.rope_theta
     pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if config.rope_scaling is None:
         return (1.0 / pos_freqs).astype(np.float32), 1.0
+    if config.rope_scaling["rope_type"] == "llama3":
+        return _llama3(config.rope_scaling, 1.0 / pos_freqs), 1.0
     return _yarn(config, dim, base, pos_freqs)
 
 
-def _yarn(config: Qwen2Config, dim: int, base: float, pos_freqs: np.ndarray) -> tuple[np.ndarray, float]:
+def _llama3(s: dict, inv_freq: np.ndarray) -> np.ndarray:
+    """Llama 3.1's scaling (transformers' `_compute_llama3_parameters`): wavelengths longer than
+    original/low_freq_factor are divided by `factor`, shorter than original/high_freq_factor kept,
+    and the band between blended linearly in original/wavelength."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    original = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def _yarn(config: ModelConfig, dim: int, base: float, pos_freqs: np.ndarray) -> tuple[np.ndarray, float]:
     s = config.rope_scaling
     original = s["original_max_position_embeddings"]
     factor = s.get("factor") or config.max_position_embeddings / original

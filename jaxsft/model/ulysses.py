@@ -34,6 +34,13 @@ def check_ulysses(num_heads: int, num_kv_heads: int, sp: int) -> None:
             f"valid sizes here divide {num_heads} and are divisors or multiples of {num_kv_heads}.")
 
 
+def valid_sp(num_heads: int, num_kv_heads: int) -> list[int]:
+    """Every ulysses_sequence_parallel_size `check_ulysses` accepts for these heads (beyond the KV
+    head count, K/V heads are replicated)."""
+    return [sp for sp in range(1, num_heads + 1)
+            if num_heads % sp == 0 and (num_kv_heads % sp == 0 or sp % num_kv_heads == 0)]
+
+
 def _kv_repeats(num_kv_heads: int, sp: int) -> int:
     # With fewer KV heads than ranks, copy each KV head so every rank owns one. jnp.repeat keeps
     # copies adjacent, so rank i holds original KV head i // r — exactly the head its query heads

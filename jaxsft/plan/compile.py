@@ -20,7 +20,8 @@ from jax._src.lib import _jax
 from jaxsft import hlo_stats, metrics, offload, parallel, roofline, step, train_state, trainable
 from jaxsft.data.loader import FIELDS
 from jaxsft.model import blockwise
-from jaxsft.model.qwen2 import Qwen2ForCausalLM
+from jaxsft.model.decoder import CausalLM
+from jaxsft.model.ulysses import valid_sp
 from jaxsft.plan.report import Plan, fits
 from jaxsft.plan.target import PlanError, Target, _first_line
 
@@ -59,7 +60,7 @@ def abstract_train_state(model_config, settings, mesh, tx, mode: Mode = FULL, sa
 
 def _abstract_state(model_config, settings, mesh, tx, mode: Mode, say):
     with jax.set_mesh(mesh):
-        model = nnx.eval_shape(lambda: Qwen2ForCausalLM(model_config, settings, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: CausalLM(model_config, settings, rngs=nnx.Rngs(0)))
     part = partition_of(nnx.state(model, nnx.Param), mode, model_config)
     graphdef, rest, state, shardings = train_state.abstract_train_state(
         model, tx, mesh, part, optimizer_offload=mode.optimizer_offload and offload.host_memory_kind(mesh) is not None,
@@ -204,10 +205,18 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
         step_flops=stats.step_flops, model_flops=model_flops, opaque_calls=stats.opaque_calls,
         collectives=stats.collectives, collectives_per_step=stats.collectives_per_step, tt_buffers=stats.tt_buffers,
         cuda_binaries=cubins, target_config=target.target_config,
-        trained=part.what, estimate=estimate, opt_state_bytes=_bytes(state["opt_state"]),
+        trained=part.what, estimate=estimate, model=describe_model(model_config), opt_state_bytes=_bytes(state["opt_state"]),
         host_argument_bytes=int(ma.host_argument_size_in_bytes), host_temp_bytes=int(ma.host_temp_size_in_bytes),
         host_peak_bytes=int(ma.host_argument_size_in_bytes + ma.host_output_size_in_bytes - ma.host_alias_size_in_bytes
                             + ma.host_temp_size_in_bytes))
+
+
+def describe_model(c) -> str:
+    """Family, geometry and the Ulysses sp values the heads allow, for the plan's lines."""
+    tied = ", tied embeddings" if c.tie_word_embeddings else ""
+    return (f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} query / "
+            f"{c.num_key_value_heads} KV heads of head_dim {c.head_dim}{tied}; ulysses_sequence_parallel_size may be "
+            f"{', '.join(map(str, valid_sp(c.num_attention_heads, c.num_key_value_heads)))}")
 
 
 # The model settings that shape the compiled step (the plan's `settings` in --dry_run_json).

@@ -45,6 +45,7 @@ class Plan:
     host_peak_bytes: int = 0
     # jaxsft.roofline's estimate of the step on the target's peaks (h100/h200 targets), as a dict
     estimate: dict | None = None
+    model: str = ""  # the model's family and attention geometry, with the sp values it allows
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,6 +70,8 @@ class Plan:
             f"[plan] collectives (async/sync) in the program: {_collectives(self.collectives)}; "
             f"executed per step: {_collectives(self.collectives_per_step)}",
         ]
+        if self.model:
+            lines.insert(1, f"[plan] model: {self.model}")
         scores = [b for b in self.tt_buffers if b["score_like"]]
         t = self.batch_shape[-1]
         lines.append(f"[plan] float32 buffers of >= T×T elements (T={t}): {len(self.tt_buffers)} shape(s); "

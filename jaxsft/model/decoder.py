@@ -1,4 +1,6 @@
-"""Qwen2 / Qwen2.5 causal LM in Flax NNX, numerically following transformers' Qwen2ForCausalLM.
+"""The pre-norm decoder-only causal LM in Flax NNX, numerically following transformers'
+Qwen2 / Qwen3 / Llama / Mistral / Gemma ForCausalLM: one decoder, the family's pieces (biases, q/k
+norm, MLP activation, RMSNorm weight as 1 + w, embedding scale) chosen by `ModelConfig`.
 
 Module and parameter names mirror HF's (`layers.self_attn.q_proj.kernel` is
 `model.layers.{i}.self_attn.q_proj.weight` transposed), so HF conversion is a transpose and a
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -27,11 +30,13 @@ from jaxsft import parallel
 from jaxsft.model import attention as attn
 from jaxsft.model import lora as lora_lib
 from jaxsft.model import remat, sink_scan
-from jaxsft.model.config import Qwen2Config, rope_frequencies
+from jaxsft.model.config import ModelConfig, rope_frequencies
 from jaxsft.settings import LoRASettings, ModelSettings
 
 DTYPES = ("float32", "bfloat16")
 _ACT = ("batch", "length", None)  # logical layout of the residual stream [B, T, H]
+# HF's ACT2FN names: gelu_pytorch_tanh is GeLU's tanh approximation (Gemma)
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 def check_settings(settings: ModelSettings) -> None:
@@ -77,19 +82,28 @@ def _lora_for(settings: ModelSettings, module: str):
 
 
 class RMSNorm(nnx.Module):
-    """HF's Qwen2RMSNorm: normalise in float32, cast back, then multiply by the weight."""
+    """HF's Qwen2/Llama RMSNorm: normalise in float32, cast back, then multiply by the weight. With
+    `unit_offset` (GemmaRMSNorm): multiply by (1 + weight) in float32, then cast; the weight starts at 0."""
 
-    def __init__(self, dim: int, eps: float, *, stack: tuple[int, ...], dtype):
-        self.scale = nnx.Param(jnp.ones((*stack, dim), dtype), axes=(*("layers",) * len(stack), "embed"))
-        self.eps = eps
+    def __init__(self, dim: int, eps: float, *, stack: tuple[int, ...], dtype, unit_offset: bool = False,
+                 axis: str | None = "embed"):
+        init = jnp.zeros if unit_offset else jnp.ones
+        self.scale = nnx.Param(init((*stack, dim), dtype), axes=(*("layers",) * len(stack), axis))
+        self.eps, self.unit_offset = eps, unit_offset
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope_tables(config: Qwen2Config, positions, dtype):
+def _norm(config: ModelConfig, dim: int, **kw) -> RMSNorm:
+    return RMSNorm(dim, config.rms_norm_eps, unit_offset=config.unit_offset_norm, **kw)
+
+
+def rope_tables(config: ModelConfig, positions, dtype):
     """cos, sin [B, T, head_dim] for integer positions [B, T]: float32 math, then cast (as HF)."""
     inv_freq, scaling = rope_frequencies(config)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
@@ -105,15 +119,21 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: Qwen2Config, settings: ModelSettings, *, stack, dtype, rngs):
+    def __init__(self, config: ModelConfig, settings: ModelSettings, *, stack, dtype, rngs):
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
         q, kv = self.num_heads * d, self.num_kv_heads * d
         common = dict(stack=stack, dtype=dtype, rngs=rngs)
-        self.q_proj = Linear(h, q, ("embed", "q_heads"), bias=True, lora=_lora_for(settings, "q_proj"), **common)
-        self.k_proj = Linear(h, kv, ("embed", "kv_heads"), bias=True, lora=_lora_for(settings, "k_proj"), **common)
-        self.v_proj = Linear(h, kv, ("embed", "kv_heads"), bias=True, lora=_lora_for(settings, "v_proj"), **common)
-        self.o_proj = Linear(q, h, ("q_heads", "embed"), bias=False, lora=_lora_for(settings, "o_proj"), **common)
+        bias = config.qkv_bias
+        self.q_proj = Linear(h, q, ("embed", "q_heads"), bias=bias, lora=_lora_for(settings, "q_proj"), **common)
+        self.k_proj = Linear(h, kv, ("embed", "kv_heads"), bias=bias, lora=_lora_for(settings, "k_proj"), **common)
+        self.v_proj = Linear(h, kv, ("embed", "kv_heads"), bias=bias, lora=_lora_for(settings, "v_proj"), **common)
+        self.o_proj = Linear(q, h, ("q_heads", "embed"), bias=config.o_bias, lora=_lora_for(settings, "o_proj"),
+                             **common)
+        # Qwen3: RMSNorm over each head's head_dim on q and k, before RoPE
+        norm = dict(stack=stack, dtype=dtype, axis=None)
+        self.q_norm = _norm(config, d, **norm) if config.qk_norm else None
+        self.k_norm = _norm(config, d, **norm) if config.qk_norm else None
         self.implementation = settings.attn_implementation
 
     def __call__(self, x, cos, sin, segment_ids, key=None):
@@ -122,6 +142,8 @@ class Attention(nnx.Module):
         q = checkpoint_name(self.q_proj(x, k_(key, 0)), "query_proj").reshape(b, t, self.num_heads, self.head_dim)
         k = checkpoint_name(self.k_proj(x, k_(key, 1)), "key_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         v = checkpoint_name(self.v_proj(x, k_(key, 2)), "value_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         ctx = attn.attention(q, k, v, segment_ids, implementation=self.implementation)
         ctx = checkpoint_name(ctx, "context").reshape(b, t, self.num_heads * self.head_dim)
@@ -129,9 +151,10 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: Qwen2Config, settings: ModelSettings, *, stack, dtype, rngs):
+    def __init__(self, config: ModelConfig, settings: ModelSettings, *, stack, dtype, rngs):
         h, i = config.hidden_size, config.intermediate_size
-        common = dict(bias=False, stack=stack, dtype=dtype, rngs=rngs)
+        common = dict(bias=config.mlp_bias, stack=stack, dtype=dtype, rngs=rngs)
+        self.hidden_act = config.hidden_act
         self.gate_proj = Linear(h, i, ("embed", "mlp"), lora=_lora_for(settings, "gate_proj"), **common)
         self.up_proj = Linear(h, i, ("embed", "mlp"), lora=_lora_for(settings, "up_proj"), **common)
         self.down_proj = Linear(i, h, ("mlp", "embed"), lora=_lora_for(settings, "down_proj"), **common)
@@ -140,18 +163,18 @@ class MLP(nnx.Module):
         k_ = lora_lib.sub_key
         gate = checkpoint_name(self.gate_proj(x, k_(key, 4)), "mlpwi_0")
         up = checkpoint_name(self.up_proj(x, k_(key, 5)), "mlpwi_1")
-        return checkpoint_name(self.down_proj(jax.nn.silu(gate) * up, k_(key, 6)), "mlpwo")
+        return checkpoint_name(self.down_proj(_ACTIVATIONS[self.hidden_act](gate) * up, k_(key, 6)), "mlpwo")
 
 
 class DecoderLayer(nnx.Module):
     """One pre-norm decoder layer; built with stack=(L,) it holds all L layers' parameters, and a
     merged one-layer slice of its state runs one layer."""
 
-    def __init__(self, config: Qwen2Config, settings: ModelSettings, *, stack, dtype, rngs):
+    def __init__(self, config: ModelConfig, settings: ModelSettings, *, stack, dtype, rngs):
         norm = dict(stack=stack, dtype=dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
+        self.input_layernorm = _norm(config, config.hidden_size, **norm)
         self.self_attn = Attention(config, settings, stack=stack, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
+        self.post_attention_layernorm = _norm(config, config.hidden_size, **norm)
         self.mlp = MLP(config, settings, stack=stack, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, segment_ids, key=None):
@@ -170,14 +193,14 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
 
-class Qwen2ForCausalLM(nnx.Module):
-    def __init__(self, config: Qwen2Config, settings: ModelSettings, *, rngs: nnx.Rngs):
+class CausalLM(nnx.Module):
+    def __init__(self, config: ModelConfig, settings: ModelSettings, *, rngs: nnx.Rngs):
         check_settings(settings)
         self.config, self.settings = config, settings
         dtype = jnp.dtype(settings.param_dtype)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = DecoderLayer(config, settings, stack=(config.num_hidden_layers,), dtype=dtype, rngs=rngs)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, stack=(), dtype=dtype)
+        self.norm = _norm(config, config.hidden_size, stack=(), dtype=dtype)
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, ("embed", "vocab"), bias=False, stack=(), dtype=dtype, rngs=rngs)
 
@@ -197,7 +220,10 @@ class Qwen2ForCausalLM(nnx.Module):
         `dropout_key`: LoRA dropout's key for this micro-batch (None: no dropout, as in evaluation).
         grad_sink: see `_decoder` (trainer's gradient accumulation only)."""
         dtype = jnp.dtype(self.settings.compute_dtype)
-        x = parallel.constrain(self.embed_tokens(input_ids).astype(dtype), _ACT)
+        x = self.embed_tokens(input_ids).astype(dtype)
+        if self.config.scale_embeddings:  # Gemma: × sqrt(hidden), rounded to float32 then to the dtype (as HF)
+            x = x * jnp.asarray(np.float32(self.config.hidden_size ** 0.5), dtype)
+        x = parallel.constrain(x, _ACT)
         cos, sin = rope_tables(self.config, positions, dtype)
         return self.norm(self._decoder(x, cos, sin, segment_ids, dropout_key, grad_sink))
 
