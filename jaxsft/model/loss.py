@@ -28,7 +28,8 @@ _HEAD = {0: "vh", 1: "hv"}
 def head_logits(h, head, vocab_axis: int, preferred_element_type=None):
     """h [..., H] times the LM head: `head` is a kernel [H, V] (vocab_axis 1) or a tied embedding
     [V, H] (vocab_axis 0), in h's dtype. The table is used as it is stored, never as `head.T`: then
-    the backward's [H, V] gradient einsum and the transpose back to [V, H] fold into one dot with
+    (with one loss chunk, once XLA has removed the scan) the backward's [H, V] gradient einsum and
+    the transpose back to [V, H] fold into one dot with
     both operands transposed (lhs_contracting_dims={0}), which XLA:CPU (jax 0.10.2) leaves out of
     its matmul-library fusions and runs on DotThunk, which has no BF16 x BF16 = F32 kernel: a
     tied model crashed on CPUs in bfloat16 compute. GPUs keep bf16 operands either way."""
