@@ -76,7 +76,8 @@ def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, dropout_key=N
     model = nnx.merge(graphdef, params, rest)
     hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"], dropout_key, grad_sink=grad_sink)
     targets, weights = shift_targets(mb["input_ids"], mb["segment_ids"], mb["loss_mask"])
-    return masked_ce_per_row(hidden, model.lm_head_kernel(), targets, weights, chunk_size)
+    head, vocab_axis = model.lm_head_weight()
+    return masked_ce_per_row(hidden, head, targets, weights, chunk_size, vocab_axis)
 
 
 def _micro_objective(loss_rows, w_rows, total_weight, cfg: StepConfig, num_micro: int):

@@ -13,6 +13,9 @@ no cotangent for a frozen weight, though it back-propagates through it to reach 
 - patterns: Hugging Face parameter names matched by shell-style globs (`fnmatch`), e.g.
   `model.layers.*.mlp.*` or `lm_head.weight`; selecting some layers of a stacked `[L, ...]`
   parameter trains those layers only. The word `new_token_embeddings` may be one of the items.
+  A tied model (`tie_word_embeddings`) has no `lm_head.weight`: its head is
+  `model.embed_tokens.weight`, which trains as both (its gradient sums the two uses); a pattern
+  matching only `lm_head` is refused with a sentence saying so, rather than silently training nothing.
 
 The trainable part is a nested dict mirroring the parameter paths; an entry is a whole parameter,
 or the slice of its positions along one axis (layers, or vocabulary rows) that train. `select`

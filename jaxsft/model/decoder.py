@@ -31,6 +31,7 @@ from jaxsft.model import attention as attn
 from jaxsft.model import lora as lora_lib
 from jaxsft.model import remat, sink_scan
 from jaxsft.model.config import ModelConfig, rope_frequencies
+from jaxsft.model.loss import head_logits
 from jaxsft.settings import LoRASettings, ModelSettings
 
 DTYPES = ("float32", "bfloat16")
@@ -207,13 +208,22 @@ class CausalLM(nnx.Module):
     def __call__(self, input_ids, positions, segment_ids, dropout_key=None):
         """Logits [B, T, V] in the compute dtype."""
         hidden = self.hidden_states(input_ids, positions, segment_ids, dropout_key)
-        return hidden @ self.lm_head_kernel().astype(hidden.dtype)
+        head, vocab_axis = self.lm_head_weight()
+        return head_logits(hidden, head.astype(hidden.dtype), vocab_axis)
+
+    def lm_head_weight(self):
+        """(LM head, its vocabulary axis) in the parameter dtype: the kernel [H, V] (axis 1), or
+        when tied the embedding [V, H] itself (axis 0), which `jaxsft.model.loss` contracts over H
+        in place (a transposed table crashes XLA:CPU in bfloat16, see `loss.head_logits`)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...], 0
+        return self.lm_head.kernel[...], 1
 
     def lm_head_kernel(self):
-        """[H, V] in the parameter dtype (the embedding transposed when tied)."""
-        if self.lm_head is None:
-            return self.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
+        """[H, V] in the parameter dtype (the embedding transposed when tied); for inspection, the
+        step uses `lm_head_weight`."""
+        head, vocab_axis = self.lm_head_weight()
+        return head.T if vocab_axis == 0 else head
 
     def hidden_states(self, input_ids, positions, segment_ids, dropout_key=None, grad_sink=None):
         """[B, T, H] after the final norm, in the compute dtype. segment_ids == 0 marks padding.
