@@ -25,6 +25,8 @@ from jaxsft.checkpoint import Checkpointer
 from jaxsft.hf import adapter
 from jaxsft.model.lora import LoRASettings
 
+pytestmark = pytest.mark.slow  # every mode on every family: two-step torch/PEFT comparisons per family: CI, not the inner loop
+
 BASE_VOCAB = 1541  # the bundled tokenizer's len()
 LORA = LoRASettings(rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj"))

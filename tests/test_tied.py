@@ -28,6 +28,8 @@ from tiny_hf import make_tiny_hf_model
 from jaxsft import hf, metrics, optim, parallel, step
 from jaxsft.model.lora import LoRASettings
 
+pytestmark = pytest.mark.slow  # two-step torch/PEFT comparisons on a tied model in float32 and bfloat16: CI, not the inner loop
+
 VOCAB, H = 256, 64
 EPS = float(np.finfo(np.float32).eps)
 DTYPES = ["float32", "bfloat16"]

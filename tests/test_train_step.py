@@ -169,6 +169,7 @@ def _check_step(state_after, m, ref, model_dir, label):
     assert worst_conditioned <= 1e-4 * LR
 
 
+@pytest.mark.slow  # a full step against torch AdamW per family: CI, not the inner loop
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_one_step_per_family(tmp_path, family):
     """Each family's tiny model (tests/tiny_hf.py: its biases, q/k norms, activation, norm offset,
