@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxsft import checkpoint, config, hf, parallel
 from jaxsft.checkpoint import CheckpointError
-from jaxsft.model.qwen2 import ModelSettings
+from jaxsft.settings import ModelSettings
 
 
 def convert(hf_dir: str, out: str, *, dtype: str = "float32") -> Path:
