@@ -156,7 +156,7 @@ def test_recipe_file_missing_or_broken(tmp_path):
     broken.write_text("def get_config(:\n")
     line = one_error_line(in_process(f"--config={tmp_path / 'nope.py'}", cwd=tmp_path))
     assert line == (f"jaxsft: error: --config '{tmp_path / 'nope.py'}': no such recipe file; give a path or one of: "
-                    "qwen05b, qwen7b, smoke")
+                    "qwen05b, qwen3_8b, qwen7b, smoke")
     line = one_error_line(in_process(f"--config={broken}", cwd=tmp_path))
     assert line == f"jaxsft: error: --config {broken}: the recipe failed to load (SyntaxError: invalid syntax (recipe.py, line 1))"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.py"]
