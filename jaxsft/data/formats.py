@@ -61,7 +61,8 @@ def _shards(entry: str, key: str) -> list[str]:
     _known(entry, key, files, f"{os.path.dirname(entry) or '.'}/*.parquet")
     # A matched directory counts when it is a save_to_disk directory; others are walked by the glob itself.
     saved = {p: _saved(p) for p in found if os.path.isfile(os.path.join(p, STATE))}
-    shards = [s for p in found for s in (saved[p] if p in saved else [p] if p in files else [])]
+    plain = set(files)
+    shards = [s for p in found for s in (saved[p] if p in saved else [p] if p in plain else [])]
     if not shards:
         raise DataError(f"{key} entry {entry!r} matches no data file")
     return shards
