@@ -20,6 +20,7 @@ import signal
 import subprocess
 import time
 
+import data_kinds
 import jax
 import numpy as np
 import pytest
@@ -171,6 +172,16 @@ def test_resuming_onto_rewritten_data_is_refused_unless_accepted(base_model, ref
     accepted = runs.train(run, base_model, *args, "--config.trainer.resume_accept_changed_data=true")
     assert "resuming on it (trainer.resume_accept_changed_data=true)" in accepted.stdout
     assert resumed_at(accepted).endswith("at step 3") and max(losses(run)) == 4
+
+
+def test_the_data_as_jsonl_a_datasets_directory_and_parquet_shards_trains_the_same_steps(base_model, reference,
+                                                                                       tmp_path):
+    """The reference's rows as three entries of three kinds (JSON lines, a datasets save_to_disk
+    directory, a glob of parquet shards: tests/data_kinds.py) log the reference's 6 steps bit for
+    bit (issue 28). In this process."""
+    entries, _ = data_kinds.mixed_entries(pq.read_table(bundled.path("humaneval_chat", "train.parquet")), tmp_path)
+    runs.train(tmp_path / "run", base_model, *FAST, f"--config.data.train_files=[{','.join(map(repr, entries))}]")
+    assert train_rows(tmp_path / "run") == train_rows(reference)
 
 
 def test_full_disk_at_a_save_is_one_line_and_the_rerun_resumes_exactly(base_model, reference, tmp_path):

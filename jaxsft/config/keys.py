@@ -44,8 +44,9 @@ def _j(name, default, kind, doc, **kw) -> Key:  # jaxsft's own key
 
 KEYS: tuple[Key, ...] = (
     # ---- data ----------------------------------------------------------------------------------
-    _k("data.train_files", None, "strs", "training parquet file, or a list of files (required)", optional=True),
-    _k("data.val_files", None, "strs", "validation parquet file(s); null = no validation", optional=True),
+    _k("data.train_files", None, "strs", "training data (required): a .parquet, .jsonl or .json file, a directory or "
+       "glob of them, or a datasets save_to_disk directory; or a list of these, read in order", optional=True),
+    _k("data.val_files", None, "strs", "validation data, as data.train_files; null = no validation", optional=True),
     _k("data.train_max_samples", -1, "int", "keep only the first N training rows (-1 = all)"),
     _k("data.val_max_samples", -1, "int", "keep only the first N validation rows (-1 = all)"),
     _k("data.multiturn.enable", False, "bool", "multi-turn chats (MultiTurnSFTDataset); false = prompt/response pairs"),

@@ -171,7 +171,7 @@ def _data(c: Composed, v: dict) -> DataSettings:
     if v["data.micro_batch_size_per_gpu"] != AUTO:
         _positive(v, "data.micro_batch_size_per_gpu")
     if v["data.train_files"] is None:
-        _fail("data.train_files is not set: give one parquet path or a list of paths")
+        _fail("data.train_files is not set: give a data file, directory or glob, or a list of them")
     packing = _choose(c, "data.packing", "use_remove_padding", lambda a, b: (a != "none") == b,
                       lambda b, a: (a if a != "none" else "first_fit") if b else "none")
     keys = {name: _choose(c, f"data.{name}", f"data.multiturn.{name}", lambda a, b: a == b, lambda b, a: b)

@@ -40,7 +40,7 @@ from jaxsft.data.samples import Origins, TokenizedDataset
 
 FORMAT = 1
 # What decides an entry's content.
-CODE = ("source.py", "tokenize.py", "whole_chat.py", "workers.py", "dataset.py", "samples.py", "cache.py")
+CODE = ("formats.py", "errors.py", "source.py", "tokenize.py", "whole_chat.py", "workers.py", "dataset.py", "samples.py", "cache.py")
 # DataSettings fields that do not change the tokenised rows of a split (batching, mixing, where
 # the cache is); every other field is part of the key, so a new data key is keyed by default.
 NOT_TOKENISATION = ("train_files", "val_files", "train_max_samples", "val_max_samples", "train_batch_size",

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxsft.data.dataset import TokenizedDataset
 from jaxsft.data import mixture
-from jaxsft.data.errors import DataError
+from jaxsft.data.errors import DataError, at
 from jaxsft.data.packing import pack
 
 FIELDS = ("input_ids", "positions", "segment_ids", "loss_mask")
@@ -65,8 +65,8 @@ def _check_lengths(dataset: TokenizedDataset, max_length: int) -> None:
     longest = int(np.argmax(dataset.lengths))
     if dataset.lengths[longest] > max_length:
         file, row = dataset.origins[longest]
-        raise DataError(f"{file} row {row}: {dataset.lengths[longest]} tokens exceed max_length={max_length} "
-                        f"(the data set was built with a larger data.max_length)")
+        raise DataError(at(file, row, f"{dataset.lengths[longest]} tokens exceed max_length={max_length} "
+                                      f"(the data set was built with a larger data.max_length)"))
 
 
 def local_block(total: int, process_index: int, process_count: int, what: str) -> range:
@@ -255,7 +255,7 @@ class TrainLoader:
                             f"it, or choose another trainer.default_local_dir to start fresh")
         theirs = state.get("data_fingerprint")
         if theirs is not None and theirs != self.data_fingerprint:
-            what = (f"{', '.join(self.dataset.stats.get('files', ())) or 'the training data'}: the tokenised training "
+            what = (f"{', '.join(self.dataset.inputs()) or 'the training data'}: the tokenised training "
                     f"data differs from the data this checkpoint was trained on (same {len(self.dataset)} rows, other "
                     f"tokens or loss masks; fingerprint {theirs[:12]} there, {self.data_fingerprint[:12]} here)")
             if not accept_changed_data:
