@@ -158,3 +158,26 @@ def metrics_of(run_dir):
     from e2e import metrics
 
     return [m for m in metrics(run_dir) if "perf/compile_and_first_step(s)" in m["data"]]
+
+
+@pytest.mark.parametrize("packing", ["none", "best_fit"])
+def test_batches_carry_each_tokens_source(packing):
+    """A mixed run's batches say, token by token, which file each sample came from (the step adds up
+    the loss by source from it); an unmixed one has no source_ids."""
+    ds = two_sources(30, 50)
+    ld = loader(ds, packing=packing)
+    for _ in range(3):
+        _, batch = next(ld)
+        seg, src, ids = batch["segment_ids"], batch["source_ids"], batch["input_ids"]
+        assert src.shape == seg.shape and np.all(src[seg == 0] == 0)
+        # two_sources' ids are 10_000·file + ...: every token of a sample names its file
+        assert np.array_equal(src[seg > 0], ids[seg > 0] // 10_000)
+    assert "source_ids" not in next(loader(ds, weights=None))[1]
+
+
+def test_source_names_are_file_stems_made_unique():
+    from jaxsft.data.mixture import source_names
+
+    assert source_names(["data/math.parquet", "code.jsonl", "/x/chat/"]) == ["math", "code", "chat"]
+    assert source_names(["a/train.parquet", "b/train.parquet", "c/dev.parquet"]) == ["train_1", "train_2", "dev"]
+    assert source_names(["shards/gsm8k/*.parquet", "we ird(1).json"]) == ["gsm8k", "we_ird_1_"]

@@ -65,7 +65,7 @@ def build(model_dir, mesh_shape, settings=F32, cfg=None, **step_kw):
     return mesh, state, run, graphdef, rest, schedule
 
 
-def torch_reference_steps(model_dir, batches, lrs):
+def torch_reference_steps(model_dir, batches, lrs, loss_type="ce"):
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
                                                               dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=lrs[0], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
@@ -77,6 +77,8 @@ def torch_reference_steps(model_dir, batches, lrs):
         ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                flat["input_ids"][:, 1:].reshape(-1), reduction="none")
         w = (flat["loss_mask"][:, 1:] * (flat["segment_ids"][:, 1:] > 0)).reshape(-1).float()
+        if loss_type == "dft":  # TRL's dft_loss: each token's CE times its probability, detached
+            ce = ce * torch.exp(-ce).detach()
         loss = (ce * w).sum() / w.sum()
         opt.zero_grad()
         loss.backward()
@@ -129,6 +131,28 @@ def test_two_steps_match_torch_adamw(model_dir):
                                              [float(g[n][worst]) for g in grads])
 
 
+def test_dft_step_matches_torch_and_sources_add_up(model_dir):
+    """trainer.loss_type=dft: one step (2 micro-batches, chunked CE: 24 tokens in chunks of 16) equals
+    TRL's DFT loss in torch + AdamW with _check_step's bounds. The same step mixes 3 sources (each
+    row's `source_ids`): its loss-token counts by source are exact, and the per-source losses,
+    token-weighted, add up to the step's loss."""
+    batch = padded_batch(4, 2, 4, 24)
+    batch["source_ids"] = np.broadcast_to(np.array([0, 2, 2, 1], np.int32)[None, :, None], (2, 4, 24)).copy()
+    _, state, run, *_, schedule = build(model_dir, (2, 4), loss_type="dft", num_sources=3)
+    ref = torch_reference_steps(model_dir, [batch], [float(schedule(0))], loss_type="dft")
+    state, m = run(state, batch)
+    _check_step(state, m, ref[0], model_dir, "dft")
+    sums, counts = np.asarray(m["source_loss_sums"], np.float64), np.asarray(m["source_loss_tokens"])
+    w = (batch["loss_mask"][..., 1:] * (batch["segment_ids"][..., 1:] > 0)).astype(np.float64)
+    expect = [w[batch["source_ids"][..., 1:] == s].sum() for s in range(3)]
+    np.testing.assert_array_equal(counts, expect)  # integer counts in float32: exact
+    assert counts.sum() == float(m["loss_tokens"])
+    per_source = sums / counts
+    # Σ_s n_s·(S_s/n_s) / Σ n_s vs the step's Σ_k Σ_rows / N: the same ≤ 8 row sums (all ≥ 0) added in
+    # other orders in float32, one division each: γ_10 = 10 eps relative
+    assert rel(np.sum(per_source * counts) / counts.sum(), float(m["loss"])) <= 10 * np.finfo(np.float32).eps
+
+
 def adam_bound(grads, lrs, beta=(0.9, 0.95), eps=1e-8, rel_grad=1e-5):
     """First-order bound, per entry, on how far AdamW's parameter after len(grads) ≤ 2 steps moves
     when each step's gradient g_k is off by δ_k = rel_grad·max|g_k| (float64; weight decay's factor
@@ -170,17 +194,18 @@ def _check_step(state_after, m, ref, model_dir, label):
 
 
 @pytest.mark.slow  # a full step against torch AdamW per family: CI, not the inner loop
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_one_step_per_family(tmp_path, family):
+@pytest.mark.parametrize("family,loss_type", [(f, "ce") for f in FAMILIES] + [("gemma", "dft")])
+def test_one_step_per_family(tmp_path, family, loss_type):
     """Each family's tiny model (tests/tiny_hf.py: its biases, q/k norms, activation, norm offset,
     embedding scale, rope, tying): one full train step on a (2, 4) mesh equals transformers + torch
-    AdamW with the bounds of test_two_steps_match_torch_adamw."""
+    AdamW with the bounds of test_two_steps_match_torch_adamw; DFT also on a tied head (gemma: the
+    loss reads the embedding table [V, H])."""
     model_dir = make_tiny_hf_model(tmp_path, seed=3, **dict(FAMILIES[family], vocab_size=128))
     batch = padded_batch(11, 2, 4, 16)
-    _, state, run, *_, schedule = build(model_dir, (2, 4))
-    ref = torch_reference_steps(model_dir, [batch], [float(schedule(0))])
+    _, state, run, *_, schedule = build(model_dir, (2, 4), loss_type=loss_type)
+    ref = torch_reference_steps(model_dir, [batch], [float(schedule(0))], loss_type=loss_type)
     state, m = run(state, batch)
-    _check_step(state, m, ref[0], model_dir, family)
+    _check_step(state, m, ref[0], model_dir, f"{family} {loss_type}")
 
 
 def gradients(model_dir, mesh_shape, batch, **step_kw):
@@ -221,16 +246,17 @@ def test_global_tokens_invariant_to_split_and_mesh(model_dir, mesh_shape):
     print(f"mesh {mesh_shape}: worst gradient rel {worst:.2e}")
 
 
-@pytest.mark.parametrize("balance", [False, True])
-def test_verl_normalisation_formulas(model_dir, balance):
+@pytest.mark.parametrize("balance,loss_type", [(False, "ce"), (True, "dft")])
+def test_verl_normalisation_formulas(model_dir, balance, loss_type):
     """verl mode equals the hand-computed formulas (semantics §3.2) with unequal token counts per
-    micro-batch and per rank: checked on the loss, which is the objective whose gradient is taken."""
+    micro-batch and per rank: checked on the loss, which is the objective whose gradient is taken
+    (of DFT's token losses too: the normalisation is the same whatever the token loss)."""
     dp, b, K, T = 4, 2, 2, 24
     batch = padded_batch(5, K, dp * b, T)
     mesh, state, run, graphdef, rest, _ = build(model_dir, (dp, 2), loss_normalization="verl",
-                                                balance_dp_token=balance)
+                                                balance_dp_token=balance, loss_type=loss_type)
     with jax.set_mesh(mesh):
-        rows = jax.jit(lambda p, mb: step.row_losses(graphdef, p, rest, mb, 16))
+        rows = jax.jit(lambda p, mb: step.row_losses(graphdef, p, rest, mb, 16, loss_type=loss_type)[:2])
         cells = [[None] * dp for _ in range(K)]
         for k in range(K):
             s, n = jax.device_get(rows(state["params"], {x: jnp.asarray(v[k]) for x, v in batch.items()}))

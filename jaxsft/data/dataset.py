@@ -69,7 +69,7 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
     paths = source.file_list(files)
     show = _main_process() if verbose is None else verbose
     encoder = make_encoder(tokenizer, data)  # the template's own problems come first, as ever
-    cache = data_cache.DataCache(cache_dir, say=print if show else _quiet) if cache_dir else None
+    cache = data_cache.DataCache(cache_dir, say=print if show else _quiet, show=show) if cache_dir else None
     key = cache.key(paths, data, tokenizer, split) if cache else None
     with cache.lock(key) if key else nullcontext():
         dataset = cache.load(key, paths, t0) if key else None
@@ -78,7 +78,7 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
                 warnings.warn(message, DataWarning, stacklevel=2)
         else:
             dataset = _tokenize(paths, data, tokenizer, encoder, split, t0,
-                                worker_count(data.tokenize_workers if workers is None else workers))
+                                worker_count(data.tokenize_workers if workers is None else workers), show)
             if key:
                 dataset = cache.store(key, dataset)
     check_vocab(dataset, tokenizer, vocab_size)
@@ -89,7 +89,7 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
     return dataset
 
 
-def _tokenize(paths, data, tokenizer, encoder, split, t0, workers) -> TokenizedDataset:
+def _tokenize(paths, data, tokenizer, encoder, split, t0, workers, show: bool = True) -> TokenizedDataset:
     said: list[str] = []
 
     def warn(message: str) -> None:
@@ -98,7 +98,7 @@ def _tokenize(paths, data, tokenizer, encoder, split, t0, workers) -> TokenizedD
 
     collected = Collected()
     counts = tokenize_files(paths, data, tokenizer, encoder, limit=data.max_samples(split), workers=workers,
-                            add=collected.add, warn=warn)
+                            add=collected.add, warn=warn, show=show)
     if data.multiturn:
         _chat_warnings(counts, data, tokenizer, encoder, ", ".join(paths), warn)
     raw = collected.column("raw_lengths", np.int64)
@@ -148,7 +148,7 @@ def summary(dataset: TokenizedDataset) -> str:
     cached = s.get("cache")
     if cached:
         text += (f"; read from the data cache {cached['path']} in {cached['seconds']:.2f} s" if cached["hit"] else
-                 f"; written to the data cache {cached['path']}")
+                 f"; written to the data cache {cached['path']} in {cached['seconds']:.2f} s")
     return text
 
 
