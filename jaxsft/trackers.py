@@ -13,7 +13,8 @@ instead: jaxsft.metrics.trim_metrics_file.)
   sqlite:////tmp/mlruns.db; experiment = trainer.project_name, run name = trainer.experiment_name
   (MLFLOW_RUN_ID, as in verl, names a run to continue). A new run gets the resolved configuration
   as params (flattened keys, `data.max_length`) and every launch uploads RUN_DIR/config.yaml as
-  an artifact. Metric names keep letters, digits and `_ - . / :` and space (mlflow's rule); any
+  an artifact (into the experiment's artifact location: with a sqlite store mlflow's default is
+  ./mlruns of the working directory where the experiment was created). Metric names keep letters, digits and `_ - . / :` and space (mlflow's rule); any
   other character becomes `_` (`train/time(s)` → `train/time_s_`), as verl does. A metric is not
   sent for a step at or below the last step the run holds for it.
 """

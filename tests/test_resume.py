@@ -87,8 +87,11 @@ def test_sigkill_mid_async_save_and_retention_across_launches(base_model, refere
     and computed again, exactly, by the restart)."""
     from mlflow.tracking import MlflowClient
 
-    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    (tmp_path / "mlflow").mkdir()
+    store = f"sqlite:///{tmp_path / 'mlflow' / 'runs.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the in-process restart's
+    client = MlflowClient(tracking_uri=store)  # the experiment made here: its artifacts in tmp_path, not the cwd
+    client.create_experiment("jaxsft", artifact_location=str(tmp_path / "mlflow" / "artifacts"))
     args = (*FAST, "--config.trainer.save_freq=1", "--config.trainer.max_ckpt_to_keep=2",
             "--config.trainer.logger=('console','file','mlflow')")
     proc = start_train(tmp_path, base_model, *args, hook="kill_mid_save:3", MLFLOW_TRACKING_URI=store)
@@ -105,7 +108,6 @@ def test_sigkill_mid_async_save_and_retention_across_launches(base_model, refere
     assert sorted(checkpoint.step_dirs(tmp_path)) == [5, 6]  # launch 1's steps 1 and 2 were counted
     assert (tmp_path / TRACKER).read_text() == "6" and checkpoint.is_complete(tmp_path / "global_step_6")
     assert not list(tmp_path.glob("*.orbax-checkpoint-tmp*"))
-    client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("jaxsft").experiment_id])
     held = {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)) for k in EXACT}
     assert held == {k: [(m["step"], m["data"][k]) for m in metrics(tmp_path) if k in m["data"]] for k in EXACT}, held

@@ -45,7 +45,9 @@ def test_mlflow_run_resumed_after_a_kill_has_one_row_per_step(tmp_path, monkeypa
     metrics.jsonl step by step (mlflow names: `train/time(s)` → `train/time_s_`); steps 4-5 keep
     launch 1's values (their timings are launch 1's, the rest is the same); the resolved
     configuration is the run's params and RUN_DIR/config.yaml its artifact."""
-    mlflow = pytest.importorskip("mlflow")
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # mlflow's default artifact root is ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     run_dir = tmp_path / "run"
