@@ -178,7 +178,7 @@ def test_two_spellings_of_one_setting():
     ({"optim.lr_scheduler": "linear"}, 8, "optim.lr_scheduler"),
     ({"optim.lr": "abc"}, 8, "optim.lr"),
     ({"optim.betas": [0.9]}, 8, "optim.betas"),
-    ({"trainer.logger": ["console", "mlflow"]}, 8, "trainer.logger"),
+    ({"trainer.logger": ["console", "swanlab"]}, 8, "trainer.logger"),
     ({"trainer.checkpoint.max_shard_size": "lots"}, 8, "max_shard_size"),
     ({"data.max_length": 1.5}, 8, "data.max_length"),
     ({"trainer.total_epochs": None}, 8, "trainer.total_epochs"),

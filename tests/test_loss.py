@@ -62,10 +62,10 @@ def naive_dft_sums(hidden, kernel, targets, weights, groups, num_groups):
     return loss.sum(-1), weights.sum(-1), jax.ops.segment_sum(loss.reshape(-1), groups.reshape(-1), num_groups)
 
 
-@pytest.mark.parametrize("chunk_size", [5, 64])
-def test_dft_by_group_matches_naive(chunk_size):
+def test_dft_by_group_matches_naive(chunk_size=5):
     """trainer.loss_type=dft and the per-source sums: values and gradients (through the row sums and
-    the group sums, with distinct cotangents) equal the naive formula's, chunked or not."""
+    the group sums, with distinct cotangents) equal the naive formula's, over 3 chunks (13 tokens
+    padded to 15)."""
     hidden, kernel, targets, weights = make_inputs(2, 13, 16, 50, seed=2)
     groups = jax.random.randint(jax.random.key(9), (2, 13), 0, 3)
     row_scale, group_scale = jnp.array([0.7, 1.3]), jnp.array([0.5, 2.0, -1.0])
