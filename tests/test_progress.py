@@ -42,7 +42,7 @@ def test_bars_on_a_terminal_only_and_one_line_per_phase(tmp_path, tok, capsys, m
     # the phase lines, with durations, either way
     assert re.search(r"tokenised \d+ tokens in [0-9.]+ s .*; written to the data cache \S+ in [0-9.]+ s$", lines[0])
     assert re.search(r"; read from the data cache \S+ in [0-9.]+ s$", lines[1])
-    assert re.fullmatch(r"\[jaxsft\] Hugging Face weights: 0\.00 GB \(float32\) written in [0-9.]+ s", lines[2])
+    assert re.fullmatch(r"\[jaxsft\] Hugging Face weights: 0\.0 MB \(float32\) written in [0-9.]+ s", lines[2])
     assert len(lines) == 3, lines
     if not terminal:
         assert err == ""

@@ -135,7 +135,7 @@ def write_weights(tensors: Iterable[tuple[str, Any]], out_dir: str | os.PathLike
         writer = _ShardWriter(out_dir, parse_size(max_shard_size))
     with progress.phase("writing safetensors", total=len(tensors) if hasattr(tensors, "__len__") else None,
                         unit="tensor", show=writer is not None,
-                        done=lambda s: f"[jaxsft] Hugging Face weights: {writer.total_bytes / 1e9:.2f} GB ({dtype}) "
+                        done=lambda s: f"[jaxsft] Hugging Face weights: {writer.total_bytes / 1e6:.1f} MB ({dtype}) "
                                        f"written in {s:.1f} s") as advance:
         _stream(tensors, writer, dtype, advance)
     if writer is None:
