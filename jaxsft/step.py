@@ -12,6 +12,11 @@ the lr of the global step. Normalisation (`trainer.loss_normalization`):
   micro-step k) are recovered by a reshape. `balance_dp_token=False`: mean over cells of each
   cell's token mean. `balance_dp_token=True`: mean over micro-steps of the token mean across ranks.
   verl's sp>1 factor (issue #1963) is not reproduced.
+
+The token loss is `trainer.loss_type`'s (cross-entropy, or DFT: jaxsft.model.loss); the
+normalisations above apply to it unchanged. With several mixed training files
+(`data.train_weights`) the batch carries each token's source file (`source_ids`) and the step also
+returns the loss sums and loss-token counts by source, added up in the same pass as the loss.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsft import offload, optim
-from jaxsft.model.loss import masked_ce_per_row
+from jaxsft.model.loss import masked_loss_sums
 from jaxsft.train_state import abstract_train_state, init_train_state  # noqa: F401 (part of this API)
 from jaxsft.trainable import EVERYTHING, Partition
 
@@ -53,6 +58,8 @@ class StepConfig:
     # weight-sized buffer fewer); needs scan_layers and remat `full` (jaxsft.model.sink_scan), and
     # full fine-tuning without LoRA dropout (otherwise the step sums as usual)
     accumulate_in_backward: bool = False
+    loss_type: str = "ce"  # trainer.loss_type: ce | dft
+    num_sources: int = 0  # > 0: the batch has `source_ids` and the step returns per-source sums (source_count)
 
     @classmethod
     def of(cls, settings, mesh) -> "StepConfig":
@@ -60,7 +67,15 @@ class StepConfig:
         return cls(loss_normalization=t.loss_normalization, balance_dp_token=settings.data.balance_dp_token, dp=mesh.shape["dp"],
                    chunk_size=t.loss_chunk_size, dropout_seed=t.seed if lora is not None and lora.dropout > 0 else None,
                    grad_accum_dtype=settings.optim.grad_accum_dtype,
-                   accumulate_in_backward=accumulates_in_backward(settings.model))
+                   accumulate_in_backward=accumulates_in_backward(settings.model), loss_type=t.loss_type,
+                   num_sources=source_count(settings.data))
+
+
+def source_count(data_settings) -> int:
+    """Sources the step reports the loss of: the training files when several are mixed
+    (data.train_weights), else 0 (none, and no `source_ids` in the batch)."""
+    files, weights = data_settings.train_files, data_settings.train_weights
+    return len(files) if weights is not None and len(files) > 1 else 0
 
 
 def accumulates_in_backward(model_settings) -> bool:
@@ -71,13 +86,23 @@ def accumulates_in_backward(model_settings) -> bool:
             and getattr(model_settings, "lora", None) is None)
 
 
-def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, dropout_key=None, grad_sink=None):
-    """Per-row (Σ masked CE, Σ weights) of one micro-batch [rows, T], in float32."""
+def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, dropout_key=None, grad_sink=None,
+               loss_type: str = "ce", num_sources: int = 0):
+    """Per-row (Σ masked token losses, Σ weights) of one micro-batch [rows, T], and the loss sums
+    by source [num_sources] (from mb["source_ids"]; empty when num_sources is 0), in float32."""
     model = nnx.merge(graphdef, params, rest)
     hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"], dropout_key, grad_sink=grad_sink)
     targets, weights = shift_targets(mb["input_ids"], mb["segment_ids"], mb["loss_mask"])
     head, vocab_axis = model.lm_head_weight()
-    return masked_ce_per_row(hidden, head, targets, weights, chunk_size, vocab_axis)
+    groups = mb["source_ids"] if num_sources else None
+    loss, w, by_source = masked_loss_sums(hidden, head, targets, weights, chunk_size, vocab_axis, loss_type, groups,
+                                          max(num_sources, 1))
+    return loss, w, by_source[:num_sources]
+
+
+def source_tokens(batch: Batch, weights, num_sources: int):
+    """Loss tokens by source [num_sources] of a batch whose token weights are `weights`."""
+    return jax.ops.segment_sum(weights.reshape(-1), batch["source_ids"].reshape(-1), num_segments=num_sources)
 
 
 def _micro_objective(loss_rows, w_rows, total_weight, cfg: StepConfig, num_micro: int):
@@ -96,47 +121,56 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig, 
                          dropout_key=None):
     """Σ over the K micro-batches of the normalised loss and its gradients with respect to
     `partition`'s trainable part, summed in cfg.grad_accum_dtype (with K = 1 the gradients stay
-    in the parameter dtype): returns (loss, grads, loss-token count). `dropout_key`: the step's
-    LoRA dropout key (micro-batch k uses fold_in(key, k))."""
+    in the parameter dtype): returns (loss, grads, loss-token count, (loss sums, loss tokens) by
+    source or None). `dropout_key`: the step's LoRA dropout key (micro-batch k uses fold_in(key, k))."""
     num_micro = batch["input_ids"].shape[0]
     _, all_w = shift_targets(batch["input_ids"], batch["segment_ids"], batch["loss_mask"])
     total_weight = jnp.sum(all_w)
     trainable = partition.select(params)
+    per_source = cfg.num_sources > 0
+
+    def finish(loss, grads, by_source):
+        counts = source_tokens(batch, all_w, cfg.num_sources) if per_source else None
+        return loss, grads, total_weight, (by_source, counts) if per_source else None
+
+    def micro(p, mb, key=None, sink=None):  # (this micro-batch's objective, its loss sums by source)
+        loss_rows, w_rows, by_source = row_losses(graphdef, p, rest, mb, cfg.chunk_size, key, sink, cfg.loss_type,
+                                                  cfg.num_sources)
+        return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro), by_source
 
     def objective(t, mb, k):
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, k)
-        loss_rows, w_rows = row_losses(graphdef, partition.merge(params, t), rest, mb, cfg.chunk_size, key)
-        return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
+        return micro(partition.merge(params, t), mb, key)
 
-    grad_fn = jax.value_and_grad(objective)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     if num_micro == 1:  # nothing to sum: skip the accumulator (28 GiB in float32 for a 7B)
-        loss, grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), 0)
-        return loss, grads, total_weight
+        (loss, by_source), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), 0)
+        return finish(loss, grads, by_source)
 
     acc_dtype = jnp.dtype(cfg.grad_accum_dtype)
     # the in-backward sum needs the whole parameter tree as the trainable part, and no dropout keys
     in_backward = cfg.accumulate_in_backward and partition.whole and dropout_key is None
 
     def sink_objective(p, sink, mb):
-        loss_rows, w_rows = row_losses(graphdef, p, rest, mb, cfg.chunk_size, grad_sink=sink)
-        return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
+        return micro(p, mb, sink=sink)
 
     def accumulate(carry, mb_k):
-        loss_sum, grad_sum = carry
+        loss_sum, grad_sum, source_sum = carry
         if in_backward:  # the layers' "gradient" of the sink is the new running sum
-            loss, (grads, layers_sum) = jax.value_and_grad(sink_objective, argnums=(0, 1))(
+            (loss, by_source), (grads, layers_sum) = jax.value_and_grad(sink_objective, argnums=(0, 1), has_aux=True)(
                 trainable, grad_sum["layers"], mb_k[0])
         else:
-            loss, grads = grad_fn(trainable, *mb_k)
+            (loss, by_source), grads = grad_fn(trainable, *mb_k)
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grad_sum, grads)
         if in_backward:
             grad_sum["layers"] = layers_sum
-        return (loss_sum + loss, grad_sum), None
+        return (loss_sum + loss, grad_sum, source_sum + by_source), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), trainable)
-    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                    (batch, jnp.arange(num_micro)))
-    return loss, grads, total_weight
+    (loss, grads, by_source), _ = jax.lax.scan(
+        accumulate, (jnp.zeros((), jnp.float32), zeros, jnp.zeros((cfg.num_sources,), jnp.float32)),
+        (batch, jnp.arange(num_micro)))
+    return finish(loss, grads, by_source)
 
 
 def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, partition: Partition = EVERYTHING,
@@ -153,7 +187,7 @@ def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, 
     def train_step(state: dict[str, Any], batch: Batch):
         params = state["params"]
         key = None if cfg.dropout_seed is None else jax.random.fold_in(jax.random.key(cfg.dropout_seed), state["step"])
-        loss, grads, total_weight = accumulate_gradients(graphdef, rest, params, batch, cfg, partition, key)
+        loss, grads, total_weight, by_source = accumulate_gradients(graphdef, rest, params, batch, cfg, partition, key)
         lr = lr_schedule(state["step"])
         if stream:  # the moments in host memory: through the device a layer at a time (jaxsft.offload)
             update = offload.streamed_update(tx, partition.select(params), state["opt_state"], grads, lr,
@@ -164,17 +198,20 @@ def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, 
         new_state = {"params": partition.merge(params, new_trainable), "opt_state": new_opt_state,
                      "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": total_weight}
+        if by_source is not None:
+            metrics["source_loss_sums"], metrics["source_loss_tokens"] = by_source
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef, rest, chunk_size: int):
-    """Returns `eval_step(params, batch [rows, T]) -> (Σ masked CE, Σ loss tokens)`: validation
-    loss is token-weighted over all samples (the caller sums both and divides once)."""
+def make_eval_step(graphdef, rest, chunk_size: int, loss_type: str = "ce"):
+    """Returns `eval_step(params, batch [rows, T]) -> (Σ masked token losses, Σ loss tokens)`:
+    validation loss is token-weighted over all samples (the caller sums both and divides once),
+    of the training's token loss (`loss_type`, as TRL evaluates a DFT run)."""
 
     def eval_step(params, batch: Batch):
-        loss_rows, w_rows = row_losses(graphdef, params, rest, batch, chunk_size)
+        loss_rows, w_rows, _ = row_losses(graphdef, params, rest, batch, chunk_size, loss_type=loss_type)
         return jnp.sum(loss_rows), jnp.sum(w_rows)
 
     return eval_step
@@ -186,7 +223,7 @@ def compile_steps(graphdef, rest, tx, lr_schedule, cfg: StepConfig, shardings, m
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = jax.jit(make_train_step(graphdef, rest, tx, lr_schedule, cfg, partition, shardings["opt_state"]),
                          donate_argnums=0, out_shardings=(shardings, replicated))
-    return train_step, jax.jit(make_eval_step(graphdef, rest, cfg.chunk_size))
+    return train_step, jax.jit(make_eval_step(graphdef, rest, cfg.chunk_size, cfg.loss_type))
 
 
 def evaluate(eval_step, params, batches) -> tuple[float, float]:

@@ -66,7 +66,7 @@ def build(model_dir, mesh_shape, settings=F32, cfg=None, **step_kw):
     return mesh, state, run, graphdef, rest, schedule
 
 
-def torch_reference_steps(model_dir, batches, lrs):
+def torch_reference_steps(model_dir, batches, lrs, loss_type="ce"):
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
                                                               dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=lrs[0], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
@@ -78,6 +78,8 @@ def torch_reference_steps(model_dir, batches, lrs):
         ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                flat["input_ids"][:, 1:].reshape(-1), reduction="none")
         w = (flat["loss_mask"][:, 1:] * (flat["segment_ids"][:, 1:] > 0)).reshape(-1).float()
+        if loss_type == "dft":  # TRL's dft_loss: each token's CE times its probability, detached
+            ce = ce * torch.exp(-ce).detach()
         loss = (ce * w).sum() / w.sum()
         opt.zero_grad()
         loss.backward()
@@ -128,6 +130,28 @@ def test_two_steps_match_torch_adamw(model_dir):
             worst = np.unravel_index(np.argmax(excess / bound), bound.shape)
             assert np.all(excess <= bound), (i + 1, n, float(excess[worst]), float(bound[worst]),
                                              [float(g[n][worst]) for g in grads])
+
+
+def test_dft_step_matches_torch_and_sources_add_up(model_dir):
+    """trainer.loss_type=dft: one step (2 micro-batches, chunked CE: 24 tokens in chunks of 16) equals
+    TRL's DFT loss in torch + AdamW with _check_step's bounds. The same step mixes 3 sources (each
+    row's `source_ids`): its loss-token counts by source are exact, and the per-source losses,
+    token-weighted, add up to the step's loss."""
+    batch = padded_batch(4, 2, 4, 24)
+    batch["source_ids"] = np.broadcast_to(np.array([0, 2, 2, 1], np.int32)[None, :, None], (2, 4, 24)).copy()
+    _, state, run, *_, schedule = build(model_dir, (2, 4), loss_type="dft", num_sources=3)
+    ref = torch_reference_steps(model_dir, [batch], [float(schedule(0))], loss_type="dft")
+    state, m = run(state, batch)
+    _check_step(hf_params(state, model_dir), m, ref[0], "dft")
+    sums, counts = np.asarray(m["source_loss_sums"], np.float64), np.asarray(m["source_loss_tokens"])
+    w = (batch["loss_mask"][..., 1:] * (batch["segment_ids"][..., 1:] > 0)).astype(np.float64)
+    expect = [w[batch["source_ids"][..., 1:] == s].sum() for s in range(3)]
+    np.testing.assert_array_equal(counts, expect)  # integer counts in float32: exact
+    assert counts.sum() == float(m["loss_tokens"])
+    per_source = sums / counts
+    # Σ_s n_s·(S_s/n_s) / Σ n_s vs the step's Σ_k Σ_rows / N: the same ≤ 8 row sums (all ≥ 0) added in
+    # other orders in float32, one division each: γ_10 = 10 eps relative
+    assert rel(np.sum(per_source * counts) / counts.sum(), float(m["loss"])) <= 10 * np.finfo(np.float32).eps
 
 
 def adam_bound(grads, lrs, beta=(0.9, 0.95), eps=1e-8, rel_grad=1e-5):
@@ -197,13 +221,14 @@ def family_dir(tmp_path_factory):
 
 
 @pytest.mark.slow  # a full step against torch AdamW per family: CI, not the inner loop
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_one_step_per_family_through_the_command_line(family_dir, family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,loss_type", [(f, "ce") for f in FAMILIES] + [("gemma", "dft")])
+def test_one_step_per_family_through_the_command_line(family_dir, family, loss_type, tmp_path, monkeypatch):
     """Each family's tiny model (tests/tiny_hf.py: its biases, q/k norms, activation, norm offset,
     embedding scale, rope, tying, a pad_token_id that the rows hold as loss-bearing input): one step
     of `python -m jaxsft.train` (jaxsft.train.main in this process, tests/runs.py) on the bundled
     chats, Ulysses sp=2 × dp=4, equals transformers + torch AdamW on the batch the trainer handed to
-    the devices, with the bounds of test_two_steps_match_torch_adamw (the gradient norm's: _check_step)."""
+    the devices, with the bounds of test_two_steps_match_torch_adamw (the gradient norm's: _check_step).
+    DFT (trainer.loss_type=dft) also on a tied head: gemma's loss reads the embedding table [V, H]."""
     import e2e
     import runs
 
@@ -226,7 +251,8 @@ def test_one_step_per_family_through_the_command_line(family_dir, family, tmp_pa
                         "--config.data.train_batch_size=8", "--config.data.micro_batch_size_per_gpu=1",
                         "--config.ulysses_sequence_parallel_size=2", "--config.optim.lr_warmup_steps_ratio=0",
                         "--config.trainer.total_training_steps=1", "--config.trainer.logger=[file]",
-                        "--config.trainer.checkpoint.save_contents=[model]", hooks=[hook])
+                        "--config.trainer.checkpoint.save_contents=[model]",
+                        f"--config.trainer.loss_type={loss_type}", hooks=[hook])
     assert "done at step 1" in launch.stdout, launch.stdout[-2000:]
     (batch,) = handed
     loss_bearing = (batch["loss_mask"][..., 1:] > 0) & (batch["segment_ids"][..., 1:] > 0)
@@ -234,8 +260,8 @@ def test_one_step_per_family_through_the_command_line(family_dir, family, tmp_pa
         assert np.any((batch["input_ids"][..., :-1] == IM_END) & loss_bearing), family
     m = next(r["data"] for r in e2e.metrics(run_dir) if "train/loss" in r["data"])
     assert m["train/lr"] == pytest.approx(LR, rel=1e-6)
-    ref = torch_reference_steps(model_dir, [batch], [m["train/lr"]])
-    _check_step(after, {"loss": m["train/loss"], "grad_norm": m["train/grad_norm"]}, ref[0], family)
+    ref = torch_reference_steps(model_dir, [batch], [m["train/lr"]], loss_type=loss_type)
+    _check_step(after, {"loss": m["train/loss"], "grad_norm": m["train/grad_norm"]}, ref[0], f"{family} {loss_type}")
 
 
 @pytest.mark.slow  # a torch comparison per family (20-30 s each on 2 cores), as the per-family steps: CI
@@ -316,16 +342,17 @@ def test_global_tokens_invariant_to_split_and_mesh(model_dir, mesh_shape):
     print(f"mesh {mesh_shape}: worst gradient rel {worst:.2e}")
 
 
-@pytest.mark.parametrize("balance", [False, True])
-def test_verl_normalisation_formulas(model_dir, balance):
+@pytest.mark.parametrize("balance,loss_type", [(False, "ce"), (True, "dft")])
+def test_verl_normalisation_formulas(model_dir, balance, loss_type):
     """verl mode equals the hand-computed formulas (semantics §3.2) with unequal token counts per
-    micro-batch and per rank: checked on the loss, which is the objective whose gradient is taken."""
+    micro-batch and per rank: checked on the loss, which is the objective whose gradient is taken
+    (of DFT's token losses too: the normalisation is the same whatever the token loss)."""
     dp, b, K, T = 4, 2, 2, 24
     batch = padded_batch(5, K, dp * b, T)
     mesh, state, run, graphdef, rest, _ = build(model_dir, (dp, 2), loss_normalization="verl",
-                                                balance_dp_token=balance)
+                                                balance_dp_token=balance, loss_type=loss_type)
     with jax.set_mesh(mesh):
-        rows = jax.jit(lambda p, mb: step.row_losses(graphdef, p, rest, mb, 16))
+        rows = jax.jit(lambda p, mb: step.row_losses(graphdef, p, rest, mb, 16, loss_type=loss_type)[:2])
         cells = [[None] * dp for _ in range(K)]
         for k in range(K):
             s, n = jax.device_get(rows(state["params"], {x: jnp.asarray(v[k]) for x, v in batch.items()}))

@@ -71,7 +71,7 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
     paths = [p for s in shards for p in s]  # read in this order; errors, origins and the cache key name each
     show = _main_process() if verbose is None else verbose
     encoder = make_encoder(tokenizer, data)  # the template's own problems come first, as ever
-    cache = data_cache.DataCache(cache_dir, say=print if show else _quiet) if cache_dir else None
+    cache = data_cache.DataCache(cache_dir, say=print if show else _quiet, show=show) if cache_dir else None
     key = cache.key(paths, data, tokenizer, split) if cache else None
     with cache.lock(key) if key else nullcontext():
         dataset = cache.load(key, paths, t0) if key else None
@@ -80,7 +80,7 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
                 warnings.warn(message, DataWarning, stacklevel=2)
         else:
             dataset = _tokenize(paths, ", ".join(entries), data, tokenizer, encoder, split, t0,
-                                worker_count(data.tokenize_workers if workers is None else workers))
+                                worker_count(data.tokenize_workers if workers is None else workers), show)
             if key:
                 dataset = cache.store(key, dataset)
     dataset.stats["entries"] = [(e, len(s)) for e, s in zip(entries, shards)]  # what data.train_weights weighs
@@ -92,7 +92,7 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
     return dataset
 
 
-def _tokenize(paths, entries: str, data, tokenizer, encoder, split, t0, workers) -> TokenizedDataset:
+def _tokenize(paths, entries: str, data, tokenizer, encoder, split, t0, workers, show: bool = True) -> TokenizedDataset:
     said: list[str] = []
 
     def warn(message: str) -> None:
@@ -101,7 +101,7 @@ def _tokenize(paths, entries: str, data, tokenizer, encoder, split, t0, workers)
 
     collected = Collected()
     counts = tokenize_files(paths, data, tokenizer, encoder, limit=data.max_samples(split), workers=workers,
-                            add=collected.add, warn=warn)
+                            add=collected.add, warn=warn, show=show)
     if data.multiturn:
         _chat_warnings(counts, data, tokenizer, encoder, entries, warn)
     raw = collected.column("raw_lengths", np.int64)
@@ -151,7 +151,7 @@ def summary(dataset: TokenizedDataset) -> str:
     cached = s.get("cache")
     if cached:
         text += (f"; read from the data cache {cached['path']} in {cached['seconds']:.2f} s" if cached["hit"] else
-                 f"; written to the data cache {cached['path']}")
+                 f"; written to the data cache {cached['path']} in {cached['seconds']:.2f} s")
     return text
 
 

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from jaxsft import progress
 from jaxsft.data import formats, source
 from jaxsft.data.errors import DataError
 from jaxsft.data.tokenize import CHUNK_ROWS, ChatEncoder, PairEncoder, truncate
@@ -177,8 +178,8 @@ def worker_count(setting: int) -> int:
 class Workers:
     """Runs slices here, or in a pool of `count` tokenising processes started on first need."""
 
-    def __init__(self, tokenizer, data, count: int, local: SliceTokenizer):
-        self.tokenizer, self.data, self.count, self.local = tokenizer, data, count, local
+    def __init__(self, tokenizer, data, count: int, local: SliceTokenizer, show: bool = True):
+        self.tokenizer, self.data, self.count, self.local, self.show = tokenizer, data, count, local, show
         self._pool = None
 
     def _start(self):
@@ -194,7 +195,15 @@ class Workers:
 
     def map(self, path: str, slices, rows: int):
         """(first row, result) of each of `slices` ((record batch, first row) pairs), in order:
-        here when the file has fewer than PARALLEL_MIN_ROWS `rows`, else in the pool."""
+        here when the file has fewer than PARALLEL_MIN_ROWS `rows`, else in the pool; with a
+        progress bar on an interactive console (jaxsft.progress)."""
+        with progress.phase(f"tokenising {os.path.basename(path.rstrip('/'))}", total=rows, unit="row",
+                            unit_scale=True, show=self.show) as advance:
+            for first_row, result in self._map(path, slices, rows):
+                advance(len(result.lengths))
+                yield first_row, result
+
+    def _map(self, path: str, slices, rows: int):
         if self.count < 2 or rows < PARALLEL_MIN_ROWS:
             for batch, first_row in slices:
                 yield first_row, self.local(path, pa.Table.from_batches([batch]), first_row)
@@ -239,14 +248,15 @@ def _file_results(path: str, data, limit: int | None, workers: Workers):
 
 
 def tokenize_files(paths: list[str], data, tokenizer, encoder, *, limit: int | None, workers: int,
-                   add: Callable[[int, int, SliceResult], None], warn: Callable[[str], None]) -> dict:
+                   add: Callable[[int, int, SliceResult], None], warn: Callable[[str], None], show: bool = True) -> dict:
     """Tokenise `paths` in order into `add(file_index, first_row, result)`; the row warnings go to
     `warn` as each file is done. Returns the rows per file and the encoder's counters. `workers`
-    processes tokenise a file of at least PARALLEL_MIN_ROWS rows; smaller files are done here."""
+    processes tokenise a file of at least PARALLEL_MIN_ROWS rows; smaller files are done here.
+    `show`: progress bars on an interactive console (process 0)."""
     file_rows = [0] * len(paths)
     counters = {**{k: 0 for k in COUNTERS}, "unprompted_example": None}
     pids = set()
-    pool = Workers(tokenizer, data, workers, SliceTokenizer(tokenizer, data, encoder))
+    pool = Workers(tokenizer, data, workers, SliceTokenizer(tokenizer, data, encoder), show=show)
     try:
         for f, path in enumerate(paths):
             if limit == 0:
