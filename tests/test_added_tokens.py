@@ -120,6 +120,7 @@ def new_token_batch(seed, new_ids, vocab_size):
     return b
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_new_token_embeddings_two_steps_match_torch(model_dir):
     """trainable=new_token_embeddings: loss and pre-clip norm ≤ 1e-6 relative; the new rows of
     embed_tokens and lm_head within tests/test_train_step.py's Adam tolerance after each step;
@@ -167,6 +168,7 @@ def test_new_token_embeddings_two_steps_match_torch(model_dir):
 PATTERNS = ("model.layers.1.mlp.*", "model.layers.*.input_layernorm.weight", "model.norm.weight")
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_parameter_patterns_match_torch_requires_grad(tmp_path):
     """Patterns (one layer's MLP, every layer's input norm, the final norm): two steps equal torch
     with requires_grad on exactly those HF parameters (loss, norm ≤ 1e-6 relative; trained

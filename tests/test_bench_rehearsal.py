@@ -105,6 +105,7 @@ def test_attention(capsys):
     assert len(lines) == 1 + len(results) and all("gradients vs reference" in line for line in lines[1:])
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_grad_accum(tmp_path, capsys):
     """Also what optim.grad_accum_dtype=bfloat16 does: it changes the sum, and is less exact than float32."""
     from bench import grad_accum
@@ -160,6 +161,7 @@ def test_model_dir_families(tmp_path, shape, model_type, head_dim, tied):
                                            original_max_position_embeddings=8192)
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_modes(tmp_path, capsys):
     from bench import modes
 
@@ -180,6 +182,7 @@ def test_modes(tmp_path, capsys):
     assert all(line.startswith(f"[bench.modes] tiny {name}: step ") for line, name in zip(printed, names))
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_data_scale(tmp_path, capsys):
     """In this process, as its own `main`, but the cached launch is a child process of the script's
     (that is what it measures)."""

@@ -141,6 +141,7 @@ def test_a_row_of_padding_gives_zeros_and_no_gradient():
         assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g[1]))) == 0.0
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_bfloat16_is_as_close_as_the_dense_reference():
     """bf16 inputs: both attentions against the float32 naive one on the same (bf16-rounded)
     inputs. Stated bound: relative error <= 2e-2 and no more than 2x the dense reference's
@@ -235,6 +236,7 @@ def test_rows_that_do_not_split_over_dp_fall_back_to_xla_partitioning():
     assert max(errs) <= TOL, errs
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_under_every_remat_policy(request):
     """Gradients through jax.checkpoint with each policy equal the un-rematerialised ones, bit for
     bit: remat reruns the same forward ops on the same inputs. Bit-identity of differently compiled

@@ -199,11 +199,11 @@ def test_an_interrupted_write_leaves_no_entry(tok, tmp_path, monkeypatch):
     calls = []
     real = data_cache._write_array
 
-    def dies(path, a):
+    def dies(path, a, *progress):
         calls.append(path)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(path, a)
+        return real(path, a, *progress)
 
     monkeypatch.setattr(data_cache, "_write_array", dies)
     with pytest.raises(KeyboardInterrupt):
@@ -246,6 +246,7 @@ print("fingerprint", ds.fingerprint, ds.stats["cache"]["hit"])
 """
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_two_processes_build_one_entry_once(tmp_path):
     """Started at the same moment on one cache: one tokenises and writes, the other waits on the
     entry's lock and reads it; both hold the same data."""

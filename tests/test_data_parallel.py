@@ -78,6 +78,7 @@ def build(paths, data, tok, n_workers):
     return ds, [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_worker_processes_build_what_one_whole_file_pass_builds(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(workers, "PARALLEL_MIN_ROWS", 600)  # small files, still two slices each
     paths = [chats_file(tmp_path, "a.parquet", 800, 0), chats_file(tmp_path, "b.parquet", 150, 1),
@@ -101,6 +102,7 @@ def test_worker_processes_build_what_one_whole_file_pass_builds(tok, tmp_path, m
     assert pool_warnings[:6] == expected_warnings and len(pool_warnings) == 6
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_a_bad_file_stops_the_build_with_its_first_problem(tok, tmp_path, monkeypatch):
     """A file whose slice 0 fails first in time (row 40 over max_length with truncation=error) but
     whose first problem in file order is a check of row 650 (slice 1) (every row is checked before any is

@@ -277,6 +277,7 @@ def test_truncation_summary_and_cache_key_follow_the_mode(qwen3, tmp_path, capsy
     assert capsys.readouterr().out.count("(whole_chat masks)") == 2
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_worker_processes_build_what_this_process_builds(qwen3, tmp_path, monkeypatch):
     """data.tokenize_workers: whole_chat tokenised in worker processes (jaxsft.data.workers, each
     with its own unpickled copy of the tokenizer and its published Qwen3 template) gives exactly the

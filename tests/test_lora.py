@@ -45,6 +45,7 @@ def peft_adapters(pm) -> dict:
     return {n.replace(".default", ""): p for n, p in pm.named_parameters() if "lora_" in n}
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_two_steps_match_torch_peft(model_dir, tmp_path):
     """Loss and pre-clip gradient norm ≤ 1e-6 relative at both steps (the loss of step 1 is the
     base model's); every adapter entry after each step within the tolerance of
@@ -68,6 +69,7 @@ def test_two_steps_match_torch_peft(model_dir, tmp_path):
               f"worst adapter entry {max(w[0] for w in worst):.1e} lr (conditioned {max(w[1] for w in worst):.1e} lr)")
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_step_zero_is_the_base_model_and_the_base_stays_frozen(model_dir):
     """B = 0 at the start: the first loss is bit-identical to full fine-tuning's first loss; after
     training, every base weight is bit-identical to the HF file; the optimizer holds moments for
@@ -132,6 +134,7 @@ def test_merged_export_equals_peft_merge_and_unload(model_dir, tmp_path):
     assert targeted == 2 * len(LORA.targets)
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_dropout_is_peft_s_and_deterministic(model_dir):
     """The LoRA term with dropout p equals ((x·m/(1−p))·A)·B·α/r for the mask m the key draws
     (≤ 1e-6 relative); the same seed gives bit-identical steps, another seed another loss."""

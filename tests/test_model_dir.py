@@ -255,6 +255,7 @@ for call in (hf.read_config, hf.resolve_model_dir):
 """
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_unreadable_directory(base_model, tmp_path):
     """As a user whom permissions bind (root with its file overrides dropped, tests/unprivileged.py)."""
     model_dir = copy_of(base_model, tmp_path)
@@ -267,6 +268,7 @@ def test_unreadable_directory(base_model, tmp_path):
                                    for line in lines), lines
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_unreadable_config_json(base_model, tmp_path):
     model_dir = copy_of(base_model, tmp_path)
     (model_dir / hf.CONFIG_FILE).chmod(0)
@@ -363,6 +365,7 @@ def fake_cache(hf_home: Path, repo_id: str, source: Path | None, revision: str =
     return snapshot
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_hub_id_resolves_from_the_cache_that_hf_home_names(base_model, tmp_path):
     hf_home = tmp_path / "hf_home"
     snapshot = fake_cache(hf_home, "Org/Name", base_model)

@@ -36,6 +36,7 @@ def host(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 @pytest.mark.parametrize("lora", [None, LoRASettings(rank=4, alpha=8.0, targets=("q_proj", "down_proj"))])
 def test_offloaded_steps_are_bit_identical(model_dir, lora, request):
     """Three steps of two micro-batches, full fine-tuning and LoRA: metrics, parameters and moments

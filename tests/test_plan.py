@@ -297,6 +297,7 @@ def dataclass_replace(obj, **kw):
     return dataclasses.replace(obj, **kw)
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_accumulate_in_backward_equals_autodiff_sum():
     """The in-place layer-gradient accumulation (remat full, K > 1) gives the same loss and summed
     gradients as autodiff + add, on a (dp=2, sp=2) mesh with packed rows (float32 accumulator)."""

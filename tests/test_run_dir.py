@@ -49,6 +49,7 @@ except ConfigError as e:
 """
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_read_only_directory_and_unwritable_parent(tmp_path):
     """As a user whom permissions bind (root with its file overrides dropped): a read-only run
     directory, and a missing one under a read-only parent, are each one sentence."""

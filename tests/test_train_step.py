@@ -132,6 +132,7 @@ def test_two_steps_match_torch_adamw(model_dir):
                                              [float(g[n][worst]) for g in grads])
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_dft_step_matches_torch_and_sources_add_up(model_dir):
     """trainer.loss_type=dft: one step (2 micro-batches, chunked CE: 24 tokens in chunks of 16) equals
     TRL's DFT loss in torch + AdamW with _check_step's bounds. The same step mixes 3 sources (each
