@@ -12,6 +12,13 @@ the lr of the global step. Normalisation (`trainer.loss_normalization`):
   micro-step k) are recovered by a reshape. `balance_dp_token=False`: mean over cells of each
   cell's token mean. `balance_dp_token=True`: mean over micro-steps of the token mean across ranks.
   verl's sp>1 factor (issue #1963) is not reproduced.
+
+A mixture-of-experts model adds its router's load-balancing loss (jaxsft.model.moe) times
+`router_aux_loss_coef` to the objective, as transformers does with `output_router_logits`: computed
+on each (global) micro-batch as one forward pass of transformers would, and averaged over the K
+micro-batches. The `loss` metric stays the cross-entropy; `router_aux_loss` (unweighted, the mean
+over micro-batches) and `expert_load_max_mean` (the worst layer's busiest expert over its mean
+load, the worst micro-batch) come beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsft import offload, optim
+from jaxsft.model import moe
 from jaxsft.model.loss import masked_ce_per_row
 from jaxsft.train_state import abstract_train_state, init_train_state  # noqa: F401 (part of this API)
 from jaxsft.trainable import EVERYTHING, Partition
@@ -73,11 +81,28 @@ def accumulates_in_backward(model_settings) -> bool:
 
 def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, dropout_key=None, grad_sink=None):
     """Per-row (Σ masked CE, Σ weights) of one micro-batch [rows, T], in float32."""
+    return micro_batch_terms(graphdef, params, rest, mb, chunk_size, dropout_key, grad_sink)[:2]
+
+
+def micro_batch_terms(graphdef, params, rest, mb: Batch, chunk_size: int, dropout_key=None, grad_sink=None):
+    """`row_losses`, the weighted router loss to add to the objective (0.0 for a dense model or
+    a weight of 0) and the router metrics ({} for a dense model)."""
     model = nnx.merge(graphdef, params, rest)
-    hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"], dropout_key, grad_sink=grad_sink)
+    hidden, stats = model.hidden_states_and_router(mb["input_ids"], mb["positions"], mb["segment_ids"], dropout_key,
+                                                   grad_sink=grad_sink)
     targets, weights = shift_targets(mb["input_ids"], mb["segment_ids"], mb["loss_mask"])
     head, vocab_axis = model.lm_head_weight()
-    return masked_ce_per_row(hidden, head, targets, weights, chunk_size, vocab_axis)
+    loss_rows, w_rows = masked_ce_per_row(hidden, head, targets, weights, chunk_size, vocab_axis)
+    if not stats:
+        return loss_rows, w_rows, 0.0, {}
+    aux = moe.load_balancing_loss(stats)
+    coef = model.router_aux_loss_coef
+    metrics = {"router_aux_loss": jax.lax.stop_gradient(aux), "expert_load_max_mean": stats["load_max_mean"]}
+    return loss_rows, w_rows, (coef * aux if coef else 0.0), metrics
+
+
+def _combine_router(acc: dict, m: dict) -> dict:
+    return {k: jnp.maximum(acc[k], m[k]) if k == "expert_load_max_mean" else acc[k] + m[k] for k in acc}
 
 
 def _micro_objective(loss_rows, w_rows, total_weight, cfg: StepConfig, num_micro: int):
@@ -96,47 +121,55 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig, 
                          dropout_key=None):
     """Σ over the K micro-batches of the normalised loss and its gradients with respect to
     `partition`'s trainable part, summed in cfg.grad_accum_dtype (with K = 1 the gradients stay
-    in the parameter dtype): returns (loss, grads, loss-token count). `dropout_key`: the step's
-    LoRA dropout key (micro-batch k uses fold_in(key, k))."""
+    in the parameter dtype): returns (loss, grads, loss-token count, router metrics: {} for a
+    dense model, see the module docstring). `dropout_key`: the step's LoRA dropout key
+    (micro-batch k uses fold_in(key, k)). The loss is the cross-entropy part of the objective."""
     num_micro = batch["input_ids"].shape[0]
     _, all_w = shift_targets(batch["input_ids"], batch["segment_ids"], batch["loss_mask"])
     total_weight = jnp.sum(all_w)
     trainable = partition.select(params)
 
+    def terms(p, mb, key, sink=None):
+        """(objective, (CE part, router metrics)) of one micro-batch."""
+        loss_rows, w_rows, router_loss, router = micro_batch_terms(graphdef, p, rest, mb, cfg.chunk_size, key, sink)
+        ce = _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
+        return ce + router_loss / num_micro, (ce, router)
+
     def objective(t, mb, k):
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, k)
-        loss_rows, w_rows = row_losses(graphdef, partition.merge(params, t), rest, mb, cfg.chunk_size, key)
-        return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
+        return terms(partition.merge(params, t), mb, key)
 
-    grad_fn = jax.value_and_grad(objective)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     if num_micro == 1:  # nothing to sum: skip the accumulator (28 GiB in float32 for a 7B)
-        loss, grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), 0)
-        return loss, grads, total_weight
+        (_, (loss, router)), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), 0)
+        return loss, grads, total_weight, router
 
     acc_dtype = jnp.dtype(cfg.grad_accum_dtype)
     # the in-backward sum needs the whole parameter tree as the trainable part, and no dropout keys
     in_backward = cfg.accumulate_in_backward and partition.whole and dropout_key is None
 
-    def sink_objective(p, sink, mb):
-        loss_rows, w_rows = row_losses(graphdef, p, rest, mb, cfg.chunk_size, grad_sink=sink)
-        return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro)
-
     def accumulate(carry, mb_k):
-        loss_sum, grad_sum = carry
+        loss_sum, grad_sum, router_acc = carry
         if in_backward:  # the layers' "gradient" of the sink is the new running sum
-            loss, (grads, layers_sum) = jax.value_and_grad(sink_objective, argnums=(0, 1))(
-                trainable, grad_sum["layers"], mb_k[0])
+            (_, (loss, router)), (grads, layers_sum) = jax.value_and_grad(
+                lambda p, sink: terms(p, mb_k[0], None, sink), argnums=(0, 1), has_aux=True)(
+                trainable, grad_sum["layers"])
         else:
-            loss, grads = grad_fn(trainable, *mb_k)
+            (_, (loss, router)), grads = grad_fn(trainable, *mb_k)
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grad_sum, grads)
         if in_backward:
             grad_sum["layers"] = layers_sum
-        return (loss_sum + loss, grad_sum), None
+        return (loss_sum + loss, grad_sum, _combine_router(router_acc, router)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), trainable)
-    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                    (batch, jnp.arange(num_micro)))
-    return loss, grads, total_weight
+    zero = jnp.zeros((), jnp.float32)
+    sparse = nnx.merge(graphdef, params, rest).config.num_experts
+    router0 = {"router_aux_loss": zero, "expert_load_max_mean": zero} if sparse else {}
+    (loss, grads, router), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros, router0),
+                                            (batch, jnp.arange(num_micro)))
+    if "router_aux_loss" in router:
+        router["router_aux_loss"] = router["router_aux_loss"] / num_micro
+    return loss, grads, total_weight, router
 
 
 def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, partition: Partition = EVERYTHING,
@@ -153,7 +186,7 @@ def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, 
     def train_step(state: dict[str, Any], batch: Batch):
         params = state["params"]
         key = None if cfg.dropout_seed is None else jax.random.fold_in(jax.random.key(cfg.dropout_seed), state["step"])
-        loss, grads, total_weight = accumulate_gradients(graphdef, rest, params, batch, cfg, partition, key)
+        loss, grads, total_weight, router = accumulate_gradients(graphdef, rest, params, batch, cfg, partition, key)
         lr = lr_schedule(state["step"])
         if stream:  # the moments in host memory: through the device a layer at a time (jaxsft.offload)
             update = offload.streamed_update(tx, partition.select(params), state["opt_state"], grads, lr,
@@ -163,7 +196,7 @@ def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, 
         new_trainable, new_opt_state, grad_norm, _ = update
         new_state = {"params": partition.merge(params, new_trainable), "opt_state": new_opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": total_weight}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": total_weight, **router}
         return new_state, metrics
 
     return train_step

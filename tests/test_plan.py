@@ -325,7 +325,7 @@ def test_accumulate_in_backward_equals_autodiff_sum():
                                       accumulate_in_backward=sink)
                 out[sink] = jax.jit(lambda p, b, cfg=cfg: step.accumulate_gradients(graphdef, rest, p, b, cfg))(
                     params, batch)
-        (la, ga, _), (lb, gb, _) = out[False], out[True]
+        (la, ga, *_), (lb, gb, *_) = out[False], out[True]
         assert float(la) == pytest.approx(float(lb), rel=1e-6)  # the same K partial losses, ≥ 0, summed otherwise: ≤ 8 eps
         for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
             assert a.dtype == b.dtype == jnp.dtype(acc_dtype) and a.shape == b.shape
