@@ -15,7 +15,7 @@ import transformers
 from modes import Run, adam_close, load_torch, logits_error, model_settings, padded_batch, rel, torch_steps
 from tiny_hf import MOE, make_tiny_hf_model
 
-from jaxsft import hf
+from jaxsft import bundled, hf
 from jaxsft.model import moe
 from jaxsft.model.config import ModelConfig, UnsupportedConfigError
 
@@ -25,8 +25,10 @@ INNER = MOE["moe_intermediate_size"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("moe"), seed=7, name="tiny_qwen3_moe",
+    path = make_tiny_hf_model(tmp_path_factory.mktemp("moe"), seed=7, name="tiny_qwen3_moe",
                               **dict(MOE, vocab_size=VOCAB))
+    hf.open_tokenizer(bundled.path("tokenizer")).save_pretrained(path)  # for the export
+    return path
 
 
 def per_expert(tensors: dict) -> dict:

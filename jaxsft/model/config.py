@@ -48,7 +48,7 @@ FAMILIES: dict[str, Family] = {
     # transformers' Qwen3MoeAttention: head_dim falls back to hidden / heads (not 128 as qwen3)
     "qwen3_moe": Family(qkv_bias=None, qk_norm=True, moe=True, defaults=(
         ("max_position_embeddings", 32768), ("decoder_sparse_step", 1), ("moe_intermediate_size", 768),
-        ("num_experts_per_tok", 8), ("num_experts", 128), ("norm_topk_prob", False), ("router_aux_loss_coef", 0.001),
+        ("num_experts_per_tok", 8), ("norm_topk_prob", False), ("router_aux_loss_coef", 0.001),
         ("mlp_only_layers", []))),
     "llama": Family(qkv_bias=None, mlp_bias=True, defaults=(("max_position_embeddings", 2048),)),
     # Mistral's sliding_window defaults to 4096 in transformers (v0.3's config.json says null)
@@ -146,7 +146,8 @@ def _moe_fields(d: dict[str, Any]) -> dict[str, Any]:
     i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0; jaxsft scans one stack of
     identical layers, so all sparse or all dense (num_experts 0) is computed, a mix refused."""
     n, step, dense_only = d["num_hidden_layers"], d["decoder_sparse_step"], set(d["mlp_only_layers"])
-    experts = d["num_experts"]
+    # the Hub's files say num_experts; transformers 5 writes its alias num_local_experts
+    experts = d.get("num_local_experts", d.get("num_experts", 128))
     sparse = [i not in dense_only and experts > 0 and (i + 1) % step == 0 for i in range(n)]
     if not any(sparse):
         return {}
