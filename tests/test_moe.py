@@ -171,3 +171,32 @@ def test_flops_count_active_parameters():
     assert 3.0e9 < active < 3.1e9 and 30e9 < sum(sizes.values()) < 31e9  # "30.5B total, 3.3B active" with embeddings
     assert metrics.matmul_flops_per_token(config) == pytest.approx(6 * active, rel=1e-12)
     assert metrics.matmul_flops_per_token(shape) == metrics.matmul_flops_per_token(config)  # config.json's dict too
+
+
+@pytest.mark.slow  # two step compiles (~20 s on 2 cores)
+def test_micro_batches_with_in_backward_accumulation(model_dir):
+    """K = 2 micro-batches: the in-place layer-gradient sum (jaxsft.model.sink_scan, carrying the
+    router statistics) equals autodiff + add, and the router loss is the mean of the micro-batches'."""
+    from flax import nnx
+
+    from jaxsft import parallel, step
+
+    mesh = parallel.make_mesh(*MESH)
+    batch = padded_batch(4, 2, 4, 16, VOCAB)
+    with jax.set_mesh(mesh):
+        model = hf.load_model(model_dir, mesh, model_settings())
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        b = {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in batch.items()}
+        out = {sink: jax.jit(lambda p, b, sink=sink: step.accumulate_gradients(graphdef, rest, p, b, step.StepConfig(
+            "global_tokens", False, MESH[0], 16, accumulate_in_backward=sink)))(params, b) for sink in (False, True)}
+        single = jax.jit(lambda p, mb: step.micro_batch_terms(graphdef, p, rest, mb, 16)[3])
+        per_micro = [single(params, {k: v[i] for k, v in b.items()}) for i in range(2)]
+    (la, ga, _, ra), (lb, gb, _, rb) = out[False], out[True]
+    assert float(la) == pytest.approx(float(lb), rel=1e-6)  # the same two partial losses summed: ≤ 8 eps
+    for a, g in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):  # float32 sums in another order
+        assert np.max(np.abs(np.asarray(a) - np.asarray(g))) <= 1e-6 * np.max(np.abs(np.asarray(a))) + 1e-12
+    mean = (float(per_micro[0]["router_aux_loss"]) + float(per_micro[1]["router_aux_loss"])) / 2
+    worst = max(float(m["expert_load_max_mean"]) for m in per_micro)
+    for r in (ra, rb):
+        assert float(r["router_aux_loss"]) == pytest.approx(mean, rel=1e-6)
+        assert float(r["expert_load_max_mean"]) == worst
