@@ -144,6 +144,17 @@ def test_experts_run_sparse():
     assert np.max(np.abs(ours - dense)) <= 1e-5 * np.max(np.abs(dense))
 
 
+def test_router_loss_key():
+    from cfg import settings
+
+    from jaxsft import config
+
+    assert settings().model.router_aux_loss_coef is None  # config.json's weight
+    assert settings({"model.router_aux_loss_coef": 0}).model.router_aux_loss_coef == 0
+    with pytest.raises(config.ConfigError, match=r"model.router_aux_loss_coef=-0.5 must be >= 0"):
+        settings({"model.router_aux_loss_coef": -0.5})
+
+
 def test_mixed_dense_and_sparse_layers_are_refused():
     d = dict(MOE, vocab_size=VOCAB, max_position_embeddings=64, mlp_only_layers=[1])
     with pytest.raises(UnsupportedConfigError, match=r"layers \[1\] dense MLPs"):
