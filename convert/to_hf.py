@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 
 import jax
@@ -114,12 +115,13 @@ def main(argv=None) -> None:
     ap.add_argument("--adapter-out", help="a LoRA run's PEFT adapter directory (default: OUT_lora_adapter)")
     args = ap.parse_args(argv)
     plan.prepare_environment(None)  # the CPU is all it needs: no failed CUDA check printed on a machine without a GPU
+    t0 = time.perf_counter()
     try:
         out = convert(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                       base_model=args.base_model, adapter_out=args.adapter_out)
     except ValueError as e:  # CheckpointError, a bad size, a config hf refuses: all one sentence
         raise SystemExit(f"convert_to_hf: error: {e}") from None
-    print(f"[convert_to_hf] wrote {out}")
+    print(f"[convert_to_hf] wrote {out} in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

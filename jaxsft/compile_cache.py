@@ -49,6 +49,16 @@ def enable(directory: str | None, say=print) -> None:
     say(f"[jaxsft] compiled steps are cached in {directory} (trainer.compile_cache_dir)")
 
 
+def compile_line(directory: str | None) -> str:
+    """What is said before the first train step: compiling it, or reading it from the cache."""
+    if directory is None:
+        return "[jaxsft] compiling the train step (trainer.compile_cache=false: every launch compiles it)"
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        return "[jaxsft] compiling the train step (first launch; later launches use the cache)"
+    return ("[jaxsft] reading the train step from the compilation cache (compiling it if this program is not "
+            "there yet)")
+
+
 def _atomic_entries() -> None:
     """Make JAX's file cache write each entry to a temporary file and rename it into place (see the
     module docstring). Only the no-eviction cache (JAX's default, `jax_compilation_cache_max_size`

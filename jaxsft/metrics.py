@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsft import distributed
+from jaxsft import distributed, trackers
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------
@@ -134,7 +134,11 @@ class MetricsLogger:
     - file: run_dir/metrics.jsonl, one `{"step": N, "data": {...}}` per line, flushed per line;
       a resumed run first drops the rows after `initial_step` and continues the file (non-finite
       values are written as NaN/Infinity).
-    - wandb: project, name = experiment_name, config = config_dict (entity from WANDB_ENTITY).
+    - wandb: project, name = experiment_name, config = config_dict (entity from WANDB_ENTITY);
+      a resumed run continues the same wandb run (jaxsft.trackers).
+    - mlflow: experiment = project, run name = experiment_name, params = config_dict, the run
+      directory's config.yaml as an artifact; a resumed run continues the same mlflow run
+      (jaxsft.trackers, which says where the runs are stored).
 
     `backends` are checked names (`jaxsft.settings.LOGGERS`).
     """
@@ -142,7 +146,8 @@ class MetricsLogger:
     def __init__(self, backends, run_dir, project_name: str, experiment_name: str, config_dict: dict,
                  total_steps: int, is_main_process: bool = True, initial_step: int = 0):
         names = tuple(backends)
-        self._bar = self._tb = self._file = self._wandb = None
+        self._bar = self._tb = self._file = None
+        self._trackers = []
         self._active = is_main_process and bool(names)
         self._console = is_main_process and "console" in names
         self.dropped_rows = 0
@@ -165,10 +170,9 @@ class MetricsLogger:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.dropped_rows = trim_metrics_file(run_dir / "metrics.jsonl", initial_step)
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        if "wandb" in names:
-            import wandb
-
-            self._wandb = wandb.init(project=project_name, name=experiment_name, config=config_dict)
+        for name, tracker in (("wandb", trackers.Wandb), ("mlflow", trackers.Mlflow)):
+            if name in names:
+                self._trackers.append(tracker(run_dir, project_name, experiment_name, config_dict, initial_step))
 
     @classmethod
     def for_run(cls, settings, run_dir, *, initial_step: int, last_step: int, say=print) -> "MetricsLogger":
@@ -192,8 +196,8 @@ class MetricsLogger:
             for k, v in row.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
-        if self._wandb:
-            self._wandb.log(row, step=step)
+        for tracker in self._trackers:
+            tracker.log(step, row)
         if self._bar:
             if step > self._bar.n:
                 self._bar.update(step - self._bar.n)
@@ -224,7 +228,8 @@ class MetricsLogger:
             self._tb.close()
         if self._file:
             self._file.close()
-        if self._wandb:
-            self._wandb.finish()
+        for tracker in self._trackers:
+            tracker.close()
         self._active = self._console = False
-        self._bar = self._tb = self._file = self._wandb = None
+        self._bar = self._tb = self._file = None
+        self._trackers = []

@@ -16,7 +16,7 @@ from jaxsft.errors import ConfigError
 AUTO = "auto"  # model.remat_policy / data.micro_batch_size_per_gpu chosen by plan (jaxsft.plan)
 AFTER_EACH_EPOCH = "after_each_epoch"
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-LOGGERS = ("console", "tqdm", "tensorboard", "file", "wandb")
+LOGGERS = ("console", "tqdm", "tensorboard", "file", "wandb", "mlflow")
 CONTENTS = ("model", "optimizer", "extra", "hf_model")
 
 
@@ -143,6 +143,7 @@ class TrainerSettings:
     device: str
     loss_normalization: str
     loss_chunk_size: int
+    loss_type: str  # ce | dft (jaxsft.model.loss)
     peak_flops_per_device: float | None
     log_every: int
     compile_cache_dir: str | None  # JAX's persistent compilation cache; None = off

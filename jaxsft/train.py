@@ -13,6 +13,7 @@ import time
 import jax
 
 from jaxsft import cli, compile_cache, distributed, metrics, parallel, reporting, run_dir, setup, step
+from jaxsft.data.mixture import source_names
 from jaxsft.preemption import PreemptionFlag
 
 
@@ -45,7 +46,10 @@ class Trainer:
     def fit(self) -> None:
         s, last_step = self.settings, self.data.last_step
         logger = metrics.MetricsLogger.for_run(s, self.run.path, initial_step=self.step, last_step=last_step, say=self.say)
-        reporter = reporting.StepReporter.for_run(logger, s, self.model_config, last_step=last_step)
+        sources = source_names(s.data.train_files) if step.source_count(s.data) else ()
+        reporter = reporting.StepReporter.for_run(logger, s, self.model_config, last_step=last_step, sources=sources)
+        if self.step < last_step:
+            self.say(compile_cache.compile_line(s.trainer.compile_cache_dir))
         with jax.set_mesh(self.mesh):
             while self.step < last_step:
                 epoch, batch = next(self.data.loader)

@@ -1,7 +1,9 @@
 """Test set-up: 8 emulated CPU devices, set before anything imports jax."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from e2e import CPU_TEST_FLAGS  # noqa: E402  (imports nothing of jax)
+
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CPU_TEST_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -11,7 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # buffer assignment, so the XLA:GPU plans) is the same; the CPU code is slower and may round
 # differently in the last bit, which no test depends on (exact comparisons are between runs of the
 # same build; parity with torch is held to bounds derived from float32). Processes the tests start
-# inherit it; tests/test_smoke.py runs the smoke recipe with the optimisations users get.
+# inherit it (and XLA_FLAGS' CPU_TEST_FLAGS, tests/e2e.py); tests/test_smoke.py runs the smoke recipe
+# with the optimisations and emitters users get.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402

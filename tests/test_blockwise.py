@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsft.model import attention, blockwise, remat
 from jaxsft.model.blockwise import _work_list, blockwise_attention
+from e2e import under_xla_defaults
 from naive_attention import naive_attention
 
 EPS = float(np.finfo(np.float32).eps)  # 2^-23
@@ -234,17 +235,22 @@ def test_rows_that_do_not_split_over_dp_fall_back_to_xla_partitioning():
     assert max(errs) <= TOL, errs
 
 
-@pytest.mark.parametrize("policy", [p for p in remat.POLICIES if p != "none"])
-def test_under_every_remat_policy(policy):
-    """Gradients through jax.checkpoint with each policy equal the un-rematerialised ones."""
+def test_under_every_remat_policy(request):
+    """Gradients through jax.checkpoint with each policy equal the un-rematerialised ones, bit for
+    bit: remat reruns the same forward ops on the same inputs. Bit-identity of differently compiled
+    programs depends on XLA's code generation: checked with the emitters users get (tests/e2e.py
+    under_xla_defaults); the suite's faster emitters round some policies 1 ulp apart."""
+    if under_xla_defaults(request):
+        return
     q, k, v, seg, cot = inputs(8, 2, 48, 4, 2, 8, "packed")
     fn = blocks(16)
-    layer = remat.remat(lambda q, k, v: fn(q * 1.5, k, v, seg), policy)
-    got = jax.jit(jax.grad(lambda q, k, v: jnp.sum(layer(q, k, v) * cot), argnums=(0, 1, 2)))(q, k, v)
     _, want = value_and_grads(fn, q * 1.5, k, v, seg, cot)
     want = (want[0] * 1.5,) + want[1:]
-    # the same computation (remat reruns the same forward ops on the same inputs; ×1.5 is applied alike): exact
-    assert all(np.array_equal(g, w) for g, w in zip(got, want)), [rel_err(g, w) for g, w in zip(got, want)]
+    for policy in (p for p in remat.POLICIES if p != "none"):
+        layer = remat.remat(lambda q, k, v: fn(q * 1.5, k, v, seg), policy)
+        got = jax.jit(jax.grad(lambda q, k, v: jnp.sum(layer(q, k, v) * cot), argnums=(0, 1, 2)))(q, k, v)
+        # the same computation (×1.5 is applied alike): exact
+        assert all(np.array_equal(g, w) for g, w in zip(got, want)), (policy, [rel_err(g, w) for g, w in zip(got, want)])
 
 
 def _attention_loops(policy):

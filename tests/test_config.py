@@ -63,7 +63,7 @@ SAMPLES = {
     "trainer.test_freq": "after_each_epoch", "model.target_modules": ["q_proj"], "data.max_length": 2048,
     "optim.total_training_steps": 10, "trainer.n_gpus_per_node": 4, "trainer.nnodes": 2,
     "data.train_weights": [2.0],  # one weight per file of BASE's data.train_files
-    "data.multiturn.mask_mode": "whole_chat",
+    "data.multiturn.mask_mode": "whole_chat", "trainer.loss_type": "dft",
 }
 
 
@@ -117,6 +117,10 @@ def test_every_key_acts_is_refused_or_says_it_is_inert():
     assert outcomes["model.lora_alpha"] == outcomes["model.lora_dropout"] == "noted"  # without LoRA: said, not ignored
     assert outcomes["model.fsdp_config.cpu_offload"] == "refused" and outcomes["model.trainable"] == "acts"
     assert outcomes["optim.min_lr_ratio"] == outcomes["trainer.log_every"] == outcomes["use_remove_padding"] == "acts"
+    assert outcomes["trainer.loss_type"] == "acts"
+    with pytest.raises(config.ConfigError) as e:  # an unknown loss: one line naming the key and the choices
+        settings({"trainer.loss_type": "dpo"})
+    assert str(e.value).startswith("trainer.loss_type='dpo'") and str(e.value).endswith("is not one of ce, dft")
 
 
 def test_every_key_is_in_help_and_readme():
@@ -174,7 +178,7 @@ def test_two_spellings_of_one_setting():
     ({"optim.lr_scheduler": "linear"}, 8, "optim.lr_scheduler"),
     ({"optim.lr": "abc"}, 8, "optim.lr"),
     ({"optim.betas": [0.9]}, 8, "optim.betas"),
-    ({"trainer.logger": ["console", "mlflow"]}, 8, "trainer.logger"),
+    ({"trainer.logger": ["console", "swanlab"]}, 8, "trainer.logger"),
     ({"trainer.checkpoint.max_shard_size": "lots"}, 8, "max_shard_size"),
     ({"data.max_length": 1.5}, 8, "data.max_length"),
     ({"trainer.total_epochs": None}, 8, "trainer.total_epochs"),

@@ -128,11 +128,22 @@ def test_a_killed_mixture_run_resumes_exactly_from_the_data_cache(base_model, mi
     the cache and the train step from the compilation cache, and logs what an unbroken run logs.
     The unbroken run is in this process (tests/runs.py); the killed run and its restart are
     processes with the run's own compilation cache (the default RUN/compile_cache, not the
-    session's), which the first writes and the second reads."""
+    session's), which the first writes and the second reads. Every step logs each file's loss and
+    loss tokens (train/loss/a, train/loss/b), which add up to the step's."""
     reference = tmp_path / "reference"
     out = runs.train(reference, base_model, *FAST, mixture_files).stdout
     assert "epoch 0 from the 2 files (weights 3:1): " in out and " 18 samples of 16 rows (1.12x)" in out
     assert sorted(train_rows(reference)) == [1, 2, 3, 4, 5, 6]
+    both = 0
+    for row in (m["data"] for m in metrics_of(reference, "train/loss")):
+        n = row["train/loss_tokens/a"] + row["train/loss_tokens/b"]
+        assert n == row["train/loss_tokens"]
+        assert all((f"train/loss/{s}" in row) == (row[f"train/loss_tokens/{s}"] > 0) for s in "ab")
+        both += all(row[f"train/loss_tokens/{s}"] > 0 for s in "ab")
+        total = sum(row.get(f"train/loss/{s}", 0.0) * row[f"train/loss_tokens/{s}"] for s in "ab")
+        # the same per-row sums (≥ 0) added by file or by micro-batch in float32, then divided: ≤ 8 eps
+        assert abs(total / n - row["train/loss"]) <= 1e-6 * row["train/loss"], row
+    assert both >= 2  # steps that hold both files
 
     run = tmp_path / "run"
     own_cache = "--config.trainer.compile_cache=true"  # names the key: e2e.train_args leaves the default
@@ -147,6 +158,7 @@ def test_a_killed_mixture_run_resumes_exactly_from_the_data_cache(base_model, mi
     assert resumed_at(restart).endswith(f"{run / 'global_step_3'} at step 3")
     assert "; read from the data cache " in restart.stdout
     assert "Persistent compilation cache hit for 'jit_train_step'" in restart.stderr
+    assert "[jaxsft] reading the train step from the compilation cache" in restart.stdout
     assert sorted(p.name for p in (run / "compile_cache").glob("jit_train_step-*")) == compiled
     assert train_rows(run) == train_rows(reference)
     first, again = (next(m["data"]["perf/compile_and_first_step(s)"] for m in rows if m["step"] == s)
@@ -154,7 +166,30 @@ def test_a_killed_mixture_run_resumes_exactly_from_the_data_cache(base_model, mi
     print(f"\ncompile and first step: {first:.1f} s on a first launch, {again:.1f} s on the resume")
 
 
-def metrics_of(run_dir):
+def metrics_of(run_dir, key="perf/compile_and_first_step(s)"):
     from e2e import metrics
 
-    return [m for m in metrics(run_dir) if "perf/compile_and_first_step(s)" in m["data"]]
+    return [m for m in metrics(run_dir) if key in m["data"]]
+
+
+@pytest.mark.parametrize("packing", ["none", "best_fit"])
+def test_batches_carry_each_tokens_source(packing):
+    """A mixed run's batches say, token by token, which file each sample came from (the step adds up
+    the loss by source from it); an unmixed one has no source_ids."""
+    ds = two_sources(30, 50)
+    ld = loader(ds, packing=packing)
+    for _ in range(3):
+        _, batch = next(ld)
+        seg, src, ids = batch["segment_ids"], batch["source_ids"], batch["input_ids"]
+        assert src.shape == seg.shape and np.all(src[seg == 0] == 0)
+        # two_sources' ids are 10_000·file + ...: every token of a sample names its file
+        assert np.array_equal(src[seg > 0], ids[seg > 0] // 10_000)
+    assert "source_ids" not in next(loader(ds, weights=None))[1]
+
+
+def test_source_names_are_file_stems_made_unique():
+    from jaxsft.data.mixture import source_names
+
+    assert source_names(["data/math.parquet", "code.jsonl", "/x/chat/"]) == ["math", "code", "chat"]
+    assert source_names(["a/train.parquet", "b/train.parquet", "c/dev.parquet"]) == ["train_1", "train_2", "dev"]
+    assert source_names(["shards/gsm8k/*.parquet", "we ird(1).json"]) == ["gsm8k", "we_ird_1_"]

@@ -275,3 +275,31 @@ def test_truncation_summary_and_cache_key_follow_the_mode(qwen3, tmp_path, capsy
     assert cached[1].stats["cache"]["hit"] and "(whole_chat masks)" in summary(cached[1])
     assert [cached[1].tokens(i)[1].tolist() for i in range(2)] == [full.tokens(i)[1].tolist() for i in range(2)]
     assert capsys.readouterr().out.count("(whole_chat masks)") == 2
+
+
+def test_worker_processes_build_what_this_process_builds(qwen3, tmp_path, monkeypatch):
+    """data.tokenize_workers: whole_chat tokenised in worker processes (jaxsft.data.workers, each
+    with its own unpickled copy of the tokenizer and its published Qwen3 template) gives exactly the
+    ids, masks, statistics and warnings of this process: chats with reasoning before and after the
+    last user turn, tool calls and several user turns, in two slices."""
+    from jaxsft.data import workers
+
+    monkeypatch.setattr(workers, "PARALLEL_MIN_ROWS", 520)  # a small file, still two slices (512 + 8 rows)
+    reasoned_call = call("<think>\nrun it\n</think>\n\nRunning.", '{"code": "print(1)"}')
+    shapes = [ISSUE_CHAT, [SYS, u("Compute."), reasoned_call, {"role": "tool", "content": "1"}, a("It is 1.")],
+              [u("hi"), a("<think>\nshort\n</think>\n\nhello")], [u("a"), a("b"), u("c"), a("d"), u("e"), a("f")]]
+    chats = [[dict(m, content=f"{m['content']} {i}") if m["role"] == "user" else m for m in shapes[i % 4]]
+             for i in range(520)]
+    path = write(tmp_path, chats, tools=[None if i % 4 != 1 else TOOLS for i in range(520)])
+    started = []
+    start = workers.Workers._start
+    monkeypatch.setattr(workers.Workers, "_start", lambda self: started.append(1) or start(self))
+    here, said_here = build(path, qwen3, **{"multiturn.mask_mode": "whole_chat", "tokenize_workers": 1})
+    assert not started and here.stats["processes"] == 1
+    pool, said_pool = build(path, qwen3, **{"multiturn.mask_mode": "whole_chat", "tokenize_workers": 2})
+    assert started == [1]  # every slice went to the pool (which worker took which is the pool's choice)
+    assert np.array_equal(pool.input_ids, here.input_ids) and np.array_equal(pool.loss_mask, here.loss_mask)
+    assert list(pool.origins) == list(here.origins) and pool.fingerprint == here.fingerprint
+    assert said_pool == said_here and said_here[0].startswith(f"130 row(s) of {path} hold assistant reasoning")
+    assert here.tokens(0)[0].tolist() == rendered_ids(qwen3, chats[0])
+    assert runs(qwen3, *here.tokens(0)) == ["answer 0" + END, "<think>\nr2 0\n</think>\n\nok 0" + END]

@@ -1,8 +1,9 @@
 """The training modes on each family beyond Qwen2 (tests/tiny_hf.py's FAMILIES: qwen3, llama tied
 with llama3 rope, mistral, gemma tied), in process on a (2, 4) mesh.
 
-Logits and one full step per family are in tests/test_model_parity.py and tests/test_train_step.py;
-here, per family: LoRA over every projection with the optimizer state offloaded, one step against
+Logits per family are in tests/test_model_parity.py, one full step through the command line
+(`python -m jaxsft.train` in this process) against torch AdamW in tests/test_train_step.py; here,
+per family: LoRA over every projection with the optimizer state offloaded, one step against
 torch + PEFT (whose adapter is jaxsft's export, loaded onto the family's base), a checkpoint of the
 offloaded state resumed exactly, and the merged export loaded by transformers as the same family;
 and new tokens (model.added_tokens, full fine-tuning) one step against torch.

@@ -17,6 +17,7 @@ import torch
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file, save_file
+from e2e import env_for
 from tiny_hf import load_hf_model, make_tiny_hf_model
 
 from jaxsft import hf, parallel
@@ -316,7 +317,7 @@ _MEASURE = textwrap.dedent("""
 
 
 def measure_load(model_dir) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=env_for(8)["XLA_FLAGS"], JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", _MEASURE, str(model_dir)], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft.model.loss import masked_ce_per_row
+from jaxsft.model.loss import masked_ce_per_row, masked_loss_sums
 
 EPS = float(np.finfo(np.float32).eps)  # 2^-23: one float32 ulp at 1
 BF16_EPS = 2.0 ** -7  # one bfloat16 ulp at 1 (8 significand bits with the implicit one; rounding: ½ of it)
@@ -52,6 +52,40 @@ def test_chunked_matches_naive_values_and_grads(chunk_size):
     for got, ref in zip(got_grads, ref_grads):
         # γ_N, N = H + V + B·T = 92 accumulations (d_h sums V, d_kernel B·T tokens); atol: the same of max|ref| where terms cancel
         np.testing.assert_allclose(got, ref, rtol=92 * EPS, atol=92 * EPS * float(np.max(np.abs(ref))))
+
+
+def naive_dft_sums(hidden, kernel, targets, weights, groups, num_groups):
+    """TRL's DFT token loss, -p.detach()·log p, summed per row and per group."""
+    logits = jnp.einsum("bth,hv->btv", hidden.astype(jnp.float32), kernel.astype(jnp.float32))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    loss = -jax.lax.stop_gradient(jnp.exp(logp)) * logp * weights
+    return loss.sum(-1), weights.sum(-1), jax.ops.segment_sum(loss.reshape(-1), groups.reshape(-1), num_groups)
+
+
+def test_dft_by_group_matches_naive(chunk_size=5):
+    """trainer.loss_type=dft and the per-source sums: values and gradients (through the row sums and
+    the group sums, with distinct cotangents) equal the naive formula's, over 3 chunks (13 tokens
+    padded to 15)."""
+    hidden, kernel, targets, weights = make_inputs(2, 13, 16, 50, seed=2)
+    groups = jax.random.randint(jax.random.key(9), (2, 13), 0, 3)
+    row_scale, group_scale = jnp.array([0.7, 1.3]), jnp.array([0.5, 2.0, -1.0])
+
+    def f(fn):
+        def g(hidden, kernel, weights):
+            rows, _, by_group = fn(hidden, kernel, targets, weights)
+            return jnp.sum(row_scale * rows) + jnp.sum(group_scale * by_group)
+        return g
+
+    ours = lambda *a: masked_loss_sums(*a, chunk_size, 1, "dft", groups, 3)  # noqa: E731
+    ref = lambda *a: naive_dft_sums(*a, groups, 3)  # noqa: E731
+    for got, want in zip(ours(hidden, kernel, targets, weights), ref(hidden, kernel, targets, weights)):
+        # as test_chunked_matches_naive_values_and_grads (N = 79), + 2 for exp(-ce) and its product
+        np.testing.assert_allclose(got, want, rtol=81 * EPS, atol=81 * EPS)
+    ref_grads = jax.grad(f(ref), argnums=(0, 1, 2))(hidden, kernel, weights)
+    got_grads = jax.jit(jax.grad(f(ours), argnums=(0, 1, 2)))(hidden, kernel, weights)
+    for got, want in zip(got_grads, ref_grads):
+        # as test_chunked_matches_naive_values_and_grads (N = 92), + 2 for the probability factor
+        np.testing.assert_allclose(got, want, rtol=94 * EPS, atol=94 * EPS * float(np.max(np.abs(want))))
 
 
 def test_bf16_hidden_keeps_dtypes_and_stays_close():

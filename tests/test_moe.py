@@ -200,7 +200,7 @@ def test_micro_batches_with_in_backward_accumulation(model_dir):
         b = {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in batch.items()}
         out = {sink: jax.jit(lambda p, b, sink=sink: step.accumulate_gradients(graphdef, rest, p, b, step.StepConfig(
             "global_tokens", False, MESH[0], 16, accumulate_in_backward=sink)))(params, b) for sink in (False, True)}
-        single = jax.jit(lambda p, mb: step.micro_batch_terms(graphdef, p, rest, mb, 16)[3])
+        single = jax.jit(lambda p, mb: step.micro_batch_terms(graphdef, p, rest, mb, 16).router)
         per_micro = [single(params, {k: v[i] for k, v in b.items()}) for i in range(2)]
     (la, ga, _, ra), (lb, gb, _, rb) = out[False], out[True]
     assert float(la) == pytest.approx(float(lb), rel=1e-6)  # the same two partial losses summed: ≤ 8 eps

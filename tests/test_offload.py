@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from cfg import settings
+from e2e import under_xla_defaults
 from modes import Run, padded_batch
 from tiny_hf import make_tiny_hf_model
 
@@ -36,10 +37,14 @@ def host(tree):
 
 
 @pytest.mark.parametrize("lora", [None, LoRASettings(rank=4, alpha=8.0, targets=("q_proj", "down_proj"))])
-def test_offloaded_steps_are_bit_identical(model_dir, lora):
+def test_offloaded_steps_are_bit_identical(model_dir, lora, request):
     """Three steps of two micro-batches, full fine-tuning and LoRA: metrics, parameters and moments
     bit-identical with and without offload; between steps every moment is in pinned_host memory and
-    the scalars (Adam's count, the lr) on the device."""
+    the scalars (Adam's count, the lr) on the device. Bit-identity of two programs depends on XLA's
+    code generation: checked with the emitters users get (tests/e2e.py under_xla_defaults); the
+    suite's faster emitters round grad_norm 1 ulp apart here."""
+    if under_xla_defaults(request):
+        return
     said = []
     runs = [Run(model_dir, (4, 2), lora=lora), Run(model_dir, (4, 2), lora=lora, offload=True)]
     assert kinds(runs[0].state["opt_state"]) == [(False, "device"), (True, "device")]

@@ -59,3 +59,15 @@ def test_log_every_keeps_the_last_step_and_says_non_finite_norms():
     assert [step for step, row in logger.rows if "train/loss" in row] == [2, 4, 5]
     assert "train/mfu" not in logger.rows[-1][1]  # no peak FLOP/s known: no MFU
     assert logger.lines == ["[jaxsft] step 3: non-finite gradient norm; update skipped (lr schedule advanced)"]
+
+
+def test_per_source_rows_of_a_mixed_step():
+    """train/loss/SOURCE = the source's loss sum ÷ its loss tokens; a source absent from the step
+    has its token count (0) and no loss row."""
+    logger = FakeLogger()
+    r = reporting.StepReporter(logger, FakeFlops(), None, log_every=1, last_step=1, sources=("math", "code", "chat"))
+    m = {**metrics(2.0), "source_loss_sums": jnp.array([6.0, 14.0, 0.0]), "source_loss_tokens": jnp.array([4.0, 6.0, 0.0])}
+    r.dispatched(1, m, 0, np.array([5, 5]), t_dispatch=0.0)
+    row = logger.rows[-1][1]
+    assert row["train/loss/math"] == 1.5 and row["train/loss/code"] == 14 / 6 and "train/loss/chat" not in row
+    assert (row["train/loss_tokens/math"], row["train/loss_tokens/code"], row["train/loss_tokens/chat"]) == (4, 6, 0)

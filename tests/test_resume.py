@@ -20,6 +20,7 @@ import signal
 import subprocess
 import time
 
+import data_kinds
 import jax
 import numpy as np
 import pytest
@@ -79,12 +80,22 @@ def test_sigkill_after_complete_save_at_epoch_end(base_model, reference, tmp_pat
     assert train_rows(tmp_path) == train_rows(reference)
 
 
-def test_sigkill_mid_async_save_and_retention_across_launches(base_model, reference, tmp_path):
+def test_sigkill_mid_async_save_and_retention_across_launches(base_model, reference, tmp_path, monkeypatch):
     """Saving every step, keeping 2: killed while Orbax still writes step 3. The restart skips it,
     resumes (in this process) from step 2 and saves steps 3-6; the two launches never leave more
-    than 2 steps."""
-    args = (*FAST, "--config.trainer.save_freq=1", "--config.trainer.max_ckpt_to_keep=2")
-    proc = start_train(tmp_path, base_model, *args, hook="kill_mid_save:3")
+    than 2 steps. Both log to mlflow (a local sqlite store): the restart continues the same mlflow
+    run, which holds one row per step, equal to metrics.jsonl's (step 3 logged by the killed launch
+    and computed again, exactly, by the restart)."""
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "mlflow").mkdir()
+    store = f"sqlite:///{tmp_path / 'mlflow' / 'runs.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the in-process restart's
+    client = MlflowClient(tracking_uri=store)  # the experiment made here: its artifacts in tmp_path, not the cwd
+    client.create_experiment("jaxsft", artifact_location=str(tmp_path / "mlflow" / "artifacts"))
+    args = (*FAST, "--config.trainer.save_freq=1", "--config.trainer.max_ckpt_to_keep=2",
+            "--config.trainer.logger=('console','file','mlflow')")
+    proc = start_train(tmp_path, base_model, *args, hook="kill_mid_save:3", MLFLOW_TRACKING_URI=store)
     out = proc.communicate()[0]
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
     assert (tmp_path / TRACKER).read_text() == "2"
@@ -98,6 +109,9 @@ def test_sigkill_mid_async_save_and_retention_across_launches(base_model, refere
     assert sorted(checkpoint.step_dirs(tmp_path)) == [5, 6]  # launch 1's steps 1 and 2 were counted
     assert (tmp_path / TRACKER).read_text() == "6" and checkpoint.is_complete(tmp_path / "global_step_6")
     assert not list(tmp_path.glob("*.orbax-checkpoint-tmp*"))
+    (run,) = client.search_runs([client.get_experiment_by_name("jaxsft").experiment_id])
+    held = {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)) for k in EXACT}
+    assert held == {k: [(m["step"], m["data"][k]) for m in metrics(tmp_path) if k in m["data"]] for k in EXACT}, held
 
 
 def test_sigterm_saves_the_current_step_and_exits_0(base_model, reference, tmp_path):
@@ -171,6 +185,16 @@ def test_resuming_onto_rewritten_data_is_refused_unless_accepted(base_model, ref
     accepted = runs.train(run, base_model, *args, "--config.trainer.resume_accept_changed_data=true")
     assert "resuming on it (trainer.resume_accept_changed_data=true)" in accepted.stdout
     assert resumed_at(accepted).endswith("at step 3") and max(losses(run)) == 4
+
+
+def test_the_data_as_jsonl_a_datasets_directory_and_parquet_shards_trains_the_same_steps(base_model, reference,
+                                                                                       tmp_path):
+    """The reference's rows as three entries of three kinds (JSON lines, a datasets save_to_disk
+    directory, a glob of parquet shards: tests/data_kinds.py) log the reference's 6 steps bit for
+    bit (issue 28). In this process."""
+    entries, _ = data_kinds.mixed_entries(pq.read_table(bundled.path("humaneval_chat", "train.parquet")), tmp_path)
+    runs.train(tmp_path / "run", base_model, *FAST, f"--config.data.train_files=[{','.join(map(repr, entries))}]")
+    assert train_rows(tmp_path / "run") == train_rows(reference)
 
 
 def test_full_disk_at_a_save_is_one_line_and_the_rerun_resumes_exactly(base_model, reference, tmp_path):

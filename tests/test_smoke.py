@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from e2e import env_for, metrics
+from e2e import CPU_TEST_FLAGS, env_for, metrics
 
 pytestmark = pytest.mark.slow  # two launches of the smoke recipe
 
@@ -29,8 +29,10 @@ def smoke_run(tmp_path_factory):
 
 
 def smoke(cwd, *settings):
-    # As users run it: XLA's full CPU optimisation (tests/conftest.py turns most of it off elsewhere).
+    # As users run it: XLA's full CPU optimisation and its default emitters (tests/conftest.py and
+    # e2e.CPU_TEST_FLAGS change both elsewhere).
     env = {k: v for k, v in env_for(1).items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(CPU_TEST_FLAGS, "").strip()
     return subprocess.run([sys.executable, "-m", "jaxsft.train", "--config", "smoke", *settings], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=600)
 

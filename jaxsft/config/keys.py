@@ -44,8 +44,9 @@ def _j(name, default, kind, doc, **kw) -> Key:  # jaxsft's own key
 
 KEYS: tuple[Key, ...] = (
     # ---- data ----------------------------------------------------------------------------------
-    _k("data.train_files", None, "strs", "training parquet file, or a list of files (required)", optional=True),
-    _k("data.val_files", None, "strs", "validation parquet file(s); null = no validation", optional=True),
+    _k("data.train_files", None, "strs", "training data (required): a .parquet, .jsonl or .json file, a directory or "
+       "glob of them, or a datasets save_to_disk directory; or a list of these, read in order", optional=True),
+    _k("data.val_files", None, "strs", "validation data, as data.train_files; null = no validation", optional=True),
     _k("data.train_max_samples", -1, "int", "keep only the first N training rows (-1 = all)"),
     _k("data.val_max_samples", -1, "int", "keep only the first N validation rows (-1 = all)"),
     _k("data.multiturn.enable", False, "bool", "multi-turn chats (MultiTurnSFTDataset); false = prompt/response pairs"),
@@ -188,7 +189,7 @@ KEYS: tuple[Key, ...] = (
     _k("trainer.total_epochs", 4, "int", "epochs; also the lr schedule's horizon"),
     _k("trainer.total_training_steps", None, "int", "stop after N steps (the schedule keeps the epochs' horizon)",
        optional=True),
-    _k("trainer.logger", ["console", "wandb"], "strs", "metrics backends: console, tqdm, tensorboard, file, wandb"),
+    _k("trainer.logger", ["console", "wandb"], "strs", "metrics backends: console, tqdm, tensorboard, file, wandb, mlflow"),
     _k("trainer.seed", 1, "int", "seeds the data order (verl ignores it)"),
     _k("trainer.save_freq", -1, "freq", "save every N steps (-1 = only at the end; or after_each_epoch)"),
     _k("trainer.test_freq", -1, "freq", "validate every N steps (-1 = only at the end; or after_each_epoch)"),
@@ -214,6 +215,10 @@ KEYS: tuple[Key, ...] = (
     _j("trainer.loss_normalization", "global_tokens", "str",
        "global_tokens = Σ token losses ÷ the step's loss tokens; verl = verl's per-micro-batch means",
        choices=("global_tokens", "verl")),
+    _j("trainer.loss_type", "ce", "str",
+       "the token loss: ce = cross-entropy; dft = each token's cross-entropy times its own probability exp(-ce), "
+       "held constant in the backward pass (dynamic fine-tuning, TRL's loss_type=dft); normalised as the others",
+       choices=("ce", "dft")),
     _j("trainer.loss_chunk_size", 512, "int", "tokens per cross-entropy chunk (bounds the float32 logits buffer)"),
     _j("trainer.peak_flops_per_device", None, "float", "peak FLOP/s for train/mfu (default: from the device kind)",
        optional=True),

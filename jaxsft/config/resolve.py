@@ -171,7 +171,7 @@ def _data(c: Composed, v: dict) -> DataSettings:
     if v["data.micro_batch_size_per_gpu"] != AUTO:
         _positive(v, "data.micro_batch_size_per_gpu")
     if v["data.train_files"] is None:
-        _fail("data.train_files is not set: give one parquet path or a list of paths")
+        _fail("data.train_files is not set: give a data file, directory or glob, or a list of them")
     packing = _choose(c, "data.packing", "use_remove_padding", lambda a, b: (a != "none") == b,
                       lambda b, a: (a if a != "none" else "first_fit") if b else "none")
     keys = {name: _choose(c, f"data.{name}", f"data.multiturn.{name}", lambda a, b: a == b, lambda b, a: b)
@@ -300,12 +300,15 @@ def _trainer(c: Composed, v: dict, data: DataSettings, notes: list[str]) -> Trai
     if "wandb" in logger and not _installed("wandb"):
         _fail("trainer.logger includes wandb (verl's default) but the wandb package is not installed: "
               "pip install wandb, or set trainer.logger=[console,file]")
+    if "mlflow" in logger and not _installed("mlflow"):
+        _fail("trainer.logger includes mlflow but the mlflow package is not installed: pip install 'jaxsft[mlflow]' "
+              "(or mlflow-skinny with sqlalchemy and alembic), or leave mlflow out of trainer.logger")
     return TrainerSettings(
         project_name=v["trainer.project_name"],
         experiment_name=v["trainer.experiment_name"], total_epochs=v["trainer.total_epochs"],
         total_training_steps=v["trainer.total_training_steps"], logger=logger, seed=v["trainer.seed"],
         test_freq=v["trainer.test_freq"], device=v["trainer.device"], loss_normalization=normalisation,
-        loss_chunk_size=v["trainer.loss_chunk_size"],
+        loss_chunk_size=v["trainer.loss_chunk_size"], loss_type=v["trainer.loss_type"],
         peak_flops_per_device=v["trainer.peak_flops_per_device"], log_every=v["trainer.log_every"],
         compile_cache_dir=((v["trainer.compile_cache_dir"] or os.path.join(v["trainer.default_local_dir"], "compile_cache"))
                            if v["trainer.compile_cache"] else None),

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsft import __version__
+from jaxsft import __version__, progress
 from jaxsft.data.samples import Origins, TokenizedDataset
 
 FORMAT = 1
 # What decides an entry's content.
-CODE = ("source.py", "tokenize.py", "whole_chat.py", "workers.py", "dataset.py", "samples.py", "cache.py")
+CODE = ("formats.py", "errors.py", "source.py", "tokenize.py", "whole_chat.py", "workers.py", "dataset.py", "samples.py", "cache.py")
 # DataSettings fields that do not change the tokenised rows of a split (batching, mixing, where
 # the cache is); every other field is part of the key, so a new data key is keyed by default.
 NOT_TOKENISATION = ("train_files", "val_files", "train_max_samples", "val_max_samples", "train_batch_size",
@@ -61,9 +61,16 @@ class Corrupt(Exception):
     pass
 
 
-def file_digest(path) -> str:
+def file_digest(path, advance=None) -> str:
+    """sha256 of a file; `advance(bytes)` is told as it is read (a progress bar)."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        if advance is None:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
+        while chunk := f.read(64 << 20):
+            h.update(chunk)
+            advance(len(chunk))
+        return h.hexdigest()
 
 
 def tokenizer_digest(tokenizer) -> str | None:
@@ -100,8 +107,8 @@ def _versions() -> dict[str, str]:
 
 
 class DataCache:
-    def __init__(self, directory, say=print):
-        self.root, self.say = Path(directory), say
+    def __init__(self, directory, say=print, show: bool = True):
+        self.root, self.say, self.show = Path(directory), say, show  # show: progress and phase lines
         self.writable = True
 
     # ---- key ------------------------------------------------------------------------------------
@@ -167,8 +174,11 @@ class DataCache:
             meta = json.loads((entry / "meta.json").read_text())
             if meta.get("format") != FORMAT or meta.get("key") != key.digest:
                 raise Corrupt("it was written for other inputs")
-            a = {name: self._array(entry, name, dtype, meta, mapped=name in TOKENS) for name, dtype in
-                 {**TOKENS, **SMALL}.items()}
+            size = sum((entry / f"{name}.bin").stat().st_size for name in {**TOKENS, **SMALL})
+            with progress.phase(f"checking the data cache {entry.name}", total=size, unit="B", unit_scale=True,
+                                show=self.show) as advance:
+                a = {name: self._array(entry, name, dtype, meta, mapped=name in TOKENS, advance=advance)
+                     for name, dtype in {**TOKENS, **SMALL}.items()}
             n = meta["stats"]["rows"]
             if not (len(a["offsets"]) == n + 1 and all(len(a[k]) == n for k in SMALL if k != "offsets")
                     and int(a["offsets"][-1]) == len(a["input_ids"]) == len(a["loss_mask"])):
@@ -189,12 +199,12 @@ class DataCache:
         return dataset
 
     @staticmethod
-    def _array(entry: Path, name: str, dtype: str, meta: dict, mapped: bool) -> np.ndarray:
+    def _array(entry: Path, name: str, dtype: str, meta: dict, mapped: bool, advance=None) -> np.ndarray:
         info, path = meta["arrays"][name], entry / f"{name}.bin"
         length, size = int(info["length"]), path.stat().st_size
         if size != length * np.dtype(dtype).itemsize:
             raise Corrupt(f"{name}.bin has {size} bytes, {length * np.dtype(dtype).itemsize} were written")
-        if file_digest(path) != info["sha256"]:
+        if file_digest(path, advance) != info["sha256"]:
             raise Corrupt(f"{name}.bin does not match its sha256")
         if not length:
             return np.zeros(0, dtype)
@@ -221,11 +231,15 @@ class DataCache:
                 "fingerprint": dataset.fingerprint,
                 "stats": {k: s[k] for k in ("rows", "truncated", "seconds", "split", "truncation", "max_length",
                                             "file_rows", "warnings", "processes", "mask_mode")}, "arrays": {}}
+        arrays = {name: np.asarray(arrays[name]).astype(dtype, copy=False) for name, dtype in {**TOKENS, **SMALL}.items()}
+        t0 = time.perf_counter()
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            for name, dtype in {**TOKENS, **SMALL}.items():
-                meta["arrays"][name] = _write_array(tmp / f"{name}.bin", np.asarray(arrays[name]).astype(dtype, copy=False))
+            with progress.phase(f"writing the data cache {entry.name}", total=sum(a.nbytes for a in arrays.values()),
+                                unit="B", unit_scale=True, show=self.show) as advance:
+                for name, a in arrays.items():
+                    meta["arrays"][name] = _write_array(tmp / f"{name}.bin", a, advance)
             _write_file(tmp / "meta.json", json.dumps(meta, indent=1, default=repr).encode())
             _fsync_dir(tmp)
             try:
@@ -240,7 +254,8 @@ class DataCache:
         loaded = self.load(key, s["files"], time.perf_counter())
         if loaded is None:
             return dataset
-        loaded.stats.update(seconds=s["seconds"], cache={"path": str(entry), "hit": False, "seconds": 0.0})
+        loaded.stats.update(seconds=s["seconds"], cache={"path": str(entry), "hit": False,
+                                                         "seconds": time.perf_counter() - t0})
         return loaded
 
     def _discard(self, entry: Path) -> None:
@@ -260,7 +275,7 @@ class DataCache:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _write_array(path: Path, a: np.ndarray) -> dict:
+def _write_array(path: Path, a: np.ndarray, advance=None) -> dict:
     h = hashlib.sha256()
     with open(path, "wb") as f:
         step = max(1, (64 << 20) // max(a.itemsize, 1))
@@ -268,6 +283,8 @@ def _write_array(path: Path, a: np.ndarray) -> dict:
             chunk = memoryview(np.ascontiguousarray(a[i:i + step])).cast("B")
             h.update(chunk)
             f.write(chunk)
+            if advance is not None:
+                advance(len(chunk))
         f.flush()
         os.fsync(f.fileno())
     return {"length": len(a), "sha256": h.hexdigest()}

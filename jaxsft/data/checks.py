@@ -48,7 +48,7 @@ def check_loss_tokens(dataset, *, split: str, raw_loss_tokens: np.ndarray, trunc
     s["loss_tokens"], s["zero_loss_rows"] = int(dataset.loss_tokens.sum()), int(zero.sum())
     if split != "train" or not zero.any():
         return
-    n, files = len(zero), ", ".join(s["files"])
+    n, files = len(zero), ", ".join(dataset.inputs())
     cut = int((zero & truncated & (raw_loss_tokens > 0)).sum())
     empty = int((zero & (raw_loss_tokens == 0)).sum())
     why = "; ".join(part for k, part in (

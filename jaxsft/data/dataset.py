@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from jaxsft.data import cache as data_cache
-from jaxsft.data import source
+from jaxsft.data import formats, source
 from jaxsft.data.checks import check_loss_tokens, check_vocab
-from jaxsft.data.errors import DataWarning
+from jaxsft.data.errors import DataWarning, where
 from jaxsft.data.samples import Origins, TokenizedDataset  # noqa: F401 (Origins: part of this API)
 from jaxsft.data.workers import SliceResult, make_encoder, tokenize_files, worker_count
 
@@ -66,10 +66,12 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
     `cache_dir`: the tokenised-data cache (read when it holds this exact build, else written);
     None = no cache. `workers`: tokenising processes (default `data.tokenize_workers`; 0 = cores)."""
     t0 = time.perf_counter()
-    paths = source.file_list(files)
+    entries = source.file_list(files)
+    shards = formats.expand(entries, "data.train_files" if split == "train" else "data.val_files")
+    paths = [p for s in shards for p in s]  # read in this order; errors, origins and the cache key name each
     show = _main_process() if verbose is None else verbose
     encoder = make_encoder(tokenizer, data)  # the template's own problems come first, as ever
-    cache = data_cache.DataCache(cache_dir, say=print if show else _quiet) if cache_dir else None
+    cache = data_cache.DataCache(cache_dir, say=print if show else _quiet, show=show) if cache_dir else None
     key = cache.key(paths, data, tokenizer, split) if cache else None
     with cache.lock(key) if key else nullcontext():
         dataset = cache.load(key, paths, t0) if key else None
@@ -77,10 +79,11 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
             for message in dataset.stats["warnings"]:
                 warnings.warn(message, DataWarning, stacklevel=2)
         else:
-            dataset = _tokenize(paths, data, tokenizer, encoder, split, t0,
-                                worker_count(data.tokenize_workers if workers is None else workers))
+            dataset = _tokenize(paths, ", ".join(entries), data, tokenizer, encoder, split, t0,
+                                worker_count(data.tokenize_workers if workers is None else workers), show)
             if key:
                 dataset = cache.store(key, dataset)
+    dataset.stats["entries"] = [(e, len(s)) for e, s in zip(entries, shards)]  # what data.train_weights weighs
     check_vocab(dataset, tokenizer, vocab_size)
     check_loss_tokens(dataset, split=split, raw_loss_tokens=dataset.stats["raw_loss_tokens"],
                       truncated=dataset.stats["raw_lengths"] > dataset.stats["max_length"])
@@ -89,7 +92,7 @@ def build_dataset(files, data, tokenizer, *, split: str = "train", verbose: bool
     return dataset
 
 
-def _tokenize(paths, data, tokenizer, encoder, split, t0, workers) -> TokenizedDataset:
+def _tokenize(paths, entries: str, data, tokenizer, encoder, split, t0, workers, show: bool = True) -> TokenizedDataset:
     said: list[str] = []
 
     def warn(message: str) -> None:
@@ -98,9 +101,9 @@ def _tokenize(paths, data, tokenizer, encoder, split, t0, workers) -> TokenizedD
 
     collected = Collected()
     counts = tokenize_files(paths, data, tokenizer, encoder, limit=data.max_samples(split), workers=workers,
-                            add=collected.add, warn=warn)
+                            add=collected.add, warn=warn, show=show)
     if data.multiturn:
-        _chat_warnings(counts, data, tokenizer, encoder, ", ".join(paths), warn)
+        _chat_warnings(counts, data, tokenizer, encoder, entries, warn)
     raw = collected.column("raw_lengths", np.int64)
     stats = {"rows": int(sum(counts["file_rows"])), "raw_lengths": raw, "truncated": int((raw > data.max_length).sum()),
              "seconds": time.perf_counter() - t0, "files": paths, "split": split, "truncation": data.truncation,
@@ -127,7 +130,7 @@ def _chat_warnings(counts, data, tokenizer, encoder, files: str, warn) -> None:
              f"renders it in the conversation, the reasoning of the turns after the last user message included")
     if counts["unprompted_turns"]:
         file, row = counts["unprompted_example"]
-        warn(f"{counts['unprompted_turns']} assistant turn(s) of {files} (first: {file} row {row}) do not "
+        warn(f"{counts['unprompted_turns']} assistant turn(s) of {files} (first: {where(file, row)}) do not "
              f"start with the template's generation prompt {tokenizer.decode(encoder.generation_prompt)!r}; as in "
              f"verl, the first {len(encoder.generation_prompt)} tokens of each are not targets, so "
              f"{counts['untrained_tokens']} of their own tokens are not trained")
@@ -139,7 +142,7 @@ def summary(dataset: TokenizedDataset) -> str:
     p50, p90, p99 = (int(np.percentile(raw, q, method="higher")) for q in (50, 90, 99))
     tokens = int(raw.sum())
     masks = f" ({s['mask_mode']} masks)" if s.get("mask_mode") else ""
-    text = (f"[jaxsft] {s['split']} data: {s['rows']} rows from {len(s['files'])} file(s); tokens per row "
+    text = (f"[jaxsft] {s['split']} data: {s['rows']} rows from {len(s['files'])} file(s){_entries(s)}; tokens per row "
             f"p50 {p50}, p90 {p90}, p99 {p99}, max {int(raw.max())}; {s['truncated']} row(s) over "
             f"data.max_length={s['max_length']} (truncation={s['truncation']}); "
             f"{int((dataset.loss_tokens == 0).sum())} row(s) with zero loss tokens; "
@@ -148,8 +151,14 @@ def summary(dataset: TokenizedDataset) -> str:
     cached = s.get("cache")
     if cached:
         text += (f"; read from the data cache {cached['path']} in {cached['seconds']:.2f} s" if cached["hit"] else
-                 f"; written to the data cache {cached['path']}")
+                 f"; written to the data cache {cached['path']} in {cached['seconds']:.2f} s")
     return text
+
+
+def _entries(stats) -> str:
+    """` of 2 entries` when the entries of data.*_files are not one file each."""
+    entries = stats.get("entries") or ()
+    return f" of {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}" if any(n != 1 for _, n in entries) else ""
 
 
 def _quiet(*args, **kwargs) -> None:

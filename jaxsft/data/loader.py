@@ -7,7 +7,9 @@ permutation seeded by (seed, e) (with `data.train_weights`, the weighted mixture
 gets the contiguous block r of those, micro-batch k of a rank the contiguous block k of its
 share. A step is a pure function of its index, so resuming needs only that index.
 
-Batches are dicts of int32 `[K, R_local, T]` arrays (contract in docs/CONTRACTS.md). With packing,
+Batches are dicts of int32 `[K, R_local, T]` arrays (contract in docs/CONTRACTS.md); with several
+mixed training files (`data.train_weights`) also `source_ids`, each token's file (its index in
+data.train_files), from which the step adds up the loss by source. With packing,
 each rank's share is packed into a fixed number of rows (`K × micro_batch_size_per_gpu`), the
 maximum any step of the run needs, found once by packing every step's lengths up front.
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from jaxsft.data.dataset import TokenizedDataset
 from jaxsft.data import mixture
-from jaxsft.data.errors import DataError
+from jaxsft.data.errors import DataError, at
 from jaxsft.data.packing import pack
 
 FIELDS = ("input_ids", "positions", "segment_ids", "loss_mask")
@@ -48,8 +50,10 @@ def _empty(shape: tuple[int, ...], pad_token_id: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _fill_row(out: dict[str, np.ndarray], at: tuple[int, ...], dataset: TokenizedDataset, samples) -> None:
-    """Samples back to back in one row: positions restart at 0, segment ids 1, 2, ... per sample."""
+def _fill_row(out: dict[str, np.ndarray], at: tuple[int, ...], dataset: TokenizedDataset, samples,
+              source_of: np.ndarray | None = None) -> None:
+    """Samples back to back in one row: positions restart at 0, segment ids 1, 2, ... per sample
+    (and, with `source_of`, each sample's source index as its tokens' source_ids)."""
     col = 0
     for seg, i in enumerate(samples, start=1):
         ids, mask = dataset.tokens(i)
@@ -58,6 +62,8 @@ def _fill_row(out: dict[str, np.ndarray], at: tuple[int, ...], dataset: Tokenize
         out["loss_mask"][at][col:col + n] = mask
         out["positions"][at][col:col + n] = np.arange(n, dtype=np.int32)
         out["segment_ids"][at][col:col + n] = seg
+        if source_of is not None:
+            out["source_ids"][at][col:col + n] = source_of[i]
         col += n
 
 
@@ -65,8 +71,8 @@ def _check_lengths(dataset: TokenizedDataset, max_length: int) -> None:
     longest = int(np.argmax(dataset.lengths))
     if dataset.lengths[longest] > max_length:
         file, row = dataset.origins[longest]
-        raise DataError(f"{file} row {row}: {dataset.lengths[longest]} tokens exceed max_length={max_length} "
-                        f"(the data set was built with a larger data.max_length)")
+        raise DataError(at(file, row, f"{dataset.lengths[longest]} tokens exceed max_length={max_length} "
+                                      f"(the data set was built with a larger data.max_length)"))
 
 
 def local_block(total: int, process_index: int, process_count: int, what: str) -> range:
@@ -98,6 +104,9 @@ class TrainLoader:
         self.weights = None if weights is None else tuple(float(w) for w in weights)
         if self.weights is not None:
             _check_weights(self.sources, self.weights)
+        # each sample's source when the step reports the loss by source (jaxsft.step.source_count)
+        self.source_of = (np.repeat(np.arange(len(self.sources), dtype=np.int32), [n for _, n in self.sources])
+                          if self.weights is not None and len(self.sources) > 1 else None)
         self.dataset, self.seed, self.packing, self.pad_token_id = dataset, seed, packing, pad_token_id
         self.train_batch_size, self.micro_batch_size, self.dp, self.max_length = train_batch_size, b, dp, max_length
         self.per_rank = per_rank
@@ -176,6 +185,8 @@ class TrainLoader:
     def _step(self, step: int) -> tuple[int, dict[str, np.ndarray]]:
         k_total, b = self.num_micro_batches, self.micro_batch_size
         out = _empty((k_total, self.local_rows, self.max_length), self.pad_token_id)
+        if self.source_of is not None:
+            out["source_ids"] = np.zeros_like(out["segment_ids"])
         idx = self.step_samples(step)
         for lr, r in enumerate(self.local_ranks):
             rows = self.rank_rows(idx[r * self.per_rank:(r + 1) * self.per_rank])
@@ -183,7 +194,7 @@ class TrainLoader:
                 raise AssertionError(f"step {step} rank {r} needs {len(rows)} rows; the run was planned for {k_total * b}")
             for q, samples in enumerate(rows):
                 k, j = divmod(q, b)
-                _fill_row(out, (k, lr * b + j), self.dataset, samples)
+                _fill_row(out, (k, lr * b + j), self.dataset, samples, self.source_of)
         return step // self.steps_per_epoch, out
 
     # ---- efficiency report ------------------------------------------------------------------------
@@ -255,7 +266,7 @@ class TrainLoader:
                             f"it, or choose another trainer.default_local_dir to start fresh")
         theirs = state.get("data_fingerprint")
         if theirs is not None and theirs != self.data_fingerprint:
-            what = (f"{', '.join(self.dataset.stats.get('files', ())) or 'the training data'}: the tokenised training "
+            what = (f"{', '.join(self.dataset.inputs()) or 'the training data'}: the tokenised training "
                     f"data differs from the data this checkpoint was trained on (same {len(self.dataset)} rows, other "
                     f"tokens or loss masks; fingerprint {theirs[:12]} there, {self.data_fingerprint[:12]} here)")
             if not accept_changed_data:

@@ -20,7 +20,10 @@ every launch, so resuming needs only the step index (also across an epoch bounda
 
 from __future__ import annotations
 
+import collections
 import functools
+import re
+from pathlib import PurePath
 
 import numpy as np
 
@@ -57,3 +60,22 @@ def epoch_order(sizes: tuple[int, ...], weights: tuple[float, ...], seed: int, e
     parts = [starts[i] + _stream(n, seed, i, epoch * int(q[i]), int(q[i])) for i, n in enumerate(sizes) if q[i]]
     mixed = np.concatenate(parts)
     return mixed[np.random.default_rng([seed, _TAG, epoch]).permutation(total)]
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def source_names(files) -> list[str]:
+    """The name of each training file entry in the per-source metrics (`train/loss/NAME`): its last
+    path part without the extension (`data/math.parquet` → `math`); for a glob, the last part
+    without glob characters (`data/math/*.parquet` → `math`); other characters than letters,
+    digits, `_`, `-` and `.` become `_`. Names that two entries share get the entry's position in
+    data.train_files (1-based): `a/train.parquet`, `b/train.parquet` → `train_1`, `train_2`."""
+    names = []
+    for entry in files:
+        parts = [p for p in PurePath(str(entry)).parts if p not in ("/", ".", "..") and not _GLOB.search(p)]
+        last = str(entry).rstrip("/").split("/")[-1]
+        name = PurePath(parts[-1]).stem if parts and parts[-1] == last else (parts[-1] if parts else "")
+        names.append(re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "source")
+    counts = collections.Counter(names)
+    return [f"{n}_{i + 1}" if counts[n] > 1 else n for i, n in enumerate(names)]

@@ -80,10 +80,20 @@ class TokenizedDataset:
         return {"input_ids": ids.astype(np.int32), "loss_mask": mask.astype(np.int32),
                 "position_ids": np.arange(len(ids), dtype=np.int32)}
 
+    def inputs(self) -> list[str]:
+        """The entries of data.train_files / val_files (files, directories, globs), else the files."""
+        return [e for e, _ in self.stats["entries"]] if "entries" in self.stats else list(self.stats.get("files", ()))
+
     def sources(self) -> list[tuple[str, int]]:
-        """(file, rows) of each data file in order, as `data.train_files` listed them."""
+        """(entry, rows) of each entry in order, as `data.train_files` listed them (an entry's
+        shards together: `data.train_weights` weighs entries)."""
         if "file_rows" in self.stats:
-            return list(zip(self.stats["files"], self.stats["file_rows"]))
+            per_file = list(zip(self.stats["files"], self.stats["file_rows"]))
+            out, at = [], 0
+            for entry, shards in self.stats.get("entries") or [(f, 1) for f, _ in per_file]:
+                out.append((entry, sum(n for _, n in per_file[at:at + shards])))
+                at += shards
+            return out
         out: list[tuple[str, int]] = []
         for file, _ in self.origins:
             if out and out[-1][0] == file:

@@ -1,7 +1,7 @@
-"""Reading parquet files and checking every row before anything is tokenised.
+"""Reading the data files and checking every row before anything is tokenised.
 
-Each problem is a `DataError` with one line naming the file, the row (0-based, within that file)
-and the problem; rows that would train nothing get a `DataWarning` naming them.
+Each problem is a `DataError` with one line naming the file, the row (0-based, within that file;
+for a JSON-lines file its line) and the problem; rows that would train nothing get a `DataWarning` naming them.
 """
 
 from __future__ import annotations
@@ -13,76 +13,30 @@ import warnings
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from jaxsft.data.errors import DataError, DataWarning, at
+from jaxsft.data import formats
+from jaxsft.data.errors import DataError, DataWarning, at, numbered
 
 ROLES = ("system", "user", "assistant", "tool")
 
 
 def file_list(files) -> list[str]:
-    """`data.train_files` / `data.val_files`: one path (a plain string) or a list/tuple of paths."""
+    """`data.train_files` / `data.val_files`: one entry (a plain string) or a list/tuple of entries
+    (files, directories, globs: `formats.expand`)."""
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     files = [os.fspath(f) for f in (files or ())]
     if not files:
-        raise DataError("no data files given: set data.train_files (and data.val_files) to a parquet path or a list of paths")
+        raise DataError("no data files given: set data.train_files (and data.val_files) to a data file, directory or "
+                        "glob, or a list of them")
     return files
 
 
 def open_table(path: str, required: dict[str, str], optional: tuple[str, ...] = (), limit: int | None = None) -> pa.Table:
-    """Read the needed columns of one parquet file. `required` maps column name -> the config key
-    that names it (for the error message); `optional` columns are read when present."""
-    pf, columns = open_parquet(path, required, optional)
-    return _read_row_groups(pf, path, columns, limit)
-
-
-def open_parquet(path: str, required: dict[str, str], optional: tuple[str, ...] = (),
-                 **reader) -> tuple[pq.ParquetFile, list[str]]:
-    """The file-level checks of `open_table`: the opened file (`reader`: more ParquetFile options)
-    and the columns to read."""
-    if not os.path.exists(path):
-        raise DataError(at(path, None, "file not found"))
-    if os.path.isdir(path):
-        raise DataError(at(path, None, "is a directory, not a parquet file"))
-    try:
-        open(path, "rb").close()
-    except OSError as e:
-        raise DataError(at(path, None, f"cannot be read ({e.strerror})")) from None
-    try:
-        # Page checksums are verified where the writer stored them (pyarrow: write_page_checksum=True).
-        pf = pq.ParquetFile(path, page_checksum_verification=True, **reader)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(at(path, None, f"not a parquet file ({e})")) from None
-    names = pf.schema_arrow.names
-    for column, key in required.items():
-        if column not in names:
-            raise DataError(at(path, None, f"column '{column}' ({key}) is missing; the file has columns {', '.join(names)}"))
-    if pf.metadata.num_rows == 0:
-        raise DataError(at(path, None, "no rows"))
-    columns = list(required) + [c for c in optional if c in names and c not in required]
-    for column in columns:
-        if names.count(column) > 1:
-            raise DataError(at(path, None, f"column '{column}' appears {names.count(column)} times in the file; "
-                                           f"keep one (or rename the others)"))
-    return pf, columns
-
-
-def _read_row_groups(pf: pq.ParquetFile, path: str, columns: list[str], limit: int | None) -> pa.Table:
-    """Row group by row group (only those `limit` needs), so a damaged one is named."""
-    tables, first = [], 0
-    for g in range(pf.num_row_groups):
-        if limit is not None and first >= limit:
-            break
-        n = pf.metadata.row_group(g).num_rows
-        try:
-            tables.append(pf.read_row_group(g, columns=columns))
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(at(path, None, f"row group {g} (rows {first}-{first + n - 1}) cannot be read, the file is "
-                                           f"damaged ({e}); write or copy it again")) from None
-        first += n
-    table = pa.concat_tables(tables)
-    return table.slice(0, limit) if limit is not None else table
+    """Read the needed columns of one data file (`jaxsft.data.formats`). `required` maps column
+    name -> the config key that names it (for the error message); `optional` columns are read when
+    present."""
+    return formats.open_source(path, required, optional).table(limit)
 
 
 def column_values(path: str, table: pa.Table, column: str, keep: tuple[str, ...] = ()) -> list:
@@ -204,8 +158,7 @@ def row_warnings(path: str, silent: list[int], opted_out: int) -> list[str]:
     """The warnings about one file's rows: those that train nothing, verl's old per-message loss_mask."""
     out = []
     if silent:
-        shown = ", ".join(map(str, silent[:20])) + (", ..." if len(silent) > 20 else "")
-        out.append(at(path, None, f"{len(silent)} row(s) have no assistant turn and train nothing: rows {shown}"))
+        out.append(at(path, None, f"{len(silent)} row(s) have no assistant turn and train nothing: {numbered(path, silent)}"))
     if opted_out:
         out.append(at(path, None, f"{opted_out} assistant message(s) carry loss_mask=0, a per-message field only verl's "
                                   f"Sep-Nov 2025 dataset honoured; as in verl since, they are trained"))

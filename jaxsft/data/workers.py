@@ -1,6 +1,6 @@
 """Tokenising the data files slice by slice, in this process or in worker processes.
 
-A file is read in slices (parquet record batches of at most `SLICE_ROWS` rows); each slice is
+A file is read in slices (record batches of at most `SLICE_ROWS` rows); each slice is
 checked, rendered, tokenised and truncated by `SliceTokenizer`, the same code in this process and
 in the workers, and the results are put together in file order. Worker processes are spawned
 (`concurrent.futures.ProcessPoolExecutor`; never forked from this process, which may run JAX's
@@ -29,7 +29,8 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from jaxsft.data import source
+from jaxsft import progress
+from jaxsft.data import formats, source
 from jaxsft.data.errors import DataError
 from jaxsft.data.tokenize import CHUNK_ROWS, ChatEncoder, PairEncoder, truncate
 from jaxsft.data.whole_chat import WholeChatEncoder
@@ -177,8 +178,8 @@ def worker_count(setting: int) -> int:
 class Workers:
     """Runs slices here, or in a pool of `count` tokenising processes started on first need."""
 
-    def __init__(self, tokenizer, data, count: int, local: SliceTokenizer):
-        self.tokenizer, self.data, self.count, self.local = tokenizer, data, count, local
+    def __init__(self, tokenizer, data, count: int, local: SliceTokenizer, show: bool = True):
+        self.tokenizer, self.data, self.count, self.local, self.show = tokenizer, data, count, local, show
         self._pool = None
 
     def _start(self):
@@ -194,7 +195,15 @@ class Workers:
 
     def map(self, path: str, slices, rows: int):
         """(first row, result) of each of `slices` ((record batch, first row) pairs), in order:
-        here when the file has fewer than PARALLEL_MIN_ROWS `rows`, else in the pool."""
+        here when the file has fewer than PARALLEL_MIN_ROWS `rows`, else in the pool; with a
+        progress bar on an interactive console (jaxsft.progress)."""
+        with progress.phase(f"tokenising {os.path.basename(path.rstrip('/'))}", total=rows, unit="row",
+                            unit_scale=True, show=self.show) as advance:
+            for first_row, result in self._map(path, slices, rows):
+                advance(len(result.lengths))
+                yield first_row, result
+
+    def _map(self, path: str, slices, rows: int):
         if self.count < 2 or rows < PARALLEL_MIN_ROWS:
             for batch, first_row in slices:
                 yield first_row, self.local(path, pa.Table.from_batches([batch]), first_row)
@@ -224,33 +233,14 @@ def slice_rows(rows: int, workers: int) -> int:
     return min(SLICE_ROWS, max(CHUNK_ROWS, -(-per // CHUNK_ROWS) * CHUNK_ROWS))
 
 
-def file_slices(pf, columns_: list[str], limit: int, size: int = SLICE_ROWS):
-    """(record batch, first row) of the file's first `limit` rows, `size` rows per batch at most."""
-    groups, rows = [], 0
-    for g in range(pf.num_row_groups):  # only the row groups holding those rows are read (as open_table)
-        if rows >= limit:
-            break
-        groups.append(g)
-        rows += pf.metadata.row_group(g).num_rows
-    first = 0
-    for batch in pf.iter_batches(batch_size=size, row_groups=groups, columns=columns_):
-        if first + batch.num_rows > limit:
-            batch = batch.slice(0, limit - first)
-        if batch.num_rows:
-            yield batch, first
-        first += batch.num_rows
-        if first >= limit:
-            return
-
-
 def _file_results(path: str, data, limit: int | None, workers: Workers):
     """(first row, result) of each slice of the file's first `limit` rows (all if None)."""
-    # Streamed a page at a time (buffer_size), not a whole column chunk of a row group in memory.
-    pf, cols = source.open_parquet(path, *columns(data), buffer_size=1 << 20, pre_buffer=False)
-    n = pf.metadata.num_rows if limit is None else min(limit, pf.metadata.num_rows)
+    # A parquet file is streamed a page at a time (buffer_size), not a whole column chunk of a row group in memory.
+    src = formats.open_source(path, *columns(data), buffer_size=1 << 20, pre_buffer=False)
+    n = src.num_rows if limit is None else min(limit, src.num_rows)
     done = 0
     size = slice_rows(n, workers.count if n >= PARALLEL_MIN_ROWS else 1)
-    for first_row, result in workers.map(path, file_slices(pf, cols, n, size), n):
+    for first_row, result in workers.map(path, src.batches(n, size), n):
         done += len(result.lengths)
         yield first_row, result
     if done != n:
@@ -258,14 +248,15 @@ def _file_results(path: str, data, limit: int | None, workers: Workers):
 
 
 def tokenize_files(paths: list[str], data, tokenizer, encoder, *, limit: int | None, workers: int,
-                   add: Callable[[int, int, SliceResult], None], warn: Callable[[str], None]) -> dict:
+                   add: Callable[[int, int, SliceResult], None], warn: Callable[[str], None], show: bool = True) -> dict:
     """Tokenise `paths` in order into `add(file_index, first_row, result)`; the row warnings go to
     `warn` as each file is done. Returns the rows per file and the encoder's counters. `workers`
-    processes tokenise a file of at least PARALLEL_MIN_ROWS rows; smaller files are done here."""
+    processes tokenise a file of at least PARALLEL_MIN_ROWS rows; smaller files are done here.
+    `show`: progress bars on an interactive console (process 0)."""
     file_rows = [0] * len(paths)
     counters = {**{k: 0 for k in COUNTERS}, "unprompted_example": None}
     pids = set()
-    pool = Workers(tokenizer, data, workers, SliceTokenizer(tokenizer, data, encoder))
+    pool = Workers(tokenizer, data, workers, SliceTokenizer(tokenizer, data, encoder), show=show)
     try:
         for f, path in enumerate(paths):
             if limit == 0:

@@ -176,6 +176,19 @@ def _ids(ids) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Tensors:
+    """The export's tensors one at a time, and how many there are (a progress bar's total)."""
+    items: Iterator[tuple[str, Any]]
+    count: int
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclasses.dataclass(frozen=True)
 class Export:
     """What an export of this run writes beyond the parameters: `config` (after any vocabulary
     resize), `lora` (merged into `huggingface/`, and a PEFT `lora_adapter/` beside it) and `added`
@@ -184,8 +197,9 @@ class Export:
     lora: Any = None
     added: AddedTokens | None = None
 
-    def tensors(self, model_or_params, fetch=None):
-        return export_tensors(model_or_params, self.config, fetch=fetch, lora=self.lora)
+    def tensors(self, model_or_params, fetch=None) -> "Tensors":
+        return Tensors(export_tensors(model_or_params, self.config, fetch=fetch, lora=self.lora),
+                       sum(1 for _ in entries(self.config)))
 
     def base_files(self, base_model_dir, *, trust_remote_code: bool = False) -> BaseModelFiles:
         base = BaseModelFiles.read(base_model_dir, trust_remote_code=trust_remote_code)

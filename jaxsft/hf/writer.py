@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxsft import distributed
+from jaxsft import distributed, progress
 from jaxsft.hf.names import INDEX_FILE, SINGLE_FILE
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -125,13 +125,19 @@ def write_weights(tensors: Iterable[tuple[str, Any]], out_dir: str | os.PathLike
                   max_shard_size: int | str = "5GB") -> list[str] | None:
     """Stream `tensors` ((hf_name, jax or numpy array) one at a time) into `out_dir`'s safetensors
     files in `dtype`; weight files of an earlier export there are removed. Every process calls
-    this (gathers are collective); process 0 writes and gets the file names, the others None."""
+    this (gathers are collective); process 0 writes and gets the file names, the others None.
+    Process 0 shows a bar on an interactive console (over len(tensors) when it has one) and says
+    one line with the time taken."""
     out_dir = Path(out_dir)
     writer = None
     if distributed.is_primary():
         out_dir.mkdir(parents=True, exist_ok=True)
         writer = _ShardWriter(out_dir, parse_size(max_shard_size))
-    _stream(tensors, writer, dtype)
+    with progress.phase("writing safetensors", total=len(tensors) if hasattr(tensors, "__len__") else None,
+                        unit="tensor", show=writer is not None,
+                        done=lambda s: f"[jaxsft] Hugging Face weights: {writer.total_bytes / 1e6:.1f} MB ({dtype}) "
+                                       f"written in {s:.1f} s") as advance:
+        _stream(tensors, writer, dtype, advance)
     if writer is None:
         return None
     written = writer.finish()
@@ -159,7 +165,7 @@ def write_single_file(tensors: Iterable[tuple[str, Any]], path: str | os.PathLik
     return path
 
 
-def _stream(tensors, writer: _ShardWriter | None, dtype: str) -> None:
+def _stream(tensors, writer: _ShardWriter | None, dtype: str, advance=None) -> None:
     """Each tensor gathered to the host in `dtype` (on every process) and handed to `writer` (process 0's)."""
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
     for name, array in tensors:
@@ -167,3 +173,5 @@ def _stream(tensors, writer: _ShardWriter | None, dtype: str) -> None:
         if writer is not None:
             writer.add(name, host)
         del host  # free it before the next gather (the shard holds its own reference)
+        if advance is not None:
+            advance(1)

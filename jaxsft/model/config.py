@@ -56,7 +56,7 @@ FAMILIES: dict[str, Family] = {
     # transformers reads Gemma 1's legacy hidden_act "gelu" as the tanh approximation
     "gemma": Family(qkv_bias=None, activations=("gelu_pytorch_tanh", "gelu"), unit_offset_norm=True,
                     scale_embeddings=True, defaults=(("max_position_embeddings", 8192), ("head_dim", 256),
-                                                     ("tie_word_embeddings", True))),
+                                                     ("tie_word_embeddings", True), ("pad_token_id", 0))),
 }
 
 
@@ -93,6 +93,9 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # renormalise the k routing weights to sum to 1
     router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight (model.router_aux_loss_coef overrides)
+    # config.json's pad_token_id: transformers builds nn.Embedding(..., padding_idx=pad_token_id), whose
+    # lookup sends no gradient to that row (a tied head still does); None: every row learns.
+    pad_token_id: int | None = None
 
     def __hash__(self):
         # The dict field would make the generated hash fail; configs are used as static metadata.
@@ -110,7 +113,7 @@ class ModelConfig:
                 f"config.json has model_type={model_type!r}; jaxsft supports {', '.join(map(repr, FAMILIES))} "
                 f"(Qwen2/2.5, Qwen3, Qwen3-MoE, Llama 3.x, Mistral, Gemma 1).")
         d = {**dict(_COMMON_DEFAULTS), **dict(family.defaults), **{k: v for k, v in d.items() if v is not None
-                                                                    or k == "sliding_window"}}
+                                                                    or k in ("sliding_window", "pad_token_id")}}
         _refuse_unsupported(model_type, family, d)
         heads = d["num_attention_heads"]
         theta, scaling = _rope_settings(d)
@@ -137,6 +140,7 @@ class ModelConfig:
             unit_offset_norm=family.unit_offset_norm,
             scale_embeddings=family.scale_embeddings,
             sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
+            pad_token_id=_pad_token_id(d),
             **(_moe_fields(d) if family.moe else {}),
         )
 
@@ -180,6 +184,15 @@ def _refuse_unsupported(model_type: str, family: Family, d: dict[str, Any]) -> N
                                      f"{family.activations[0]}-gated.")
     if d.get("use_bidirectional_attention"):
         raise UnsupportedConfigError("config.json sets use_bidirectional_attention; jaxsft trains causal LMs only.")
+
+
+def _pad_token_id(d: dict[str, Any]) -> int | None:
+    """The embedding's padding_idx as torch reads it (negative counts from the end); an id outside
+    the table (torch refuses to build it) never occurs in a valid row, so it is dropped."""
+    pad, vocab = d.get("pad_token_id"), d["vocab_size"]
+    if not isinstance(pad, int) or isinstance(pad, bool) or not -vocab <= pad < vocab:
+        return None
+    return pad % vocab
 
 
 def _rope_settings(d: dict[str, Any]) -> tuple[float, dict | None]:

@@ -204,11 +204,18 @@ class DecoderLayer(nnx.Module):
 
 
 class Embed(nnx.Module):
-    def __init__(self, vocab: int, dim: int, *, dtype, rngs):
+    """The token embedding; with `pad_id`, the lookup sends no gradient to that row, as torch's
+    nn.Embedding(padding_idx=pad_token_id) in transformers (a tied head's use of the row still does)."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs, pad_id: int | None = None):
         self.embedding = nnx.Param(_normal(rngs, (vocab, dim), dtype), axes=("vocab", "embed"))
+        self.pad_id = pad_id
 
     def __call__(self, ids):
-        return jnp.take(self.embedding[...], ids, axis=0)
+        rows = jnp.take(self.embedding[...], ids, axis=0)
+        if self.pad_id is None:
+            return rows
+        return jnp.where((ids == self.pad_id)[..., None], jax.lax.stop_gradient(rows), rows)
 
 
 class CausalLM(nnx.Module):
@@ -217,7 +224,8 @@ class CausalLM(nnx.Module):
         _check_moe(config, settings)
         self.config, self.settings = config, settings
         dtype = jnp.dtype(settings.param_dtype)
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs,
+                                  pad_id=config.pad_token_id)
         self.layers = DecoderLayer(config, settings, stack=(config.num_hidden_layers,), dtype=dtype, rngs=rngs)
         self.norm = _norm(config, config.hidden_size, stack=(), dtype=dtype)
         self.lm_head = None if config.tie_word_embeddings else Linear(

@@ -72,10 +72,11 @@ def _path_key(path) -> tuple[str, ...]:
     return tuple(str(k) for k in path)
 
 
-def batch_struct(batch_shape: Sequence[int], mesh):
+def batch_struct(batch_shape: Sequence[int], mesh, with_sources: bool = False):
+    """The abstract global batch; `with_sources`: with the per-token source ids of a mixed run."""
     sharding = parallel.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct(tuple(batch_shape), jnp.int32, sharding=sharding)
-            for k in FIELDS}
+            for k in FIELDS + (("source_ids",) if with_sources else ())}
 
 
 def compile_train_step(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cfg, mode: Mode = FULL,
@@ -102,12 +103,12 @@ def _compile(model_config, settings, mesh, batch_shape, tx, lr_schedule, step_cf
                                                              say=lambda *a: None)
     fn = jax.jit(step.make_train_step(graphdef, rest, tx, lr_schedule, step_cfg, part, shardings["opt_state"]),
                  donate_argnums=0, out_shardings=(shardings, parallel.replicated(lower_mesh)))
-    t0 = time.perf_counter()
+    t0, sources = time.perf_counter(), step_cfg.num_sources > 0
     with jax.set_mesh(lower_mesh):
         if host_lowering:
-            compiled = _compile_with_host_memory(fn, (state, batch_struct(batch_shape, lower_mesh)), mesh)
+            compiled = _compile_with_host_memory(fn, (state, batch_struct(batch_shape, lower_mesh, sources)), mesh)
         else:
-            compiled = fn.lower(state, batch_struct(batch_shape, mesh)).compile()
+            compiled = fn.lower(state, batch_struct(batch_shape, mesh, sources)).compile()
     return compiled, time.perf_counter() - t0, state, part
 
 
