@@ -69,3 +69,29 @@ def reference(base_model, tmp_path_factory):
     run_train(run_dir, base_model, *REFERENCE)
     assert sorted(m["step"] for m in metrics(run_dir) if "train/loss" in m["data"]) == list(range(1, REFERENCE_STEPS + 1))
     return run_dir
+
+
+@pytest.fixture
+def mlflow_store(tmp_path_factory, tmp_path) -> str:
+    """The sqlite URI of a new, empty local mlflow store in tmp_path/mlflow/runs.db. A new store runs
+    mlflow's ~100 schema migrations (10-30 s here): they run once per session (also across xdist
+    workers, under a lock), and each test gets a copy of that migrated, empty database."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    template = shared / "mlflow_template.db"
+    with open(shared / "mlflow_template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not template.exists():
+            from mlflow.tracking import MlflowClient
+
+            partial = shared / "mlflow_template.partial.db"
+            partial.unlink(missing_ok=True)
+            MlflowClient(tracking_uri=f"sqlite:///{partial}").search_experiments()  # creates and migrates it
+            partial.rename(template)
+    db = tmp_path / "mlflow" / "runs.db"
+    db.parent.mkdir(exist_ok=True)
+    shutil.copyfile(template, db)
+    return f"sqlite:///{db}"

@@ -80,7 +80,8 @@ def test_sigkill_after_complete_save_at_epoch_end(base_model, reference, tmp_pat
     assert train_rows(tmp_path) == train_rows(reference)
 
 
-def test_sigkill_mid_async_save_and_retention_across_launches(base_model, reference, tmp_path, monkeypatch):
+def test_sigkill_mid_async_save_and_retention_across_launches(base_model, reference, tmp_path, monkeypatch,
+                                                              mlflow_store):
     """Saving every step, keeping 2: killed while Orbax still writes step 3. The restart skips it,
     resumes (in this process) from step 2 and saves steps 3-6; the two launches never leave more
     than 2 steps. Both log to mlflow (a local sqlite store): the restart continues the same mlflow
@@ -88,8 +89,7 @@ def test_sigkill_mid_async_save_and_retention_across_launches(base_model, refere
     and computed again, exactly, by the restart)."""
     from mlflow.tracking import MlflowClient
 
-    (tmp_path / "mlflow").mkdir()
-    store = f"sqlite:///{tmp_path / 'mlflow' / 'runs.db'}"
+    store = mlflow_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the in-process restart's
     client = MlflowClient(tracking_uri=store)  # the experiment made here: its artifacts in tmp_path, not the cwd
     client.create_experiment("jaxsft", artifact_location=str(tmp_path / "mlflow" / "artifacts"))

@@ -39,8 +39,8 @@ def history(client, run_id) -> dict[str, dict[int, list[float]]]:
     return out
 
 
-@pytest.mark.slow  # a new mlflow sqlite store runs mlflow's schema migrations (~100, alembic): 10-30 s here
-def test_mlflow_run_resumed_after_a_kill_has_one_row_per_step(tmp_path, monkeypatch):
+@pytest.mark.slow  # mlflow's client and sqlite store (conftest.py mlflow_store: its schema migrations once a session)
+def test_mlflow_run_resumed_after_a_kill_has_one_row_per_step(tmp_path, monkeypatch, mlflow_store):
     """Launch 1 logs steps 1-5 and is killed (no close); launch 2 resumes from the step-3 checkpoint
     and logs steps 4-6 again. The same mlflow run holds every metric once per step, equal to
     metrics.jsonl step by step (mlflow names: `train/time(s)` → `train/time_s_`); steps 4-5 keep
@@ -49,7 +49,7 @@ def test_mlflow_run_resumed_after_a_kill_has_one_row_per_step(tmp_path, monkeypa
     import mlflow
 
     monkeypatch.chdir(tmp_path)  # mlflow's default artifact root is ./mlruns
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -59,7 +59,7 @@ def test_mlflow_run_resumed_after_a_kill_has_one_row_per_step(tmp_path, monkeypa
     run_id = json.loads((run_dir / trackers.TRACKERS_FILE).read_text())["mlflow"]
     launch(run_dir, names, 3, range(4, 7), 2).close()
 
-    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_store)
     run = client.get_run(run_id)
     assert run.info.run_name == "exp" and run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "proj"

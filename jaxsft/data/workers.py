@@ -31,7 +31,6 @@ import pyarrow as pa
 
 from jaxsft import progress
 from jaxsft.data import formats, source
-from jaxsft.data.errors import DataError
 from jaxsft.data.tokenize import CHUNK_ROWS, ChatEncoder, PairEncoder, truncate
 from jaxsft.data.whole_chat import WholeChatEncoder
 
