@@ -1,5 +1,5 @@
 """A weightless model directory for planning: config.json of a real model's geometry (Qwen2.5,
-Qwen3, Llama 3.1, Mistral, Gemma: bench.throughput.SHAPES) plus the
+Qwen3, Qwen3-30B-A3B, Llama 3.1, Mistral, Gemma: bench.throughput.SHAPES) plus the
 bundled tokenizer, so `python -m jaxsft.train ... --dry_run=h100:8` can plan the real shape on a
 machine that has neither the weights nor a GPU.
 

@@ -33,9 +33,13 @@ def _geometry(config):
 
 
 def matmul_flops_per_token(config) -> float:
-    """Training FLOPs per token of the weight matmuls (attention projections, MLP, LM head)."""
+    """Training FLOPs per token of the weight matmuls (attention projections, MLP, LM head). A
+    mixture-of-experts MLP counts what a token runs: its router and its k experts (active parameters)."""
     layers, h, inter, nq, nkv, d, vocab = _geometry(config)
-    per_layer = h * nq * d + 2 * h * nkv * d + nq * d * h + 3 * h * inter  # q, k+v, o, gate+up+down
+    get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+    experts = get("num_experts") or 0
+    mlp = 3 * h * get("moe_intermediate_size") * get("num_experts_per_tok") + h * experts if experts else 3 * h * inter
+    per_layer = h * nq * d + 2 * h * nkv * d + nq * d * h + mlp  # q, k+v, o, gate+up+down (per expert run)
     return 6.0 * (layers * per_layer + h * vocab)
 
 

@@ -91,6 +91,8 @@ class ModelSettings:
     added_tokens: str | tuple[str, ...] | None = None  # a file's path, or the tokens
     trainable: tuple[str, ...] = ("all",)  # all | new_token_embeddings | HF parameter-name globs
     optimizer_offload: bool = False
+    # MoE models: the load-balancing loss's weight; None = config.json's router_aux_loss_coef, 0 = off
+    router_aux_loss_coef: float | None = None
 
     @property
     def trained_dtype(self) -> str:

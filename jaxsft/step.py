@@ -17,18 +17,26 @@ The token loss is `trainer.loss_type`'s (cross-entropy, or DFT: jaxsft.model.los
 normalisations above apply to it unchanged. With several mixed training files
 (`data.train_weights`) the batch carries each token's source file (`source_ids`) and the step also
 returns the loss sums and loss-token counts by source, added up in the same pass as the loss.
+
+A mixture-of-experts model adds its router's load-balancing loss (jaxsft.model.moe) times
+`router_aux_loss_coef` to the objective, as transformers does with `output_router_logits`: computed
+on each (global) micro-batch as one forward pass of transformers would, and averaged over the K
+micro-batches. The `loss` metric stays the token loss; `router_aux_loss` (unweighted, the mean
+over micro-batches) and `expert_load_max_mean` (the worst layer's busiest expert over its mean
+load, the worst micro-batch) come beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxsft import offload, optim
+from jaxsft.model import moe
 from jaxsft.model.loss import masked_loss_sums
 from jaxsft.train_state import abstract_train_state, init_train_state  # noqa: F401 (part of this API)
 from jaxsft.trainable import EVERYTHING, Partition
@@ -86,23 +94,64 @@ def accumulates_in_backward(model_settings) -> bool:
             and getattr(model_settings, "lora", None) is None)
 
 
+class MicroTerms(NamedTuple):
+    """One micro-batch's forward: per-row (Σ masked token losses, Σ weights), the loss sums by
+    source [num_sources] (empty when 0), the weighted router loss to add to the objective (0.0 for
+    a dense model or a weight of 0) and the router metrics ({} for a dense model), in float32."""
+    loss_rows: jax.Array
+    w_rows: jax.Array
+    by_source: jax.Array
+    router_loss: Any
+    router: dict
+
+
 def row_losses(graphdef, params, rest, mb: Batch, chunk_size: int, dropout_key=None, grad_sink=None,
                loss_type: str = "ce", num_sources: int = 0):
     """Per-row (Σ masked token losses, Σ weights) of one micro-batch [rows, T], and the loss sums
     by source [num_sources] (from mb["source_ids"]; empty when num_sources is 0), in float32."""
+    return micro_batch_terms(graphdef, params, rest, mb, chunk_size, dropout_key, grad_sink, loss_type,
+                             num_sources)[:3]
+
+
+def micro_batch_terms(graphdef, params, rest, mb: Batch, chunk_size: int, dropout_key=None, grad_sink=None,
+                      loss_type: str = "ce", num_sources: int = 0) -> MicroTerms:
+    """The MicroTerms of one micro-batch [rows, T]."""
     model = nnx.merge(graphdef, params, rest)
-    hidden = model.hidden_states(mb["input_ids"], mb["positions"], mb["segment_ids"], dropout_key, grad_sink=grad_sink)
+    hidden, stats = model.hidden_states_and_router(mb["input_ids"], mb["positions"], mb["segment_ids"], dropout_key,
+                                                   grad_sink=grad_sink)
     targets, weights = shift_targets(mb["input_ids"], mb["segment_ids"], mb["loss_mask"])
     head, vocab_axis = model.lm_head_weight()
     groups = mb["source_ids"] if num_sources else None
-    loss, w, by_source = masked_loss_sums(hidden, head, targets, weights, chunk_size, vocab_axis, loss_type, groups,
-                                          max(num_sources, 1))
-    return loss, w, by_source[:num_sources]
+    loss_rows, w_rows, by_source = masked_loss_sums(hidden, head, targets, weights, chunk_size, vocab_axis, loss_type,
+                                                    groups, max(num_sources, 1))
+    by_source = by_source[:num_sources]
+    if not stats:
+        return MicroTerms(loss_rows, w_rows, by_source, 0.0, {})
+    aux = moe.load_balancing_loss(stats)
+    coef = model.router_aux_loss_coef
+    router = {"router_aux_loss": jax.lax.stop_gradient(aux), "expert_load_max_mean": stats["load_max_mean"]}
+    return MicroTerms(loss_rows, w_rows, by_source, coef * aux if coef else 0.0, router)
 
 
 def source_tokens(batch: Batch, weights, num_sources: int):
     """Loss tokens by source [num_sources] of a batch whose token weights are `weights`."""
     return jax.ops.segment_sum(weights.reshape(-1), batch["source_ids"].reshape(-1), num_segments=num_sources)
+
+
+def _zero_sums(num_sources: int, sparse: bool) -> dict:
+    """The running sums of `accumulate_gradients`' micro-batch metrics before the first one."""
+    zero = jnp.zeros((), jnp.float32)
+    sums = {"loss": zero}
+    if num_sources:
+        sums["source_loss_sums"] = jnp.zeros((num_sources,), jnp.float32)
+    if sparse:
+        sums |= {"router_aux_loss": zero, "expert_load_max_mean": zero}
+    return sums
+
+
+def _add(sums: dict, m: dict) -> dict:
+    """Micro-batch metrics summed, except the load imbalance: its worst micro-batch."""
+    return {k: jnp.maximum(sums[k], m[k]) if k == "expert_load_max_mean" else sums[k] + m[k] for k in sums}
 
 
 def _micro_objective(loss_rows, w_rows, total_weight, cfg: StepConfig, num_micro: int):
@@ -121,22 +170,34 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig, 
                          dropout_key=None):
     """Σ over the K micro-batches of the normalised loss and its gradients with respect to
     `partition`'s trainable part, summed in cfg.grad_accum_dtype (with K = 1 the gradients stay
-    in the parameter dtype): returns (loss, grads, loss-token count, (loss sums, loss tokens) by
-    source or None). `dropout_key`: the step's LoRA dropout key (micro-batch k uses fold_in(key, k))."""
+    in the parameter dtype): returns (loss, grads, loss-token count, extra metrics). The loss is the
+    token-loss part of the objective. The extra metrics: `source_loss_sums` and `source_loss_tokens`
+    [num_sources] when cfg.num_sources > 0, the router metrics of a mixture-of-experts model (see the
+    module docstring); {} otherwise. `dropout_key`: the step's LoRA dropout key (micro-batch k uses
+    fold_in(key, k))."""
     num_micro = batch["input_ids"].shape[0]
     _, all_w = shift_targets(batch["input_ids"], batch["segment_ids"], batch["loss_mask"])
     total_weight = jnp.sum(all_w)
     trainable = partition.select(params)
     per_source = cfg.num_sources > 0
 
-    def finish(loss, grads, by_source):
-        counts = source_tokens(batch, all_w, cfg.num_sources) if per_source else None
-        return loss, grads, total_weight, (by_source, counts) if per_source else None
+    def finish(sums, grads):
+        extra = dict(sums)
+        loss = extra.pop("loss")
+        if per_source:
+            extra["source_loss_tokens"] = source_tokens(batch, all_w, cfg.num_sources)
+        if "router_aux_loss" in extra:  # the mean over micro-batches
+            extra["router_aux_loss"] = extra["router_aux_loss"] / num_micro
+        return loss, grads, total_weight, extra
 
-    def micro(p, mb, key=None, sink=None):  # (this micro-batch's objective, its loss sums by source)
-        loss_rows, w_rows, by_source = row_losses(graphdef, p, rest, mb, cfg.chunk_size, key, sink, cfg.loss_type,
-                                                  cfg.num_sources)
-        return _micro_objective(loss_rows, w_rows, total_weight, cfg, num_micro), by_source
+    def micro(p, mb, key=None, sink=None):
+        """(this micro-batch's objective, its metrics to add up: see `_zero_sums`)."""
+        t = micro_batch_terms(graphdef, p, rest, mb, cfg.chunk_size, key, sink, cfg.loss_type, cfg.num_sources)
+        loss = _micro_objective(t.loss_rows, t.w_rows, total_weight, cfg, num_micro)
+        m = {"loss": loss, **t.router}
+        if per_source:
+            m["source_loss_sums"] = t.by_source
+        return loss + t.router_loss / num_micro, m
 
     def objective(t, mb, k):
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, k)
@@ -144,33 +205,31 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig, 
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if num_micro == 1:  # nothing to sum: skip the accumulator (28 GiB in float32 for a 7B)
-        (loss, by_source), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), 0)
-        return finish(loss, grads, by_source)
+        (_, sums), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), 0)
+        return finish(sums, grads)
 
     acc_dtype = jnp.dtype(cfg.grad_accum_dtype)
     # the in-backward sum needs the whole parameter tree as the trainable part, and no dropout keys
     in_backward = cfg.accumulate_in_backward and partition.whole and dropout_key is None
 
-    def sink_objective(p, sink, mb):
-        return micro(p, mb, sink=sink)
-
     def accumulate(carry, mb_k):
-        loss_sum, grad_sum, source_sum = carry
+        sums, grad_sum = carry
         if in_backward:  # the layers' "gradient" of the sink is the new running sum
-            (loss, by_source), (grads, layers_sum) = jax.value_and_grad(sink_objective, argnums=(0, 1), has_aux=True)(
-                trainable, grad_sum["layers"], mb_k[0])
+            (_, m), (grads, layers_sum) = jax.value_and_grad(
+                lambda p, sink: micro(p, mb_k[0], sink=sink), argnums=(0, 1), has_aux=True)(
+                trainable, grad_sum["layers"])
         else:
-            (loss, by_source), grads = grad_fn(trainable, *mb_k)
+            (_, m), grads = grad_fn(trainable, *mb_k)
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grad_sum, grads)
         if in_backward:
             grad_sum["layers"] = layers_sum
-        return (loss_sum + loss, grad_sum, source_sum + by_source), None
+        return (_add(sums, m), grad_sum), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), trainable)
-    (loss, grads, by_source), _ = jax.lax.scan(
-        accumulate, (jnp.zeros((), jnp.float32), zeros, jnp.zeros((cfg.num_sources,), jnp.float32)),
-        (batch, jnp.arange(num_micro)))
-    return finish(loss, grads, by_source)
+    sparse = nnx.merge(graphdef, params, rest).config.num_experts > 0
+    (sums, grads), _ = jax.lax.scan(accumulate, (_zero_sums(cfg.num_sources, sparse), zeros),
+                                    (batch, jnp.arange(num_micro)))
+    return finish(sums, grads)
 
 
 def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, partition: Partition = EVERYTHING,
@@ -187,7 +246,7 @@ def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, 
     def train_step(state: dict[str, Any], batch: Batch):
         params = state["params"]
         key = None if cfg.dropout_seed is None else jax.random.fold_in(jax.random.key(cfg.dropout_seed), state["step"])
-        loss, grads, total_weight, by_source = accumulate_gradients(graphdef, rest, params, batch, cfg, partition, key)
+        loss, grads, total_weight, extra = accumulate_gradients(graphdef, rest, params, batch, cfg, partition, key)
         lr = lr_schedule(state["step"])
         if stream:  # the moments in host memory: through the device a layer at a time (jaxsft.offload)
             update = offload.streamed_update(tx, partition.select(params), state["opt_state"], grads, lr,
@@ -197,9 +256,7 @@ def make_train_step(graphdef, rest, tx, lr_schedule: Callable, cfg: StepConfig, 
         new_trainable, new_opt_state, grad_norm, _ = update
         new_state = {"params": partition.merge(params, new_trainable), "opt_state": new_opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": total_weight}
-        if by_source is not None:
-            metrics["source_loss_sums"], metrics["source_loss_tokens"] = by_source
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": total_weight, **extra}
         return new_state, metrics
 
     return train_step

@@ -162,6 +162,7 @@ def partition(params, spec, config, new_token_ids=()) -> Partition:
     if spec.trainable == (ALL,):
         return EVERYTHING
     chosen: dict[tuple[str, ...], tuple[int | None, set]] = {}
+    experts: dict[tuple, set] = {}  # (path, layer) → the experts of that layer a pattern chose
     for item in spec.trainable:
         if item == NEW_TOKENS:
             if not new_token_ids:
@@ -172,14 +173,21 @@ def partition(params, spec, config, new_token_ids=()) -> Partition:
                 chosen.setdefault(("lm_head", "kernel"), (1, set()))[1].update(new_token_ids)
             continue
         matched = False
-        for name, path, layer, _ in names.entries(config):
+        for name, path, index, _ in names.entries(config):
             if fnmatch.fnmatchcase(name, item):
                 matched = True
-                chosen.setdefault(path, (0 if layer is not None else None, set()))[1].add(layer)
+                chosen.setdefault(path, (0 if index else None, set()))[1].add(index[0] if index else None)
+                if len(index) == 2:  # an expert's slice [layer, expert]
+                    experts.setdefault((path, index[0]), set()).add(index[1])
         if not matched:
             tied = " (this model ties lm_head to model.embed_tokens.weight)" if "lm_head" in item else ""
             raise UserError(f"{KEY}: the pattern {item!r} matches no parameter{tied}; patterns are Hugging Face names "
                             f"such as model.layers.*.mlp.* or model.embed_tokens.weight, or use {ALL} / {NEW_TOKENS}")
+    partial = [(path, layer) for (path, layer), chosen_experts in experts.items()
+               if len(chosen_experts) != config.num_experts]
+    if partial:
+        raise UserError(f"{KEY}: the patterns choose some of layer {partial[0][1]}'s experts; jaxsft trains a "
+                        f"layer's experts all together (e.g. model.layers.{partial[0][1]}.mlp.experts.*)")
     parts = []
     for path, (axis, index) in chosen.items():
         size = variables[path].shape[axis] if axis is not None else None

@@ -96,13 +96,15 @@ def torch_loss(logits, flat):
 
 def torch_steps(forward, params: dict, batches, lrs):
     """verl's step in torch: loss, backward, clip_grad_norm_(1.0) and AdamW over `params` (name →
-    the tensors that train); `forward(flat batch) -> logits`. Returns per step (loss, pre-clip
-    norm, {name: gradient}, {name: value after the step})."""
+    the tensors that train); `forward(flat batch) -> logits`, or (logits, a loss term to add).
+    Returns per step (loss, pre-clip norm, {name: gradient}, {name: value after the step})."""
     opt = torch.optim.AdamW(list(params.values()), lr=lrs[0], betas=BETAS, eps=EPS, weight_decay=WD)
     out = []
     for batch, lr in zip(batches, lrs):
         flat = {k: torch.from_numpy(v.reshape(-1, v.shape[-1])).long() for k, v in batch.items()}
-        loss = torch_loss(forward(flat).float(), flat)
+        result = forward(flat)
+        logits, extra = result if isinstance(result, tuple) else (result, 0.0)  # extra: a loss term to add (MoE router)
+        loss = torch_loss(logits.float(), flat) + extra
         opt.zero_grad()
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)

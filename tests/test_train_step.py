@@ -286,7 +286,7 @@ def test_the_pad_row_learns_as_in_transformers(family_dir, family):
         mb = {k: jnp.asarray(v[0]) for k, v in batch.items()}
 
         def mean_loss(p):  # global_tokens over one micro-batch: Σ CE ÷ Σ loss tokens, as torch_loss
-            ce, w = step.row_losses(graphdef, p, rest, mb, 16)
+            ce, w, _ = step.row_losses(graphdef, p, rest, mb, 16)
             return jnp.sum(ce) / jnp.sum(w)
 
         ours = hf_params({"params": jax.jit(jax.grad(mean_loss))(params)}, model_dir)

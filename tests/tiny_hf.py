@@ -7,7 +7,8 @@ Face directory, for tests.
 
 Every weight is random and non-trivial: biases ~ N(0, 0.1) (HF initialises them to 0) and norm
 weights HF's init (1; Gemma's 1 + w: 0) + N(0, 0.1), so a model that drops a bias or a norm weight
-fails parity.
+fails parity; MoE routers ~ N(0, 1), so that routing probabilities are far apart (no near-tie for
+float32 rounding to flip).
 Saved in float32 with eager attention (the exact reference). Not a pytest fixture: import it.
 """
 
@@ -36,6 +37,13 @@ FAMILIES = {
     "gemma": dict(model_type="gemma", tie_word_embeddings=True, hidden_size=48, intermediate_size=96,
                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, rope_theta=1e4),
 }
+
+# Qwen3-MoE (tests/test_moe.py; not in FAMILIES, whose tests put LoRA on the MLP): 6 experts of width
+# 20, top-2 renormalised, 3 layers all sparse, head_dim 8 (q width 32 != hidden 24), a router loss
+# weight large enough to move the step.
+MOE = dict(model_type="qwen3_moe", hidden_size=24, intermediate_size=40, moe_intermediate_size=20, num_experts=6,
+           num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=3, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=8, rope_theta=1e6, router_aux_loss_coef=0.1)
 
 
 def hf_config(**kwargs):
@@ -69,6 +77,8 @@ def make_tiny_hf_model(tmp_path, *, seed: int = 0, name: str = "tiny_qwen2", max
                 p.normal_(0, 0.1)
             elif pname.endswith("norm.weight"):
                 p.add_(torch.randn_like(p) * 0.1)
+            elif pname.endswith("mlp.gate.weight"):
+                p.normal_(0, 1.0)
     path = Path(tmp_path) / name
     save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **save_kwargs)

@@ -148,6 +148,9 @@ KEYS: tuple[Key, ...] = (
        "what the backward pass keeps (jaxsft.model.remat.POLICIES: none, minimal, full, ...); auto = the "
        "cheapest recomputation whose plan fits the device memory"),
     _j("model.scan_layers", True, "bool", "run the decoder layers with lax.scan (false = unrolled)"),
+    _j("model.router_aux_loss_coef", None, "float",
+       "mixture-of-experts models: the router load-balancing loss's weight in the objective (0 = off); null = "
+       "config.json's router_aux_loss_coef", optional=True),
     _j("model.attn_implementation", "auto", "str", "attention backend: auto, or a name in jaxsft.model.attention"),
     _j("model.build_tiny_from", None, "str",
        "smoke recipe only: a tokenizer directory; the recipe's model directory is created as a tiny random Qwen2",

@@ -214,12 +214,16 @@ def _model(c: Composed, v: dict, notes: list[str]) -> ModelSettings:
     tiny = None
     if v["model.build_tiny_from"] and "model.partial_pretrain" not in c.from_command_line:
         tiny = TinyModel(v["model.build_tiny_from"], tuple(dict(v["model.tiny"]).items()), v["trainer.seed"])
+    coef = v["model.router_aux_loss_coef"]
+    if coef is not None and not coef >= 0:
+        _fail(f"model.router_aux_loss_coef={coef} must be >= 0 (0 = no load-balancing loss)")
     return ModelSettings(
         partial_pretrain=v["model.partial_pretrain"], trust_remote_code=v["model.trust_remote_code"],
         external_lib=v["model.external_lib"], tiny=tiny, param_dtype=param_dtype,
         compute_dtype=DTYPES[v["model.compute_dtype"]], remat_policy=policy, scan_layers=v["model.scan_layers"],
         attn_implementation=v["model.attn_implementation"], lora=lora_settings, added_tokens=v["model.added_tokens"],
-        trainable=trainable, optimizer_offload=v["model.fsdp_config.optimizer_offload"])
+        trainable=trainable, optimizer_offload=v["model.fsdp_config.optimizer_offload"],
+        router_aux_loss_coef=coef)
 
 
 def _optim(v: dict) -> OptimSettings:

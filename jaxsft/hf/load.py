@@ -155,8 +155,8 @@ def check_weights(model_dir, config: ModelConfig | None = None) -> dict[str, Ten
     config = config or read_config(model_dir)
     listing, tensors = _listing(model_dir)
     variables = dict(nnx.to_flat_state(nnx.state(_abstract_model(config, ModelSettings(attn_implementation="xla")))))
-    expected = {name: hf_shape(variables[path].shape, layer, transposed)
-                for name, path, layer, transposed in entries(config)}
+    expected = {name: hf_shape(variables[path].shape, index, transposed)
+                for name, path, index, transposed in entries(config)}
     for name, info in tensors.items():
         if name not in expected and not ignored(name, config):
             raise ModelDirError(f"{info.file}: unexpected tensor {name} (not a weight of this {config.model_type} config.json)")
@@ -175,10 +175,10 @@ def check_weights(model_dir, config: ModelConfig | None = None) -> dict[str, Ten
 
 # ---- loading ------------------------------------------------------------------------------------
 
-def _hf_spec(spec: P, ndim: int, layer, transposed) -> P:
-    """The target parameter's spec, for the tensor as stored by HF (layer axis gone, transposed)."""
+def _hf_spec(spec: P, ndim: int, index: tuple[int, ...], transposed) -> P:
+    """The target parameter's spec, for the tensor as stored by HF (indexed axes gone, transposed)."""
     dims = list(spec) + [None] * (ndim - len(spec))
-    dims = dims[1:] if layer is not None else dims
+    dims = dims[len(index):]
     return P(*(dims[::-1] if transposed else dims))
 
 
@@ -203,9 +203,11 @@ def _converter(transposed: bool, dtype, sharding: NamedSharding):
 
 @functools.lru_cache(maxsize=None)
 def _layer_writer(transposed: bool, sharding: NamedSharding):
-    def write(stack, x, i):
+    def write(stack, x, index):  # index [n]: the slice's place on the leading n axes
         x = (x.T if transposed else x).astype(stack.dtype)
-        return jax.lax.dynamic_update_index_in_dim(stack, x, i, 0)
+        n = index.shape[0]
+        start = (*(index[j] for j in range(n)), *(0,) * x.ndim)
+        return jax.lax.dynamic_update_slice(stack, x.reshape((1,) * n + x.shape), start)
 
     return jax.jit(write, donate_argnums=0, out_shardings=sharding)
 
@@ -239,19 +241,19 @@ def load_model(model_dir, mesh: Mesh, settings: ModelSettings, *, seed: int = 0,
     variables = dict(nnx.to_flat_state(state))
 
     values: dict[tuple[str, ...], jax.Array] = {}
-    for name, path, layer, transposed in entries(config):
+    for name, path, index, transposed in entries(config):
         var = variables[path]
         target = parallel.param_sharding(var, mesh)
         array = _read(tensors[name], name)
-        raw = _put(array, NamedSharding(mesh, _hf_spec(target.spec, var.ndim, layer, transposed)))
+        raw = _put(array, NamedSharding(mesh, _hf_spec(target.spec, var.ndim, index, transposed)))
         del array
-        if layer is None:
+        if not index:
             same = not transposed and raw.dtype == var.dtype  # raw already has the target sharding
             values[path] = raw if same else _converter(transposed, var.dtype, target)(raw)
         else:
             if path not in values:
                 values[path] = jnp.zeros(var.shape, var.dtype, device=target)
-            values[path] = _layer_writer(transposed, target)(values[path], raw, layer)
+            values[path] = _layer_writer(transposed, target)(values[path], raw, np.asarray(index, np.int32))
         del raw
 
     for path, var in variables.items():

@@ -1,9 +1,12 @@
 """Hugging Face tensor names ↔ jaxsft parameter paths, the one place that knows them (every
-supported family shares the Llama layout; a family adds or drops biases and q/k norms).
+supported family shares the Llama layout; a family adds or drops biases and q/k norms, qwen3_moe
+has a router and experts in place of the MLP).
 
 A linear weight is HF's `[out, in]` transposed to a `[in, out]` kernel; a per-layer tensor
-`model.layers.{i}.…` is slice i of a stacked `[L, …]` parameter. Loading reads `name_map`
-HF → jaxsft, export reads it jaxsft → HF.
+`model.layers.{i}.…` is slice i of a stacked `[L, …]` parameter, and an expert's
+`model.layers.{i}.mlp.experts.{e}.…` slice [i, e] of an `[L, E, …]` one (the per-expert names the
+Hub's Qwen3-MoE checkpoints use; transformers 5 fuses them when it loads). Loading reads
+`name_map` HF → jaxsft, export reads it jaxsft → HF.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 # (HF name, parameter path, transposed, present when). "{i}" marks a slice of a stacked per-layer
-# parameter; the condition names the ModelConfig flag that gives a family the tensor (None: always).
+# parameter, "{e}" of its expert axis; the condition names the ModelConfig flag that gives a family
+# the tensor (None: always; "dense" / "moe": MLP layers without / with experts).
 _NAMES: tuple[tuple[str, tuple[str, ...], bool, str | None], ...] = (
     ("model.embed_tokens.weight", ("embed_tokens", "embedding"), False, None),
     ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "scale"), False, None),
@@ -33,12 +37,16 @@ _NAMES: tuple[tuple[str, tuple[str, ...], bool, str | None], ...] = (
     ("model.layers.{i}.self_attn.q_norm.weight", ("layers", "self_attn", "q_norm", "scale"), False, "qk_norm"),
     ("model.layers.{i}.self_attn.k_norm.weight", ("layers", "self_attn", "k_norm", "scale"), False, "qk_norm"),
     ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "scale"), False, None),
-    ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), True, None),
+    ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), True, "dense"),
     ("model.layers.{i}.mlp.gate_proj.bias", ("layers", "mlp", "gate_proj", "bias"), False, "mlp_bias"),
-    ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), True, None),
+    ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), True, "dense"),
     ("model.layers.{i}.mlp.up_proj.bias", ("layers", "mlp", "up_proj", "bias"), False, "mlp_bias"),
-    ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), True, None),
+    ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), True, "dense"),
     ("model.layers.{i}.mlp.down_proj.bias", ("layers", "mlp", "down_proj", "bias"), False, "mlp_bias"),
+    ("model.layers.{i}.mlp.gate.weight", ("layers", "mlp", "gate", "kernel"), True, "moe"),
+    ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", ("layers", "mlp", "experts", "gate_proj"), True, "moe"),
+    ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", ("layers", "mlp", "experts", "up_proj"), True, "moe"),
+    ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", ("layers", "mlp", "experts", "down_proj"), True, "moe"),
     ("model.norm.weight", ("norm", "scale"), False, None),
     ("lm_head.weight", ("lm_head", "kernel"), True, "untied"),
 )
@@ -49,22 +57,27 @@ def name_map(config: ModelConfig) -> tuple[tuple[str, tuple[str, ...], bool], ..
     qwen2's q/k/v biases, qwen3's q_norm / k_norm, llama's attention_bias / mlp_bias, no lm_head
     when the embeddings are tied."""
     def present(when):
-        if when is None:
-            return True
-        return not config.tie_word_embeddings if when == "untied" else getattr(config, when)
+        special = {None: True, "untied": not config.tie_word_embeddings, "moe": config.num_experts > 0,
+                   "dense": config.num_experts == 0}
+        return special[when] if when in special else getattr(config, when)
 
     return tuple((name, path, transposed) for name, path, transposed, when in _NAMES if present(when))
 
 
-def entries(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int | None, bool]]:
-    """(HF name, parameter path, layer index or None, transposed), parameter by parameter: every
-    layer of a stacked parameter together, so an exporter needs only one in memory at a time."""
+def entries(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
+    """(HF name, parameter path, index, transposed), parameter by parameter: the index of the
+    tensor's slice in the stacked parameter, () for a whole one, (layer,) or (layer, expert);
+    every slice of a parameter together, so an exporter needs only one in memory at a time."""
     for name, path, transposed in name_map(config):
-        if "{i}" in name:
+        if "{e}" in name:
             for i in range(config.num_hidden_layers):
-                yield name.format(i=i), path, i, transposed
+                for e in range(config.num_experts):
+                    yield name.format(i=i, e=e), path, (i, e), transposed
+        elif "{i}" in name:
+            for i in range(config.num_hidden_layers):
+                yield name.format(i=i), path, (i,), transposed
         else:
-            yield name, path, None, transposed
+            yield name, path, (), transposed
 
 
 def ignored(name: str, config: ModelConfig) -> bool:
@@ -73,9 +86,9 @@ def ignored(name: str, config: ModelConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings)
 
 
-def hf_shape(param_shape, layer: int | None, transposed: bool) -> tuple[int, ...]:
-    """The shape HF stores for (a layer slice of) a parameter of `param_shape`."""
-    shape = tuple(param_shape[1:] if layer is not None else param_shape)
+def hf_shape(param_shape, index: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
+    """The shape HF stores for (the slice `index` of) a parameter of `param_shape`."""
+    shape = tuple(param_shape[len(index):])
     return shape[::-1] if transposed else shape
 
 
@@ -86,9 +99,9 @@ PEFT_PREFIX = "base_model.model."
 def lora_modules(config: ModelConfig, targets) -> Iterator[tuple[str, tuple[str, ...], int]]:
     """(HF module name, parameter path of the module, layer index) of every LoRA-targeted linear
     layer, e.g. ("model.layers.3.self_attn.q_proj", ("layers", "self_attn", "q_proj"), 3)."""
-    for name, path, layer, _ in entries(config):
+    for name, path, index, _ in entries(config):
         if path[-1] == "kernel" and path[0] == "layers" and path[-2] in targets:
-            yield name.removesuffix(".weight"), path[:-1], layer
+            yield name.removesuffix(".weight"), path[:-1], index[0]
 
 
 def lora_kernel(path: tuple[str, ...], lora) -> bool:

@@ -32,8 +32,11 @@ from jaxsft.model.config import ModelConfig
 # ---- jaxsft parameters → HF tensors -------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnums=2)
-def _layer_slice(stack, i, transposed):
-    x = jax.lax.dynamic_index_in_dim(stack, i, 0, keepdims=False)
+def _layer_slice(stack, index, transposed):
+    """stack[index] (index [n]: a layer, or a layer and an expert), transposed if asked."""
+    n = index.shape[0]
+    x = jax.lax.dynamic_slice(stack, (*(index[j] for j in range(n)), *(0,) * (stack.ndim - n)),
+                              (1,) * n + stack.shape[n:]).reshape(stack.shape[n:])
     return x.T if transposed else x
 
 
@@ -43,7 +46,8 @@ def _merged_slice(stack, a, b, i, scale) -> np.ndarray:
     Computed on the host in float64 and rounded once, so that the export written during training
     (sharded arrays) and bin/convert_to_hf (one CPU device) give the same bits, whatever XLA's
     matmul order on either."""
-    w, a, b = (to_host(_layer_slice(x, i, False), np.float32).astype(np.float64) for x in (stack, a, b))
+    w, a, b = (to_host(_layer_slice(x, np.asarray(i, np.int32), False), np.float32).astype(np.float64)
+               for x in (stack, a, b))
     return (w + scale * (a @ b)).T.astype(np.float32)
 
 
@@ -59,18 +63,18 @@ def export_tensors(model_or_params, config: ModelConfig, *, fetch=None, lora=Non
         params = param_arrays(model_or_params)
         fetch = lambda path: functools.reduce(lambda d, k: d[k], path, params)  # noqa: E731
     path_loaded, array, adapters = None, None, None
-    for name, path, layer, transposed in entries(config):
+    for name, path, index, transposed in entries(config):
         if path != path_loaded:
             array = adapters = None  # let the previous parameter go before the next one is loaded
             path_loaded, array = path, fetch(path)
             if lora_kernel(path, lora):
                 adapters = tuple(fetch((*path[:-1], k)) for k in ("lora_a", "lora_b"))
         if adapters is not None:
-            yield name, _merged_slice(array, *adapters, layer, float(lora.scale))
-        elif layer is None:
+            yield name, _merged_slice(array, *adapters, index, float(lora.scale))
+        elif not index:
             yield name, (array.T if transposed else array)
         else:
-            yield name, _layer_slice(array, layer, transposed)
+            yield name, _layer_slice(array, np.asarray(index, np.int32), transposed)
 
 
 # ---- safetensors shards ---------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """The decoder's hyper-parameters, read from a Hugging Face `config.json`, for the families
-jaxsft computes exactly like transformers: qwen2, qwen3, llama, mistral and gemma (Gemma 1).
+jaxsft computes exactly like transformers: qwen2, qwen3, qwen3_moe, llama, mistral and gemma (Gemma 1).
 
 Only what changes the computation is kept. The families differ in a few pieces (`FAMILIES`): which
 projections carry a bias, a per-head RMSNorm on q and k (qwen3), the MLP activation, RMSNorm's
-weight as `1 + w` and embeddings scaled by sqrt(hidden) (gemma), and the defaults transformers
-fills in for keys a config.json leaves out. Anything jaxsft would compute differently (another
-model_type, sliding-window layers, a rope type other than default / yarn / llama3, another
-activation) is refused with a sentence instead of silently training a different model.
+weight as `1 + w` and embeddings scaled by sqrt(hidden) (gemma), routed-expert MLPs (qwen3_moe,
+jaxsft.model.moe), and the defaults transformers fills in for keys a config.json leaves out.
+Anything jaxsft would compute differently (another model_type, sliding-window layers, a rope type
+other than default / yarn / llama3, another activation, dense and sparse layers mixed) is refused
+with a sentence instead of silently training a different model.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Family:
     unit_offset_norm: bool = False  # gemma: x̂·(1 + w) in float32, then cast
     scale_embeddings: bool = False  # gemma: embeddings × sqrt(hidden_size)
     mlp_bias: bool = False  # llama reads config.json's mlp_bias
+    moe: bool = False  # qwen3_moe: MLPs are routed experts (num_experts, decoder_sparse_step, mlp_only_layers)
     # transformers' defaults for keys config.json may omit
     defaults: tuple[tuple[str, Any], ...] = ()
 
@@ -43,6 +45,11 @@ _COMMON_DEFAULTS = (("rms_norm_eps", 1e-6), ("tie_word_embeddings", False), ("he
 FAMILIES: dict[str, Family] = {
     "qwen2": Family(qkv_bias=True, defaults=(("max_position_embeddings", 32768),)),
     "qwen3": Family(qkv_bias=None, qk_norm=True, defaults=(("max_position_embeddings", 32768), ("head_dim", 128))),
+    # transformers' Qwen3MoeAttention: head_dim falls back to hidden / heads (not 128 as qwen3)
+    "qwen3_moe": Family(qkv_bias=None, qk_norm=True, moe=True, defaults=(
+        ("max_position_embeddings", 32768), ("decoder_sparse_step", 1), ("moe_intermediate_size", 768),
+        ("num_experts_per_tok", 8), ("norm_topk_prob", False), ("router_aux_loss_coef", 0.001),
+        ("mlp_only_layers", []))),
     "llama": Family(qkv_bias=None, mlp_bias=True, defaults=(("max_position_embeddings", 2048),)),
     # Mistral's sliding_window defaults to 4096 in transformers (v0.3's config.json says null)
     "mistral": Family(qkv_bias=False, defaults=(("max_position_embeddings", 4096 * 32), ("sliding_window", 4096))),
@@ -79,6 +86,13 @@ class ModelConfig:
     # mistral: a token attends to at most this many tokens (itself included); None: no window.
     # The run checks that no row is longer (jaxsft.setup), so attention here stays full causal.
     sliding_window: int | None = None
+    # qwen3_moe (jaxsft.model.moe): every layer's MLP is num_experts routed experts of width
+    # moe_intermediate_size, each token running its num_experts_per_tok best; 0 experts: dense MLPs
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the k routing weights to sum to 1
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight (model.router_aux_loss_coef overrides)
     # config.json's pad_token_id: transformers builds nn.Embedding(..., padding_idx=pad_token_id), whose
     # lookup sends no gradient to that row (a tied head still does); None: every row learns.
     pad_token_id: int | None = None
@@ -97,7 +111,7 @@ class ModelConfig:
         if family is None:
             raise UnsupportedConfigError(
                 f"config.json has model_type={model_type!r}; jaxsft supports {', '.join(map(repr, FAMILIES))} "
-                f"(Qwen2/2.5, Qwen3, Llama 3.x, Mistral, Gemma 1).")
+                f"(Qwen2/2.5, Qwen3, Qwen3-MoE, Llama 3.x, Mistral, Gemma 1).")
         d = {**dict(_COMMON_DEFAULTS), **dict(family.defaults), **{k: v for k, v in d.items() if v is not None
                                                                     or k in ("sliding_window", "pad_token_id")}}
         _refuse_unsupported(model_type, family, d)
@@ -127,7 +141,31 @@ class ModelConfig:
             scale_embeddings=family.scale_embeddings,
             sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
             pad_token_id=_pad_token_id(d),
+            **(_moe_fields(d) if family.moe else {}),
         )
+
+
+def _moe_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of a qwen3_moe config.json. transformers makes layer i sparse unless
+    i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0; jaxsft scans one stack of
+    identical layers, so all sparse or all dense (num_experts 0) is computed, a mix refused."""
+    n, step, dense_only = d["num_hidden_layers"], d["decoder_sparse_step"], set(d["mlp_only_layers"])
+    # the Hub's files say num_experts; transformers 5 writes its alias num_local_experts
+    experts = d.get("num_local_experts", d.get("num_experts", 128))
+    sparse = [i not in dense_only and experts > 0 and (i + 1) % step == 0 for i in range(n)]
+    if not any(sparse):
+        return {}
+    if not all(sparse):
+        raise UnsupportedConfigError(
+            f"config.json makes layers {[i for i, s in enumerate(sparse) if not s]} dense MLPs (decoder_sparse_step="
+            f"{step}, mlp_only_layers={sorted(dense_only)}) and the others mixtures of experts; jaxsft computes "
+            f"qwen3_moe models whose layers are all sparse (as Qwen3-30B-A3B and 235B-A22B) or all dense.")
+    k = d["num_experts_per_tok"]
+    if not 0 < k <= experts:
+        raise UnsupportedConfigError(f"config.json has num_experts_per_tok={k}; it must be between 1 and "
+                                     f"num_experts={experts}.")
+    return dict(num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=d["moe_intermediate_size"],
+                norm_topk_prob=bool(d["norm_topk_prob"]), router_aux_loss_coef=float(d["router_aux_loss_coef"]))
 
 
 def _refuse_unsupported(model_type: str, family: Family, d: dict[str, Any]) -> None:

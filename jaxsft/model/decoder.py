@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxsft import parallel
 from jaxsft.model import attention as attn
 from jaxsft.model import lora as lora_lib
-from jaxsft.model import remat, sink_scan
+from jaxsft.model import moe, remat, sink_scan
 from jaxsft.model.config import ModelConfig, rope_frequencies
 from jaxsft.model.loss import head_logits
 from jaxsft.settings import LoRASettings, ModelSettings
@@ -48,6 +48,19 @@ def check_settings(settings: ModelSettings) -> None:
             raise ValueError(f"{key}={value!r}: choose one of {', '.join(DTYPES)}")
     remat.check_policy(settings.remat_policy)
     attn.check_backend(settings.attn_implementation)
+    coef = settings.router_aux_loss_coef
+    if coef is not None and not coef >= 0:
+        raise ValueError(f"model.router_aux_loss_coef={coef!r}: choose a number >= 0 (0 = no load-balancing loss)")
+
+
+def _check_moe(config: ModelConfig, settings: ModelSettings) -> None:
+    if config.num_experts and settings.lora is not None and set(settings.lora.targets) & _MOE_MLP:
+        raise ValueError(f"model.lora target_modules {sorted(set(settings.lora.targets) & _MOE_MLP)}: LoRA on a "
+                         f"{config.model_type} model's experts is not implemented yet; target the attention "
+                         f"projections (q_proj, k_proj, v_proj, o_proj)")
+
+
+_MOE_MLP = {"gate_proj", "up_proj", "down_proj", "gate"}
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -176,14 +189,18 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = _norm(config, config.hidden_size, **norm)
         self.self_attn = Attention(config, settings, stack=stack, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = _norm(config, config.hidden_size, **norm)
-        self.mlp = MLP(config, settings, stack=stack, dtype=dtype, rngs=rngs)
+        self.sparse = bool(config.num_experts)
+        self.mlp = (moe.SparseMoE(config, stack=stack, dtype=dtype, rngs=rngs, activation=_ACTIVATIONS[config.hidden_act])
+                    if self.sparse else MLP(config, settings, stack=stack, dtype=dtype, rngs=rngs))
 
     def __call__(self, x, cos, sin, segment_ids, key=None):
-        """`key`: this layer's LoRA-dropout key (None: no dropout)."""
+        """`key`: this layer's LoRA-dropout key (None: no dropout). Returns (x, router stats: {}
+        for a dense MLP)."""
         x = checkpoint_name(x, "decoder_layer_input")
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, key)
-        x = x + self.mlp(self.post_attention_layernorm(x), key)
-        return parallel.constrain(x, _ACT)
+        h = self.post_attention_layernorm(x)
+        y, stats = self.mlp(h, segment_ids != 0) if self.sparse else (self.mlp(h, key), {})
+        return parallel.constrain(x + y, _ACT), stats
 
 
 class Embed(nnx.Module):
@@ -204,6 +221,7 @@ class Embed(nnx.Module):
 class CausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, settings: ModelSettings, *, rngs: nnx.Rngs):
         check_settings(settings)
+        _check_moe(config, settings)
         self.config, self.settings = config, settings
         dtype = jnp.dtype(settings.param_dtype)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs,
@@ -237,23 +255,38 @@ class CausalLM(nnx.Module):
         """[B, T, H] after the final norm, in the compute dtype. segment_ids == 0 marks padding.
         `dropout_key`: LoRA dropout's key for this micro-batch (None: no dropout, as in evaluation).
         grad_sink: see `_decoder` (trainer's gradient accumulation only)."""
+        return self.hidden_states_and_router(input_ids, positions, segment_ids, dropout_key, grad_sink)[0]
+
+    def hidden_states_and_router(self, input_ids, positions, segment_ids, dropout_key=None, grad_sink=None):
+        """(`hidden_states`, the router statistics summed over the layers: jaxsft.model.moe; {} for
+        a dense model)."""
         dtype = jnp.dtype(self.settings.compute_dtype)
         x = self.embed_tokens(input_ids).astype(dtype)
         if self.config.scale_embeddings:  # Gemma: × sqrt(hidden), rounded to float32 then to the dtype (as HF)
             x = x * jnp.asarray(np.float32(self.config.hidden_size ** 0.5), dtype)
         x = parallel.constrain(x, _ACT)
         cos, sin = rope_tables(self.config, positions, dtype)
-        return self.norm(self._decoder(x, cos, sin, segment_ids, dropout_key, grad_sink))
+        x, stats = self._decoder((x, moe.zero_stats(self.config.num_experts)), cos, sin, segment_ids, dropout_key,
+                                 grad_sink)
+        return self.norm(x), stats
+
+    @property
+    def router_aux_loss_coef(self) -> float:
+        """The load-balancing loss's weight: model.router_aux_loss_coef, else config.json's (0: dense)."""
+        coef = self.settings.router_aux_loss_coef
+        return float(self.config.router_aux_loss_coef if coef is None else coef) if self.config.num_experts else 0.0
 
     def _decoder(self, x, cos, sin, segment_ids, dropout_key=None, grad_sink=None):
-        """grad_sink (scan_layers with remat `full`, no LoRA dropout): the running sum of the stacked
+        """x: the carry (residual stream, router stats sums) → the same after the L layers.
+        grad_sink (scan_layers with remat `full`, no LoRA dropout): the running sum of the stacked
         layers' gradients, which the backward pass adds into in place (jaxsft.model.sink_scan)."""
         graphdef, stacked = nnx.split(self.layers)
         n = self.config.num_hidden_layers
         keys = None if dropout_key is None else jax.random.split(dropout_key, n)
 
-        def layer(h, params, key, cos, sin, segment_ids):
-            return nnx.merge(graphdef, params)(h, cos, sin, segment_ids, key)
+        def layer(carry, params, key, cos, sin, segment_ids):
+            h, stats = nnx.merge(graphdef, params)(carry[0], cos, sin, segment_ids, key)
+            return h, moe.add_stats(carry[1], stats)
 
         policy = self.settings.remat_policy
         if grad_sink is not None:

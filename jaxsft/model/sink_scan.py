@@ -8,7 +8,7 @@ scan carries the running sum itself and does `acc[l] += g_l` as it reaches layer
 dynamic-update-slice), the way torch's autograd accumulates into `.grad`.
 
 Contract: `scan_with_sink(layer, x, stacked, consts, sink)` computes exactly the forward of
-`lax.scan(layer)` (layer(h, p, *consts) -> h). Under autodiff, `stacked` gets a zero cotangent
+`lax.scan(layer)` (layer(h, p, *consts) -> h; h may be a pytree of float arrays, the carry). Under autodiff, `stacked` gets a zero cotangent
 and what comes back as the "gradient" of `sink` is `sink + ∂loss/∂stacked`: the new running sum
 (in the sink's dtype), not a gradient. Only the trainer's accumulation loop may call it. The
 backward recomputes each layer from its saved input (the `full` remat policy).
@@ -43,7 +43,7 @@ def _bwd(layer, res, ct_y):
 
     def body(carry, i):
         ct_h, acc, ct_consts = carry
-        h = jax.lax.dynamic_index_in_dim(inputs, i, 0, keepdims=False)
+        h = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), inputs)
         p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), stacked)
         _, vjp = jax.vjp(lambda h, p, *c: layer(h, p, *_merge(consts, c)), h, p, *float_consts)
         ct_h, g_p, *g_c = vjp(ct_h)

@@ -215,8 +215,10 @@ def make_plan(model_config, settings, target: Target, *, dp: int, sp: int, batch
 def describe_model(c) -> str:
     """Family, geometry and the Ulysses sp values the heads allow, for the plan's lines."""
     tied = ", tied embeddings" if c.tie_word_embeddings else ""
+    experts = (f", {c.num_experts} experts of width {c.moe_intermediate_size} ({c.num_experts_per_tok} per token)"
+               if c.num_experts else "")
     return (f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} query / "
-            f"{c.num_key_value_heads} KV heads of head_dim {c.head_dim}{tied}; ulysses_sequence_parallel_size may be "
+            f"{c.num_key_value_heads} KV heads of head_dim {c.head_dim}{experts}{tied}; ulysses_sequence_parallel_size may be "
             f"{', '.join(map(str, valid_sp(c.num_attention_heads, c.num_key_value_heads)))}")
 
 

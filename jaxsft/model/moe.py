@@ -1,0 +1,137 @@
+"""The routed-expert MLP of qwen3_moe, as transformers' Qwen3MoeSparseMoeBlock computes it, with
+each token running only its k experts, and the router's load-balancing loss.
+
+Router: logits = x · W_gate [H, E] (compute dtype), probabilities softmax(logits) in float32, the
+k largest kept (renormalised to sum 1 with `norm_topk_prob`) and cast to the compute dtype.
+
+Experts (sparse, no token dropped): the N·k (token, expert) assignments are sorted by expert, the
+tokens gathered in that order, and each projection is one grouped matmul, `jax.lax.ragged_dot`
+(rows of group e times expert e's weight), so the FLOPs are those of the k active experts. The
+outputs are put back in token order and summed over the k slots, weighted by the routing weights.
+(How ragged_dot is lowered is XLA's: a grouped GEMM where the backend has one; jax's CPU fallback
+and XLA:GPU without its cuDNN ragged-dot fusion expand it to a dense dot over all groups.)
+
+Router statistics, carried through the layer scan as sums (`add_stats`): per expert the count of
+(real) tokens that chose it and the sum of its probabilities, the count of real tokens, and the
+worst layer's load max/mean. `load_balancing_loss` turns the sums into transformers'
+`load_balancing_loss_func` with the attention mask (padding excluded), summed over the sparse layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+STATS = ("expert_tokens", "expert_probs", "tokens", "load_max_mean")
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class Router(nnx.Module):
+    """HF's `mlp.gate` (weight [E, H]) as kernel [*stack, H, E]."""
+
+    def __init__(self, hidden: int, experts: int, *, stack, dtype, rngs):
+        lead = ("layers",) * len(stack)
+        self.kernel = nnx.Param(_normal(rngs, (*stack, hidden, experts), dtype), axes=(*lead, "embed", None))
+
+
+class Experts(nnx.Module):
+    """E SwiGLU MLPs stacked: gate_proj / up_proj [*stack, E, H, I], down_proj [*stack, E, I, H]
+    (HF's `mlp.experts.{e}.gate_proj.weight` [I, H] is slice e transposed)."""
+
+    def __init__(self, hidden: int, inner: int, experts: int, *, stack, dtype, rngs):
+        lead = ("layers",) * len(stack)
+        up = (*lead, "experts", "embed", "mlp")
+        self.gate_proj = nnx.Param(_normal(rngs, (*stack, experts, hidden, inner), dtype), axes=up)
+        self.up_proj = nnx.Param(_normal(rngs, (*stack, experts, hidden, inner), dtype), axes=up)
+        self.down_proj = nnx.Param(_normal(rngs, (*stack, experts, inner, hidden), dtype),
+                                   axes=(*lead, "experts", "mlp", "embed"))
+
+
+def route(x, kernel, k: int, normalise: bool):
+    """x [N, H] → (probabilities [N, E] float32, chosen experts [N, k], weights [N, k] in x's dtype)."""
+    logits = x @ kernel.astype(x.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top, chosen = jax.lax.top_k(probs, k)
+    if normalise:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+    return probs, chosen, top.astype(x.dtype)
+
+
+def grouped_experts(x, chosen, weights, gate, up, down, activation):
+    """Σ over each token's k experts of weight · down(act(gate(x)) · up(x)): x [N, H], chosen and
+    weights [N, k], expert weights [E, H, I] and [E, I, H]. Sorted by expert, one ragged_dot per
+    projection over the N·k assignments."""
+    n, k = chosen.shape
+    experts = gate.shape[0]
+    flat = chosen.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # assignment slots grouped by expert
+    sizes = jnp.bincount(flat, length=experts).astype(jnp.int32)
+    xs = jnp.take(x, order // k, axis=0)  # slot s = token s // k
+    dtype = x.dtype
+    g = checkpoint_name(jax.lax.ragged_dot(xs, gate.astype(dtype), sizes), "mlpwi_0")
+    u = checkpoint_name(jax.lax.ragged_dot(xs, up.astype(dtype), sizes), "mlpwi_1")
+    ys = checkpoint_name(jax.lax.ragged_dot(activation(g) * u, down.astype(dtype), sizes), "mlpwo")
+    back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    ys = jnp.take(ys, back, axis=0).reshape(n, k, -1)  # token order again
+    # the k contributions added one by one in the compute dtype (HF: index_add_ expert by expert)
+    out = ys[:, 0] * weights[:, :1]
+    for j in range(1, k):
+        out = out + ys[:, j] * weights[:, j:j + 1]
+    return out
+
+
+class SparseMoE(nnx.Module):
+    """transformers' Qwen3MoeSparseMoeBlock: `gate` (the router) and `experts`."""
+
+    def __init__(self, config, *, stack, dtype, rngs, activation):
+        h, e = config.hidden_size, config.num_experts
+        self.gate = Router(h, e, stack=stack, dtype=dtype, rngs=rngs)
+        self.experts = Experts(h, config.moe_intermediate_size, e, stack=stack, dtype=dtype, rngs=rngs)
+        self.k, self.normalise, self.activation = config.num_experts_per_tok, config.norm_topk_prob, activation
+
+    def __call__(self, x, real):
+        """x [B, T, H], real [B, T] (False on padding) → (y [B, T, H], this layer's router stats)."""
+        b, t, h = x.shape
+        flat = x.reshape(-1, h)
+        probs, chosen, weights = route(flat, self.gate.kernel[...], self.k, self.normalise)
+        y = grouped_experts(flat, chosen, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
+                            self.experts.down_proj[...], self.activation)
+        return y.reshape(b, t, h), layer_stats(probs, chosen, real.reshape(-1))
+
+
+def layer_stats(probs, chosen, real) -> dict:
+    """One layer's router statistics over the real tokens (see the module docstring)."""
+    mask = real.astype(jnp.float32)
+    experts = probs.shape[-1]
+    counts = jnp.zeros(experts, jnp.float32).at[chosen.reshape(-1)].add(jnp.repeat(mask, chosen.shape[-1]))
+    counts = jax.lax.stop_gradient(counts)
+    return {"expert_tokens": counts, "expert_probs": jnp.sum(probs * mask[:, None], axis=0), "tokens": jnp.sum(mask),
+            "load_max_mean": jnp.max(counts) / jnp.maximum(jnp.mean(counts), 1e-9)}
+
+
+def zero_stats(num_experts: int) -> dict:
+    """The scan's starting sums ({} for a dense model: nothing is carried)."""
+    if not num_experts:
+        return {}
+    z = jnp.zeros((), jnp.float32)
+    return {"expert_tokens": jnp.zeros(num_experts, jnp.float32), "expert_probs": jnp.zeros(num_experts, jnp.float32),
+            "tokens": z, "load_max_mean": z}
+
+
+def add_stats(acc: dict, layer: dict) -> dict:
+    if not acc:
+        return acc
+    return {k: jnp.maximum(acc[k], layer[k]) if k == "load_max_mean" else acc[k] + layer[k] for k in STATS}
+
+
+def load_balancing_loss(stats: dict):
+    """transformers' `load_balancing_loss_func(router_logits, E, k, attention_mask)`: E · Σ_e
+    (share of assignments to e) · (mean probability of e), both over every sparse layer's real tokens."""
+    rows = jnp.maximum(stats["tokens"], 1.0)
+    experts = stats["expert_tokens"].shape[-1]
+    return experts * jnp.sum((stats["expert_tokens"] / rows) * (stats["expert_probs"] / rows))
