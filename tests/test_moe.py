@@ -90,6 +90,7 @@ def _check_step(run, m, ref, out, batch, weight):
           f"{rel(m['grad_norm'], t_norm):.1e}, worst entry {worst:.1e} lr, router |grad| max {router_grad:.1e}")
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_logits_step_and_export_match_transformers(model_dir, tmp_path):
     """Logits; one step with the router loss at config.json's weight; the export."""
     run = Run(model_dir, MESH)
