@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -180,10 +181,20 @@ class Checkpointer:
 
     def _discard(self, step: int) -> None:
         """Delete what an unfinished save of `step` left: nothing half-written may look complete."""
-        doomed = [self.step_dir(step), self.root / f".{STEP_PREFIX}_{step}.huggingface.tmp",
-                  self.root / f".{STEP_PREFIX}_{step}.{ADAPTER_DIR}.tmp", *self.root.glob(f"{STEP_PREFIX}_{step}.orbax-checkpoint-tmp*")]
-        for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+        def leftovers():
+            return [p for p in (self.step_dir(step), self.root / f".{STEP_PREFIX}_{step}.huggingface.tmp",
+                                self.root / f".{STEP_PREFIX}_{step}.{ADAPTER_DIR}.tmp",
+                                *self.root.glob(f"{STEP_PREFIX}_{step}.orbax-checkpoint-tmp*")) if p.exists()]
+
+        # A failed synchronous save can leave tensorstore writes in flight that recreate Orbax's
+        # temporary directory after it is deleted: delete until it has stayed gone for 0.2 s (≤ 10 s).
+        deadline, absent = time.monotonic() + 10, 0
+        while absent < 2 and time.monotonic() < deadline:
+            doomed = leftovers()
+            for path in doomed:
+                shutil.rmtree(path, ignore_errors=True)
+            absent = 0 if doomed else absent + 1
+            time.sleep(0.1)
         for tmp in (self.root / f"{TRACKER}.tmp", self.step_dir(step) / f"{MANIFEST}.tmp"):
             tmp.unlink(missing_ok=True)
 
