@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,63 @@ def test_bars_on_a_terminal_only_and_one_line_per_phase(tmp_path, tok, capsys, m
     for phase, unit in (("tokenising train.parquet", "row"), ("writing the data cache train-", "B"),
                         ("checking the data cache train-", "B"), ("writing safetensors", "tensor")):
         assert re.search(rf"{re.escape(phase)}.*\|.*\[[0-9:]+<[0-9:?]+, .*{unit}/s\]", err), (phase, err[-2000:])
+
+
+_IN_A_PROCESS = """
+import sys, pathlib
+sys.path.insert(0, {tests!r})
+from test_progress import tok_for_child, work
+work(pathlib.Path({tmp!r}), tok_for_child(), {name!r})
+"""
+
+
+def tok_for_child():
+    return load_tokenizer(bundled.path("tokenizer"))
+
+
+@pytest.mark.slow  # two processes that import jax and transformers (~10 s each here)
+def test_bars_in_a_real_pseudo_terminal_and_not_in_a_pipe(tmp_path):
+    """The same work in a process whose stderr is a pseudo-terminal (pty.openpty: the bars are
+    drawn, with rate and time left) and in one whose stderr is a pipe (only the phase lines, on
+    stdout; stderr holds no bar)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    from e2e import env_for
+
+    def command(name):
+        return [sys.executable, "-c", _IN_A_PROCESS.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), name=name)]
+
+    master, slave = pty.openpty()
+    # a terminal 120 columns wide (a new pty has 0: tqdm's dynamic width would draw nothing in it)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(command("pty"), env=env_for(1), stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    seen = b""
+    try:
+        while True:  # read as it comes (a full pty would block the child)
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed its end
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+        proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, seen[-3000:]
+    bars = seen.decode(errors="replace")
+    for phase, unit in (("tokenising train.parquet", "row"), ("writing safetensors", "tensor")):
+        assert re.search(rf"{re.escape(phase)}.*\|.*\[[0-9:]+<[0-9:?]+, .*{unit}/s\]", bars), (phase, bars[-2000:])
+    piped = subprocess.run(command("pipe"), env=env_for(1), capture_output=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    assert b"%|" not in piped.stderr and b"it/s" not in piped.stderr, piped.stderr[-2000:]
+    assert len(piped.stdout.decode().splitlines()) == 3, piped.stdout
 
 
 def test_phase_says_its_line_only_when_it_ends_well(capsys, monkeypatch):
