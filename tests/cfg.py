@@ -9,3 +9,9 @@ BASE = {"data.train_files": "/unused/train.parquet", "model.partial_pretrain": "
 
 def settings(keys: dict | None = None, recipe: str | None = None):
     return config.settings_from({**BASE, **(keys or {})}, recipe=recipe)
+
+
+def chat_data(max_length: int = 512, **overrides):
+    """The `data` settings of multi-turn chats (right truncation at `max_length`), `overrides` as data.KEY."""
+    keys = {"data.multiturn.enable": True, "data.max_length": max_length, "data.truncation": "right"}
+    return settings({**keys, **{f"data.{k}": v for k, v in overrides.items()}}).data

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cfg import settings
+from cfg import chat_data
 from e2e import ROOT, env_for
 
 from jaxsft import bundled
@@ -30,9 +30,7 @@ def tok():
     return load_tokenizer(bundled.path("tokenizer"))
 
 
-def data_cfg(**overrides):
-    keys = {"data.multiturn.enable": True, "data.max_length": 512, "data.truncation": "right"}
-    return settings({**keys, **{f"data.{k}": v for k, v in overrides.items()}}).data
+data_cfg = chat_data  # tests/cfg.py
 
 
 def user(text):

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cfg import settings
+from cfg import chat_data
 
 from jaxsft import bundled
 from jaxsft.data import DataError, DataWarning, TrainLoader, build_dataset
@@ -27,9 +27,7 @@ def tok():
     return load_tokenizer(bundled.path("tokenizer"))
 
 
-def data_cfg(**overrides):
-    keys = {"data.multiturn.enable": True, "data.max_length": 512, "data.truncation": "right"}
-    return settings({**keys, **{f"data.{k}": v for k, v in overrides.items()}}).data
+data_cfg = chat_data  # tests/cfg.py
 
 
 @pytest.fixture(scope="module")
