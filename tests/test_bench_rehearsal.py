@@ -26,7 +26,7 @@ def _positive(x) -> bool:
 
 def test_every_bench_module_imports():
     names = sorted(m.name for m in pkgutil.iter_modules(bench.__path__))
-    assert {"attention", "data_scale", "gpu_check", "grad_accum", "model_dir", "modes", "throughput"} <= set(names)
+    assert {"attention", "data_scale", "gpu_check", "grad_accum", "model_dir", "modes", "save_cost", "throughput"} <= set(names)
     for name in names:
         importlib.import_module(f"bench.{name}")
 
@@ -120,6 +120,21 @@ def test_grad_accum(tmp_path, capsys):
     assert all(_positive(v) and v < 0.1 for v in errors.values()), errors
     assert errors["fp32_vs_ref"] < errors["bf16_vs_ref"]
     assert capsys.readouterr().out.startswith("[bench] K=8: |fp32 acc - ref| = ")
+
+
+@pytest.mark.slow  # over ~5 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
+def test_save_cost(base_model, tmp_path, capsys):
+    """One async and one sync save of the smoke model's train state after a warm-up: each leaves a
+    complete checkpoint (else the script raises), and every figure is a duration."""
+    from bench import save_cost
+
+    out = tmp_path / "s.json"
+    save_cost.main(["--model_dir", str(base_model), "--steps", "2", "--every", "2", "--rounds", "1", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert (r["steps"], r["saves"]) == (2, 1) and _positive(r["state_mb"]) and _positive(r["step_ms"])
+    for mode in ("async", "sync"):
+        assert _positive(r[f"{mode}_blocked_ms_per_save"]) and math.isfinite(r[f"{mode}_added_ms_per_save"])
+    assert "\n[bench] train state 2.3 MB, a step takes " in "\n" + capsys.readouterr().out
 
 
 def test_model_dir(tmp_path, capsys):

@@ -2,7 +2,7 @@
 with SIGKILL after a complete save and in the middle of an asynchronous one, or preempted with
 SIGTERM, then restarted with the same command: every later step logs the same train/loss (and lr,
 grad norm, loss-token count, epoch) as an unbroken run, bit for bit. Also retention across the two
-launches, resuming on another mesh, and what a save costs the loop.
+launches, resuming on another mesh. (What a save costs the loop is measured by bench/save_cost.py.)
 
 The run: 24 samples, 8 per step → 3 steps per epoch, 2 epochs, 6 steps (step 3 ends epoch 0); the
 unbroken run is the session's `reference` (tests/conftest.py, tests/runs.py). Kill points are made
@@ -18,23 +18,17 @@ import shlex
 import shutil
 import signal
 import subprocess
-import time
 
 import data_kinds
 import jax
-import numpy as np
 import pytest
 import runs
-from cfg import settings as settings_for_test
 import pyarrow.parquet as pq
 import small_disk
 from e2e import ROOT, env_for, losses, metrics, run_train, start_train, train_args
 
-from jaxsft import bundled
-
-from jaxsft import checkpoint, hf, optim, parallel, step
-from jaxsft.checkpoint import TRACKER, Checkpointer
-from jaxsft.model.decoder import ModelSettings
+from jaxsft import bundled, checkpoint
+from jaxsft.checkpoint import TRACKER
 
 pytestmark = pytest.mark.slow
 
@@ -245,58 +239,3 @@ def test_resume_on_another_mesh(base_model, reference, tmp_path, devices, sp):
     print(f"\nresumed on {devices} devices, sp={sp}: step-4 loss relative difference {rel:.1e}")
     # other meshes reorder the sums of 3 trained steps and step 4 (float32, Adam amplifies): not derivable; 8 eps, printed
     assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (loss, ref_loss)
-
-
-def test_save_cost_async_vs_sync(base_model, tmp_path):
-    """What a save costs the train loop, async vs sync, on the smoke model's train state (parameters
-    and Adam moments), in-process, saving every 3rd of 9 steps: printed for the record, since CPU
-    timings on a shared machine are too noisy to assert on."""
-    cfg = settings_for_test()
-    settings = ModelSettings(param_dtype="float32", compute_dtype="float32", remat_policy="none",
-                             attn_implementation="xla")
-    mesh = parallel.make_mesh(8, 1)
-    tx, schedule = optim.make_optimizer(cfg.optim, 100, "float32")
-    rng = np.random.default_rng(0)
-    shape = (1, 8, 256)
-    batch = {"input_ids": rng.integers(0, 1500, shape), "positions": np.broadcast_to(np.arange(256), shape),
-             "segment_ids": np.ones(shape), "loss_mask": np.ones(shape)}
-    with jax.set_mesh(mesh):
-        graphdef, rest, state, _ = step.init_train_state(hf.load_model(base_model, mesh, settings), tx, mesh)
-        batch = jax.device_put({k: v.astype(np.int32) for k, v in batch.items()}, parallel.batch_sharding(mesh))
-        train_step = jax.jit(step.make_train_step(graphdef, rest, tx, schedule,
-                                                  step.StepConfig("global_tokens", False, 8, 512)), donate_argnums=0)
-        state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
-
-        def loop(mode: str, round_: int, steps: int = 9, every: int = 3) -> tuple[float, float]:
-            """(loop seconds, seconds blocked in save) for `steps` steps after a warm-up step and save."""
-            nonlocal state
-            ckpt = None
-            if mode != "none":
-                s = settings_for_test({"trainer.default_local_dir": str(tmp_path / f"{mode}{round_}"),
-                                       "trainer.checkpoint.async_save": mode == "async"})
-                ckpt = Checkpointer(s.checkpoint, base_model_dir=base_model, max_length=s.data.max_length)
-            blocked = 0.0
-            for s in range(steps + 1):
-                if s == 1:  # the first step and save are warm-up (compilation, directory layout)
-                    t0, blocked = time.perf_counter(), 0.0
-                state, m = train_step(state, batch)
-                if ckpt is not None and s % every == 0:
-                    jax.block_until_ready(state)  # time the save, not the step it waits for
-                    t = time.perf_counter()
-                    ckpt.save(s + 1, state, data_state={"next_step": s + 1})
-                    blocked += time.perf_counter() - t
-                if ckpt is not None:
-                    ckpt.poll()
-                jax.block_until_ready(m)
-            if ckpt is not None:
-                ckpt.close()  # the last background write counts too
-                assert checkpoint.is_complete(tmp_path / f"{mode}{round_}" / f"global_step_{steps + 1}")
-            return time.perf_counter() - t0, blocked
-
-        # Two interleaved rounds, the faster of each: other jobs share the CPU.
-        runs = [(mode, loop(mode, r)) for r in range(2) for mode in ("none", "async", "sync")]
-    best = {mode: tuple(min(t[i] for m, t in runs if m == mode) for i in (0, 1)) for mode in ("none", "async", "sync")}
-    saves, steps, alone = 3, 9, best["none"][0]
-    print(f"\nsmoke model train state {state_mb:.1f} MB, a step takes {alone / steps * 1e3:.0f} ms; per save: "
-          + "; ".join(f"{mode} blocks the loop {b / saves * 1e3:.0f} ms and adds {(t - alone) / saves * 1e3:.0f} ms "
-                      f"to the run" for mode, (t, b) in best.items() if mode != "none"))
