@@ -200,6 +200,7 @@ def test_parameter_patterns_match_torch_requires_grad(tmp_path):
     assert sum(x.size for x in moments) == sum(p.numel() for p in chosen.values())
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_export_carries_the_new_vocabulary(model_dir, tmp_path):
     """The HF export of a new-token model: transformers loads it, its tokenizer encodes each added
     token to its id, config.json says the new vocab_size, and its logits equal jaxsft's (≤ 1e-5)."""

@@ -297,6 +297,7 @@ def test_preemption_flag_restores_previous_handlers():
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_async_versus_sync_save_cost(tmp_path):
     """Save cost seen by the train loop for a ~50 MB state on the (4, 2) mesh."""
     state = make_state(scale=16_000)

@@ -29,6 +29,7 @@ def entries(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.endswith("-cache"))
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_a_tiny_step_is_cached_and_read_back(cache_dir, caplog):
     compile_cache.enable(str(cache_dir), say=lambda *a: None)
 

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsft.model.flash import available, flash_attention
@@ -78,6 +79,7 @@ def test_flash_pads_rows_to_block_multiple():
     assert rel_err(out, naive_attention(q, k, v, seg)) <= TOL
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_flash_as_ulysses_inner():
     # The kernel inside shard_map on a (dp=2, sp=2) mesh, KV heads replicated (Hkv=1 < sp).
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("dp", "sp"))

@@ -109,6 +109,7 @@ def test_initialisation_is_peft_s(model_dir):
     assert not np.array_equal(again.param("layers", "mlp", "up_proj", "lora_a")[:, :64], a[:, :64])
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_merged_export_equals_peft_merge_and_unload(model_dir, tmp_path):
     """After two steps: `lora_adapter/` loads in PEFT and gives jaxsft's logits (≤ 1e-5 relative);
     the merged export equals PEFT's merge_and_unload() (≤ 1e-6 relative per tensor, float32); every

@@ -60,6 +60,7 @@ def test_offloaded_steps_are_bit_identical(model_dir, lora, request):
     assert said and "same RAM" in said[0]
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_offloaded_state_checkpoints_and_resumes_exactly(model_dir, tmp_path):
     """Save an offloaded state after two steps, restore it into a fresh offloaded state: the moments
     come back in pinned_host memory, and the third step equals the unbroken run's bit for bit."""

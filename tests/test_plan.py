@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from cfg import settings
 from e2e import ROOT, env_for, train_args
+import runs
 
 from jaxsft import config as jconfig, hlo_stats, optim, plan, step
 from jaxsft.model.config import ModelConfig
@@ -232,11 +233,12 @@ def test_targets_and_config_errors():
 
 
 @pytest.mark.slow
-def test_dry_run_command_line(tmp_path, base_model):
+def test_dry_run_command_line(tmp_path, base_model, monkeypatch):
     """`--dry_run=h100:2 --dry_run_json=PATH` on the smoke recipe with optimizer offload: printed
     and written, the moments planned in host memory (lowered on two CPU devices though the
-    process was started with one), nothing trained; the same with a target too small for it: exit
-    2 with one line after the plan."""
+    process was started with one), nothing trained; the same with a target too small for it
+    (in-process: the exit status is the one `main` returns to the command): exit 2 with one line
+    after the plan."""
     out = tmp_path / "plan.json"
     args = train_args(tmp_path / "run", base_model, "--dry_run=h100:2", f"--dry_run_json={out}",
                       "model.fsdp_config.optimizer_offload=true", "model.remat_policy=auto")
@@ -252,9 +254,9 @@ def test_dry_run_command_line(tmp_path, base_model):
     assert 0 <= p["opt_state_bytes"] - p["host_argument_bytes"] < 64  # every moment in host memory
     assert not (tmp_path / "run").exists()  # a plan trains nothing and makes no run directory
 
-    tiny = _small_target_config(tmp_path, 2**20)
-    proc = subprocess.run(args[:-1], cwd=ROOT, env=env_for(1, JAXSFT_TARGET_CONFIG_H100=tiny), capture_output=True,
-                          text=True, timeout=600)
+    # the exit-2 path in this process (tests/runs.py): the same `jaxsft.train.main`, its output captured
+    monkeypatch.setenv("JAXSFT_TARGET_CONFIG_H100", str(_small_target_config(tmp_path, 2**20)))
+    proc = runs.main(args[3:-1])
     assert proc.returncode == 2, proc.stderr[-4000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("jaxsft: error:")]
     assert len(errors) == 1 and "does not fit" in errors[0] and "Traceback" not in proc.stderr
@@ -284,6 +286,7 @@ def test_auto_settings_in_a_real_run(tmp_path, base_model):
         assert config["model"]["remat_policy"] == "none" and config["data"]["micro_batch_size_per_gpu"] == 8
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_cpu_target_plans_this_machine():
     target = plan.get_target("cpu")
     assert target.platform == "cpu" and target.num_devices == jax.device_count()

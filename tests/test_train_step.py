@@ -370,6 +370,7 @@ def test_verl_normalisation_formulas(model_dir, balance, loss_type):
     assert rel(m["loss"], expect) <= 1e-6, (float(m["loss"]), expect)
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_nan_batch_skips_update_but_advances_lr(model_dir):
     """A non-finite gradient leaves parameters, moments and the Adam count unchanged; the step
     counter (and so the lr schedule) advances."""
@@ -393,6 +394,7 @@ def test_nan_batch_skips_update_but_advances_lr(model_dir):
     assert float(m2["lr"]) == pytest.approx(float(schedule(1)), rel=1e-6)  # one float32 formula, jit-fused or not: ≤ 8 eps
 
 
+@pytest.mark.slow  # over ~3 s on 2 cores: CI's full run, not the ≤ 3-minute inner loop
 def test_packed_equals_padded(model_dir):
     """The same samples padded one per row, or packed several per row: same loss and update."""
     padded = padded_batch(9, 1, 8, 16)
