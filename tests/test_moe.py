@@ -261,3 +261,43 @@ def test_packing_and_ulysses_give_the_same_loss_and_gradients(model_dir):
         assert worst <= 1e-5, (mesh_shape, worst)
         print(f"\n{mesh_shape} {'packed' if b is not batch else 'padded'}: loss rel {rel(loss, ref_loss):.1e}, "
               f"gradients rel {worst:.1e}")
+
+
+@pytest.fixture(scope="module")
+def model_dir16(tmp_path_factory):
+    """The tiny MoE with 16 experts: two whole experts per device of the 8."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("moe16"), seed=8, name="tiny_qwen3_moe16",
+                              **dict(MOE, vocab_size=VOCAB, num_experts=16))
+
+
+@pytest.mark.slow  # three gradient compiles (~30 s on 2 cores)
+def test_expert_parallel_layout_equals_fsdp(model_dir16):
+    """model.expert_layout=expert (each device holds 2 of the 16 experts, tokens exchanged by
+    all-to-all, none dropped) gives the fsdp layout's loss, router metrics and gradients on a
+    (4, 2) mesh; with a capacity factor of 0.5 assignments are dropped and counted."""
+    batch = padded_batch(4, 2, 8, 16, VOCAB)
+    loss, router, ref = gradients(model_dir16, MESH, batch, model_settings(expert_layout="fsdp"))
+    ep_loss, ep_router, grads = gradients(model_dir16, MESH, batch, model_settings(expert_layout="expert"))
+    # the same per-token products; a weight's gradient sums its ≤ 256 token terms in another order (peers):
+    # γ_256 ≈ 1.5e-5 of Σ|terms| in the worst case; 1e-5 of max|g|
+    assert rel(ep_loss, loss) <= 1e-6 and router["expert_dropped"] == ep_router["expert_dropped"] == 0
+    assert ep_router["expert_load_max_mean"] == router["expert_load_max_mean"]
+    worst = max(rel(grads[n], ref[n]) for n in ref)
+    assert worst <= 1e-5, worst
+    print(f"\nexpert layout vs fsdp: loss rel {rel(ep_loss, loss):.1e}, gradients rel {worst:.1e}")
+    cut_loss, cut, _ = gradients(model_dir16, MESH, batch, model_settings(expert_layout="expert",
+                                                                       expert_capacity_factor=0.5))
+    # per device and micro-batch 16 tokens × 2 = 32 assignments, 2 slots for each of 8 peers: at least 16 dropped
+    # of 32, on each of 8 devices, 3 layers, 2 micro-batches
+    total = 8 * 3 * 2 * 32
+    assert total // 2 <= cut["expert_dropped"] < total and cut_loss != ep_loss
+
+
+def test_expert_layout_refuses_experts_that_do_not_divide(model_dir):
+    from jaxsft import devices, parallel
+    from jaxsft.errors import ConfigError
+
+    config = hf.read_config(model_dir)
+    devices.check_heads(config, parallel.make_mesh(2, 1), "expert")  # 6 experts over 2 devices: 3 each
+    with pytest.raises(ConfigError, match=r"^model.expert_layout=expert: num_experts=6 does not divide over the 8 "):
+        devices.check_heads(config, parallel.make_mesh(*MESH), "expert")
