@@ -97,6 +97,7 @@ class ModelSettings:
     # layout's slots per peer as a multiple of the balanced share (None: every assignment, none dropped)
     expert_layout: str = "fsdp"
     expert_capacity_factor: float | None = None
+    expert_matmul: str = "blocks"  # the experts' grouped matmuls (jaxsft.model.grouped_matmul)
 
     @property
     def trained_dtype(self) -> str:

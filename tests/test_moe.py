@@ -9,6 +9,7 @@ layers, hidden 24.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -143,6 +144,23 @@ def test_experts_run_sparse():
         dense[t] += weights[t, j] * ((g / (1 + np.exp(-g))) * (x[t] @ up[e])) @ down[e]
     # float32 against float64: three chained dots of ≤ 24 terms, each ≤ 24 eps of its operands' scale
     assert np.max(np.abs(ours - dense)) <= 1e-5 * np.max(np.abs(dense))
+
+
+def test_blocks_matmul_equals_ragged_dot(monkeypatch):
+    """model.expert_matmul=blocks (jaxsft.model.grouped_matmul): the values and gradients of
+    ragged_dot, with empty groups, groups of several blocks and of partial ones, and rows past the
+    groups (output 0)."""
+    from jaxsft.model import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "BLOCK", 4)
+    x, w = jax.random.normal(jax.random.key(0), (50, 6)), jax.random.normal(jax.random.key(1), (7, 6, 5))
+    sizes = jnp.array([3, 0, 10, 1, 20, 0, 9], jnp.int32)  # 43 of 50 rows
+    loss = {how: jax.jit(jax.value_and_grad(lambda x, w, how=how: jnp.sum(jnp.sin(gm.grouped_matmul(x, w, sizes, how))),
+                                            argnums=(0, 1))) for how in gm.MATMULS}
+    (a, (ga_x, ga_w)), (b, (gb_x, gb_w)) = loss["ragged_dot"](x, w), loss["blocks"](x, w)
+    assert not np.asarray(gm.grouped_matmul(x, w, sizes, "blocks")[43:]).any()
+    # the same 6-term dot products; dW sums ≤ 20 rows per group in blocks: float32, ≤ 20 eps of Σ|terms|
+    assert rel(b, a) <= 1e-6 and rel(gb_x, ga_x) <= 1e-6 and rel(gb_w, ga_w) <= 2e-6
 
 
 def test_router_loss_key():

@@ -159,6 +159,10 @@ KEYS: tuple[Key, ...] = (
        "model.expert_layout=expert: slots each device sends each peer, as a multiple of the balanced share "
        "(assignments beyond are dropped, train/expert_dropped); null = room for every assignment, none dropped",
        optional=True),
+    _j("model.expert_matmul", "blocks", "str",
+       "mixture-of-experts models: the experts' grouped matmuls: blocks (one GEMM per block of 256 rows of an "
+       "expert: the active FLOPs on any backend) or ragged_dot (XLA's; XLA:GPU and XLA:CPU expand it densely)",
+       choices=("blocks", "ragged_dot")),
     _j("model.attn_implementation", "auto", "str", "attention backend: auto, or a name in jaxsft.model.attention"),
     _j("model.build_tiny_from", None, "str",
        "smoke recipe only: a tokenizer directory; the recipe's model directory is created as a tiny random Qwen2",

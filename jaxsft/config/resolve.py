@@ -227,7 +227,8 @@ def _model(c: Composed, v: dict, notes: list[str]) -> ModelSettings:
         compute_dtype=DTYPES[v["model.compute_dtype"]], remat_policy=policy, scan_layers=v["model.scan_layers"],
         attn_implementation=v["model.attn_implementation"], lora=lora_settings, added_tokens=v["model.added_tokens"],
         trainable=trainable, optimizer_offload=v["model.fsdp_config.optimizer_offload"],
-        router_aux_loss_coef=coef, expert_layout=v["model.expert_layout"], expert_capacity_factor=capacity)
+        router_aux_loss_coef=coef, expert_layout=v["model.expert_layout"], expert_capacity_factor=capacity,
+        expert_matmul=v["model.expert_matmul"])
 
 
 def _optim(v: dict) -> OptimSettings:

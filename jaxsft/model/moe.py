@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxsft.model.grouped_matmul import grouped_matmul
+
 STATS = ("expert_tokens", "expert_probs", "tokens", "load_max_mean", "dropped")
 
 
@@ -61,26 +63,26 @@ def route(x, kernel, k: int, normalise: bool):
     return probs, chosen, top.astype(x.dtype)
 
 
-def grouped_experts(x, chosen, weights, gate, up, down, activation):
+def grouped_experts(x, chosen, weights, gate, up, down, activation, matmul: str = "ragged_dot"):
     """Σ over each token's k experts of weight · down(act(gate(x)) · up(x)): x [N, H], chosen and
     weights [N, k], expert weights [E, H, I] and [E, I, H]. Sorted by expert, one ragged_dot per
-    projection over the N·k assignments."""
+    projection over the N·k assignments (`matmul`: jaxsft.model.grouped_matmul)."""
     n, k = chosen.shape
-    ys = expert_mlp(x, jnp.arange(n * k) // k, chosen.reshape(-1), gate, up, down, activation)  # slot s = token s // k
+    ys = expert_mlp(x, jnp.arange(n * k) // k, chosen.reshape(-1), gate, up, down, activation, matmul)  # slot s = token s // k
     return combine(ys.reshape(n, k, -1), weights)
 
 
-def expert_mlp(x, source, ids, gate, up, down, activation):
+def expert_mlp(x, source, ids, gate, up, down, activation, matmul: str = "ragged_dot"):
     """Slot s runs row source[s] of x [M, H] through expert ids[s] (an id >= E: no expert, output 0):
-    the slots sorted by expert, each projection one ragged_dot. Returns [S, H] in slot order."""
+    the slots sorted by expert, each projection one grouped matmul. Returns [S, H] in slot order."""
     experts = gate.shape[0]
     order = jnp.argsort(ids, stable=True)  # slots grouped by expert (empty slots last)
     sizes = jnp.bincount(ids, length=experts).astype(jnp.int32)
     xs = jnp.take(x, source[order], axis=0)
     dtype = x.dtype
-    g = checkpoint_name(jax.lax.ragged_dot(xs, gate.astype(dtype), sizes), "mlpwi_0")
-    u = checkpoint_name(jax.lax.ragged_dot(xs, up.astype(dtype), sizes), "mlpwi_1")
-    ys = checkpoint_name(jax.lax.ragged_dot(activation(g) * u, down.astype(dtype), sizes), "mlpwo")
+    g = checkpoint_name(grouped_matmul(xs, gate.astype(dtype), sizes, matmul), "mlpwi_0")
+    u = checkpoint_name(grouped_matmul(xs, up.astype(dtype), sizes, matmul), "mlpwi_1")
+    ys = checkpoint_name(grouped_matmul(activation(g) * u, down.astype(dtype), sizes, matmul), "mlpwo")
     back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     return jnp.take(ys, back, axis=0)
 

@@ -46,7 +46,8 @@ def check_layout(layout: str, num_experts: int, devices: int) -> None:
                          f"that divides {num_experts}")
 
 
-def experts(x, chosen, weights, gate, up, down, activation, layout: str = "fsdp", capacity_factor=None):
+def experts(x, chosen, weights, gate, up, down, activation, layout: str = "fsdp", capacity_factor=None,
+            matmul: str = "ragged_dot"):
     """x [B, T, H], chosen / weights [B, T, k], expert weights [E, H, I] / [E, I, H] → (y [B, T, H],
     assignments dropped (float32 count)). Without a (dp, sp) mesh, or when B or T does not divide
     over it, the experts run as one program that XLA partitions (no token dropped)."""
@@ -60,13 +61,13 @@ def experts(x, chosen, weights, gate, up, down, activation, layout: str = "fsdp"
     if mesh is None or b % dp or t % sp or dp * sp == 1:
         k = chosen.shape[-1]
         y = moe.grouped_experts(x.reshape(-1, h), chosen.reshape(-1, k), weights.reshape(-1, k), gate, up, down,
-                                activation)
+                                activation, matmul)
         return y.reshape(b, t, h), jnp.zeros((), jnp.float32)
     if layout == "fsdp":
         def local(x, chosen, weights, gate, up, down):
             k = chosen.shape[-1]
             y = moe.grouped_experts(x.reshape(-1, h), chosen.reshape(-1, k), weights.reshape(-1, k), gate, up, down,
-                                    activation)
+                                    activation, matmul)
             return y.reshape(x.shape)
 
         y = jax.shard_map(local, in_specs=(TOKENS, TOKENS, TOKENS, P(), P(), P()), out_specs=TOKENS)(
@@ -74,7 +75,7 @@ def experts(x, chosen, weights, gate, up, down, activation, layout: str = "fsdp"
         return y, jnp.zeros((), jnp.float32)
 
     def local(x, chosen, weights, gate, up, down):
-        y, dropped = _exchange(x, chosen, weights, gate, up, down, activation, dp * sp, capacity_factor)
+        y, dropped = _exchange(x, chosen, weights, gate, up, down, activation, dp * sp, capacity_factor, matmul)
         return y, jax.lax.psum(dropped, parallel.FSDP)
 
     return jax.shard_map(local, in_specs=(TOKENS, TOKENS, TOKENS, EXPERTS, EXPERTS, EXPERTS),
@@ -84,13 +85,14 @@ def experts(x, chosen, weights, gate, up, down, activation, layout: str = "fsdp"
 class SparseMoE(nnx.Module):
     """transformers' Qwen3MoeSparseMoeBlock: `gate` (the router) and `experts`, laid out by `layout`."""
 
-    def __init__(self, config, *, stack, dtype, rngs, activation, layout: str = "fsdp", capacity_factor=None):
+    def __init__(self, config, *, stack, dtype, rngs, activation, layout: str = "fsdp", capacity_factor=None,
+                 matmul: str = "blocks"):
         h, e = config.hidden_size, config.num_experts
         self.gate = moe.Router(h, e, stack=stack, dtype=dtype, rngs=rngs)
         self.experts = moe.Experts(h, config.moe_intermediate_size, e, stack=stack, dtype=dtype, rngs=rngs,
                                    layout=layout)
         self.k, self.normalise, self.activation = config.num_experts_per_tok, config.norm_topk_prob, activation
-        self.layout, self.capacity_factor = layout, capacity_factor
+        self.layout, self.capacity_factor, self.matmul = layout, capacity_factor, matmul
 
     def __call__(self, x, real):
         """x [B, T, H], real [B, T] (False on padding) → (y [B, T, H], this layer's router stats)."""
@@ -98,7 +100,7 @@ class SparseMoE(nnx.Module):
         probs, chosen, weights = moe.route(x.reshape(-1, h), self.gate.kernel[...], self.k, self.normalise)
         y, dropped = experts(x, chosen.reshape(b, t, -1), weights.reshape(b, t, -1), self.experts.gate_proj[...],
                              self.experts.up_proj[...], self.experts.down_proj[...], self.activation, self.layout,
-                             self.capacity_factor)
+                             self.capacity_factor, self.matmul)
         return y, moe.layer_stats(probs, chosen, real.reshape(-1), dropped)
 
 
@@ -107,7 +109,7 @@ def capacity(n: int, k: int, devices: int, capacity_factor) -> int:
     return n * k if capacity_factor is None else min(n * k, math.ceil(capacity_factor * n * k / devices))
 
 
-def _exchange(x, chosen, weights, gate, up, down, activation, devices: int, capacity_factor):
+def _exchange(x, chosen, weights, gate, up, down, activation, devices: int, capacity_factor, matmul):
     """One device's part of expert parallelism (module docstring): local tokens x [b, t, H] →
     (their experts' weighted sum [b, t, H], assignments dropped here)."""
     b, t, h = x.shape
@@ -124,7 +126,7 @@ def _exchange(x, chosen, weights, gate, up, down, activation, devices: int, capa
     recv = jax.lax.all_to_all(send, axes, 0, 0, tiled=True)  # recv[s]: what peer s sent here
     recv_ids = jax.lax.all_to_all(ids, axes, 0, 0, tiled=True).reshape(-1)
     rows = devices * c
-    out = moe.expert_mlp(recv.reshape(rows, h), jnp.arange(rows), recv_ids, gate, up, down, activation)
+    out = moe.expert_mlp(recv.reshape(rows, h), jnp.arange(rows), recv_ids, gate, up, down, activation, matmul)
     back = jax.lax.all_to_all(out.reshape(devices, c, h), axes, 0, 0, tiled=True)  # back[d]: what peer d computed
     kept = pos < c
     ys = jnp.where(kept[:, None], back[dest, jnp.minimum(pos, c - 1)], 0)
