@@ -172,6 +172,10 @@ def test_router_loss_key():
     assert settings({"model.router_aux_loss_coef": 0}).model.router_aux_loss_coef == 0
     with pytest.raises(config.ConfigError, match=r"model.router_aux_loss_coef=-0.5 must be >= 0"):
         settings({"model.router_aux_loss_coef": -0.5})
+    ep = settings({"model.expert_layout": "expert", "model.expert_capacity_factor": 1.25}).model
+    assert (ep.expert_layout, ep.expert_capacity_factor, ep.expert_matmul) == ("expert", 1.25, "blocks")
+    with pytest.raises(config.ConfigError, match=r"^model.expert_capacity_factor=1.25: give a number > 0, with model.ex"):
+        settings({"model.expert_capacity_factor": 1.25})  # the fsdp layout drops nothing
 
 
 def test_mixed_dense_and_sparse_layers_are_refused():
