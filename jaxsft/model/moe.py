@@ -5,15 +5,16 @@ Router: logits = x · W_gate [H, E] (compute dtype), probabilities softmax(logit
 k largest kept (renormalised to sum 1 with `norm_topk_prob`) and cast to the compute dtype.
 
 Experts (sparse, no token dropped): the N·k (token, expert) assignments are sorted by expert, the
-tokens gathered in that order, and each projection is one grouped matmul, `jax.lax.ragged_dot`
-(rows of group e times expert e's weight), so the FLOPs are those of the k active experts. The
-outputs are put back in token order and summed over the k slots, weighted by the routing weights.
-(How ragged_dot is lowered is XLA's: a grouped GEMM where the backend has one; jax's CPU fallback
-and XLA:GPU without its cuDNN ragged-dot fusion expand it to a dense dot over all groups.)
+tokens gathered in that order, and each projection is one grouped matmul (rows of group e times
+expert e's weight; `model.expert_matmul`, jaxsft.model.grouped_matmul), so the FLOPs are those of
+the k active experts. The outputs are put back in token order and summed over the k slots,
+weighted by the routing weights. Where the experts live on the mesh and how tokens reach them:
+jaxsft.model.moe_parallel.
 
 Router statistics, carried through the layer scan as sums (`add_stats`): per expert the count of
 (real) tokens that chose it and the sum of its probabilities, the count of real tokens, and the
-worst layer's load max/mean. `load_balancing_loss` turns the sums into transformers'
+worst layer's load max/mean, and the assignments the expert-parallel layout's capacity dropped.
+`load_balancing_loss` turns the sums into transformers'
 `load_balancing_loss_func` with the attention mask (padding excluded), summed over the sparse layers.
 """
 
