@@ -155,9 +155,9 @@ def test_blocks_matmul_equals_ragged_dot(monkeypatch):
     monkeypatch.setattr(gm, "BLOCK", 4)
     x, w = jax.random.normal(jax.random.key(0), (50, 6)), jax.random.normal(jax.random.key(1), (7, 6, 5))
     sizes = jnp.array([3, 0, 10, 1, 20, 0, 9], jnp.int32)  # 43 of 50 rows
-    loss = {how: jax.jit(jax.value_and_grad(lambda x, w, how=how: jnp.sum(jnp.sin(gm.grouped_matmul(x, w, sizes, how))),
-                                            argnums=(0, 1))) for how in gm.MATMULS}
-    (a, (ga_x, ga_w)), (b, (gb_x, gb_w)) = loss["ragged_dot"](x, w), loss["blocks"](x, w)
+    both = jax.jit(lambda x, w: [jax.value_and_grad(lambda x, w, how=how: jnp.sum(jnp.sin(
+        gm.grouped_matmul(x, w, sizes, how))), argnums=(0, 1))(x, w) for how in ("ragged_dot", "blocks")])
+    (a, (ga_x, ga_w)), (b, (gb_x, gb_w)) = both(x, w)
     assert not np.asarray(gm.grouped_matmul(x, w, sizes, "blocks")[43:]).any()
     # the same 6-term dot products; dW sums ≤ 20 rows per group in blocks: float32, ≤ 20 eps of Σ|terms|
     assert rel(b, a) <= 1e-6 and rel(gb_x, ga_x) <= 1e-6 and rel(gb_w, ga_w) <= 2e-6
@@ -315,11 +315,11 @@ def test_expert_parallel_layout_equals_fsdp(model_dir16):
     assert total // 2 <= cut["expert_dropped"] < total and cut_loss != ep_loss
 
 
-def test_expert_layout_refuses_experts_that_do_not_divide(model_dir):
+def test_expert_layout_refuses_experts_that_do_not_divide():
     from jaxsft import devices, parallel
     from jaxsft.errors import ConfigError
 
-    config = hf.read_config(model_dir)
+    config = ModelConfig.from_hf_dict(dict(MOE, vocab_size=VOCAB, max_position_embeddings=64))
     devices.check_heads(config, parallel.make_mesh(2, 1), "expert")  # 6 experts over 2 devices: 3 each
     with pytest.raises(ConfigError, match=r"^model.expert_layout=expert: num_experts=6 does not divide over the 8 "):
         devices.check_heads(config, parallel.make_mesh(*MESH), "expert")
