@@ -2,8 +2,9 @@
 jaxsft.train` on 8 emulated CPU devices, the smoke recipe's data packed (first_fit): trained,
 SIGKILLed after its step-2 save and relaunched with the same command (steps 3 and 4 log the
 unbroken run's values bit for bit, router metrics included; both exports equal), the export loaded
-by transformers as Qwen3MoeForCausalLM; and LoRA on the attention projections with Ulysses sp = 2,
-whose merged export transformers loads as Qwen3MoeForCausalLM with the experts untouched.
+by transformers as Qwen3MoeForCausalLM; and LoRA on the attention projections with Ulysses sp = 2
+and expert parallelism (16 experts), whose merged export transformers loads as
+Qwen3MoeForCausalLM with the experts untouched.
 The killed launch is a process (tests/e2e.py), the other launches run in this process (tests/runs.py).
 """
 
@@ -27,12 +28,16 @@ EXACT = ("train/loss", "train/lr", "train/grad_norm", "train/loss_tokens", "trai
          "train/expert_load_max_mean")
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
+def _moe_dir(tmp_path_factory, **overrides):
     path = make_tiny_hf_model(tmp_path_factory.mktemp("moe"), seed=11, name="tiny_qwen3_moe",
-                              **dict(MOE, vocab_size=1541, max_position_embeddings=512))  # the bundled tokenizer's len()
+                              **dict(MOE, vocab_size=1541, max_position_embeddings=512, **overrides))  # the tokenizer's len()
     hf.open_tokenizer(bundled.path("tokenizer")).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return _moe_dir(tmp_path_factory)
 
 
 def rows(run_dir):
@@ -64,11 +69,15 @@ def test_moe_run_killed_resumes_exactly_and_exports(moe_dir, tmp_path_factory):
     assert any(".experts.0.down_proj" in n for n in moved) and any("mlp.gate.weight" in n for n in moved)
 
 
-def test_moe_lora_on_attention_with_ulysses_exports_merged(moe_dir, tmp_path):
+def test_moe_lora_on_attention_with_ulysses_and_expert_parallelism_exports_merged(tmp_path_factory, tmp_path):
+    """16 experts, two whole experts per device (model.expert_layout=expert), sp = 2."""
+    moe_dir = _moe_dir(tmp_path_factory, num_experts=16)
     lora = ("model.lora_rank=4", "model.lora_alpha=8", "model.target_modules=[q_proj,k_proj,v_proj,o_proj]",
-            "ulysses_sequence_parallel_size=2", "--config.trainer.total_training_steps=2")
+            "ulysses_sequence_parallel_size=2", "model.expert_layout=expert", "--config.trainer.total_training_steps=2")
     said = runs.train(tmp_path, moe_dir, *COMMON, *lora).stdout
     assert "training LoRA adapters (rank 4)" in said
+    logged = [m["data"] for m in metrics(tmp_path) if "train/loss" in m["data"]]
+    assert len(logged) == 2 and all(m["train/expert_dropped"] == 0 for m in logged)  # no capacity: none dropped
     export = tmp_path / "global_step_2" / "huggingface"
     model, base, merged = load(export), per_expert(tensors(moe_dir)), tensors(export)
     assert torch.isfinite(model(torch.tensor([[5, 17, 300, 9]])).logits).all()

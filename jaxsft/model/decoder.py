@@ -55,7 +55,8 @@ def check_settings(settings: ModelSettings) -> None:
     if settings.expert_matmul not in MATMULS:
         raise ValueError(f"model.expert_matmul={settings.expert_matmul!r}: choose one of {', '.join(MATMULS)}")
     if settings.expert_layout not in moe_parallel.LAYOUTS:
-        raise ValueError(f"model.expert_layout={settings.expert_layout!r}: choose one of {', '.join(moe_parallel.LAYOUTS)}")
+        raise ValueError(f"model.expert_layout={settings.expert_layout!r}: choose one of "
+                         f"{', '.join(moe_parallel.LAYOUTS)}")
 
 
 def _check_moe(config: ModelConfig, settings: ModelSettings) -> None:

@@ -69,7 +69,8 @@ def grouped_experts(x, chosen, weights, gate, up, down, activation, matmul: str 
     weights [N, k], expert weights [E, H, I] and [E, I, H]. Sorted by expert, one ragged_dot per
     projection over the N·k assignments (`matmul`: jaxsft.model.grouped_matmul)."""
     n, k = chosen.shape
-    ys = expert_mlp(x, jnp.arange(n * k) // k, chosen.reshape(-1), gate, up, down, activation, matmul)  # slot s = token s // k
+    # slot s = token s // k
+    ys = expert_mlp(x, jnp.arange(n * k) // k, chosen.reshape(-1), gate, up, down, activation, matmul)
     return combine(ys.reshape(n, k, -1), weights)
 
 

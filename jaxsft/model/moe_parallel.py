@@ -47,7 +47,7 @@ def check_layout(layout: str, num_experts: int, devices: int) -> None:
 
 
 def experts(x, chosen, weights, gate, up, down, activation, layout: str = "fsdp", capacity_factor=None,
-            matmul: str = "ragged_dot"):
+            matmul: str = "blocks"):
     """x [B, T, H], chosen / weights [B, T, k], expert weights [E, H, I] / [E, I, H] → (y [B, T, H],
     assignments dropped (float32 count)). Without a (dp, sp) mesh, or when B or T does not divide
     over it, the experts run as one program that XLA partitions (no token dropped)."""
