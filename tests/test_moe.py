@@ -122,28 +122,30 @@ def test_step_without_router_loss(model_dir):
 
 
 def test_experts_run_sparse():
-    """The experts are three grouped matmuls over the N·k assignments (no dense pass over all E)."""
+    """The experts are three grouped matmuls over the N·k assignments (no dense pass over all E),
+    ragged_dot or blocks, each equal to the dense reference."""
     x, kernel = jax.random.normal(jax.random.key(0), (10, 24)), jax.random.normal(jax.random.key(1), (24, 6))
     w = [jax.random.normal(jax.random.key(2 + i), s) for i, s in enumerate([(6, 24, 20)] * 2 + [(6, 20, 24)])]
 
-    def layer(x):
+    def layer(x, how):
         _, chosen, weights = moe.route(x, kernel, 2, True)
-        return moe.grouped_experts(x, chosen, weights, *w, jax.nn.silu), chosen, weights
+        return moe.grouped_experts(x, chosen, weights, *w, jax.nn.silu, how), chosen, weights
 
-    eqns = jax.make_jaxpr(layer)(x).jaxpr.eqns
+    eqns = jax.make_jaxpr(lambda x: layer(x, "ragged_dot"))(x).jaxpr.eqns
     assert [e.primitive.name for e in eqns].count("ragged_dot_general") == 3
     assert all(e.outvars[0].aval.shape[0] == 20 for e in eqns if e.primitive.name == "ragged_dot_general")
     # and equal to the dense reference: every token through its 2 experts, weighted
-    ours, chosen, weights = jax.jit(layer)(x)
-    x, ours, chosen, weights = (np.asarray(a, np.float64) for a in (x, ours, chosen, weights))
-    gate, up, down = (np.asarray(a, np.float64) for a in w)
-    dense = np.zeros(x.shape)
-    for t, j in np.ndindex(chosen.shape):
-        e = int(chosen[t, j])
-        g = x[t] @ gate[e]
-        dense[t] += weights[t, j] * ((g / (1 + np.exp(-g))) * (x[t] @ up[e])) @ down[e]
-    # float32 against float64: three chained dots of ≤ 24 terms, each ≤ 24 eps of its operands' scale
-    assert np.max(np.abs(ours - dense)) <= 1e-5 * np.max(np.abs(dense))
+    both = jax.jit(lambda x: [layer(x, how) for how in ("ragged_dot", "blocks")])(x)
+    for ours, chosen, weights in both:
+        ours, chosen, weights, x64 = (np.asarray(a, np.float64) for a in (ours, chosen, weights, x))
+        gate, up, down = (np.asarray(a, np.float64) for a in w)
+        dense = np.zeros(x64.shape)
+        for t, j in np.ndindex(chosen.shape):
+            e = int(chosen[t, j])
+            g = x64[t] @ gate[e]
+            dense[t] += weights[t, j] * ((g / (1 + np.exp(-g))) * (x64[t] @ up[e])) @ down[e]
+        # float32 against float64: three chained dots of ≤ 24 terms, each ≤ 24 eps of its operands' scale
+        assert np.max(np.abs(ours - dense)) <= 1e-5 * np.max(np.abs(dense))
 
 
 def test_blocks_matmul_equals_ragged_dot(monkeypatch):

@@ -8,10 +8,15 @@ each group's rows times that group's weight [K, N].
   group), then one [BLOCK, K] × [K, N] matmul per block in a loop, the block's weight sliced by its
   group: the active FLOPs plus at most G·BLOCK padding rows, on any backend, with ordinary GEMMs.
   Its gradient (custom_vjp) is two more loops: dx per block with the weight transposed, and dW
-  added block by block into a float32 [G, K, N] accumulator in place.
+  added block by block into a float32 [G, K, N] accumulator in place. The layout (`blocks_of`) maps
+  slots in any order to padded rows, so an expert MLP gathers its tokens straight into it, runs its
+  three projections there (padding rows stay 0) and gathers the outputs back
+  (jaxsft.model.moe.expert_mlp).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,20 +31,45 @@ def grouped_matmul(x, w, sizes, how: str = "ragged_dot"):
         return jax.lax.ragged_dot(x, w, sizes)
     if how != "blocks":
         raise ValueError(f"model.expert_matmul={how!r}: choose one of {', '.join(MATMULS)}")
-    rows, groups = x.shape[0], w.shape[0]
-    block = min(BLOCK, rows)
-    nb = -(-rows // block) + groups  # every group's rows in whole blocks: at most one partial block each
-    ends = jnp.cumsum(sizes)
-    group = jnp.searchsorted(ends, jnp.arange(rows), side="right")  # G for rows past the groups
-    valid = group < groups
+    b = blocks_of(jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(x.shape[0]), side="right"), w.shape[0])
+    return gather_rows(block_matmul(gather_rows(x, b.slot_of_row), w, b), b.row_of_slot)
+
+
+class Blocks(NamedTuple):
+    """Where S slots (each for one group, or none) sit in the padded block layout."""
+    slot_of_row: jax.Array  # [nb·block]: the slot a padded row holds; S on padding
+    row_of_slot: jax.Array  # [S]: the padded row of a slot; nb·block for a slot of no group
+    block_group: jax.Array  # [nb]: each block's group
+
+
+def blocks_of(ids, groups: int) -> Blocks:
+    """The block layout of slots whose groups are `ids` [S] (an id >= groups: no group), in any order:
+    slots sorted by group (stably), each group's run starting a new block."""
+    slots = ids.shape[0]
+    block = min(BLOCK, slots)
+    nb = -(-slots // block) + groups  # every group in whole blocks: at most one partial block each
+    order = jnp.argsort(ids, stable=True)
+    sizes = jnp.bincount(ids, length=groups)
+    group = ids[order]
     g = jnp.minimum(group, groups - 1)
     blocks = (sizes + block - 1) // block
-    padded = (jnp.cumsum(blocks) - blocks)[g] * block + jnp.arange(rows) - (ends - sizes)[g]
-    padded = jnp.where(valid, padded, nb * block)  # out of range: not written, read as 0
-    xp = jnp.zeros((nb * block, x.shape[1]), x.dtype).at[padded].set(x, mode="drop").reshape(nb, block, -1)
+    row = (jnp.cumsum(blocks) - blocks)[g] * block + jnp.arange(slots) - (jnp.cumsum(sizes) - sizes)[g]
+    row = jnp.where(group < groups, row, nb * block).astype(jnp.int32)
     block_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(blocks), jnp.arange(nb), side="right"), groups - 1)
-    yp = _block_matmul(xp, _vary_like(w, xp), block_group.astype(jnp.int32)).reshape(nb * block, -1)
-    return jnp.where(valid[:, None], jnp.take(yp, jnp.minimum(padded, nb * block - 1), axis=0), 0).astype(x.dtype)
+    return Blocks(jnp.full(nb * block, slots, jnp.int32).at[row].set(order.astype(jnp.int32), mode="drop"),
+                  jnp.zeros(slots, jnp.int32).at[order].set(row), block_group.astype(jnp.int32))
+
+
+def gather_rows(x, index):
+    """x[index] along the first axis, 0 where the index is out of range."""
+    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+
+
+def block_matmul(rows, w, b: Blocks):
+    """rows [nb·block, K] in `b`'s padded layout times each block's group's weight of w [G, K, N]."""
+    nb = b.block_group.shape[0]
+    xp = rows.reshape(nb, -1, rows.shape[-1])
+    return _block_matmul(xp, _vary_like(w, xp), b.block_group).reshape(rows.shape[0], -1)
 
 
 def _vary_like(a, *refs):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxsft.model.grouped_matmul import grouped_matmul
+from jaxsft.model.grouped_matmul import block_matmul, blocks_of, gather_rows, grouped_matmul
 
 STATS = ("expert_tokens", "expert_probs", "tokens", "load_max_mean", "dropped")
 
@@ -77,14 +77,20 @@ def grouped_experts(x, chosen, weights, gate, up, down, activation, matmul: str 
 def expert_mlp(x, source, ids, gate, up, down, activation, matmul: str = "ragged_dot"):
     """Slot s runs row source[s] of x [M, H] through expert ids[s] (an id >= E: no expert, output 0):
     the slots sorted by expert, each projection one grouped matmul. Returns [S, H] in slot order."""
-    experts = gate.shape[0]
+    experts, dtype = gate.shape[0], x.dtype
+    gate, up, down = gate.astype(dtype), up.astype(dtype), down.astype(dtype)
+    if matmul == "blocks":  # gathered straight into the padded block layout, and out of it
+        b = blocks_of(ids, experts)
+        xp = gather_rows(x, jnp.take(source, b.slot_of_row, mode="fill", fill_value=x.shape[0]))
+        g = checkpoint_name(block_matmul(xp, gate, b), "mlpwi_0")
+        u = checkpoint_name(block_matmul(xp, up, b), "mlpwi_1")
+        return gather_rows(checkpoint_name(block_matmul(activation(g) * u, down, b), "mlpwo"), b.row_of_slot)
     order = jnp.argsort(ids, stable=True)  # slots grouped by expert (empty slots last)
     sizes = jnp.bincount(ids, length=experts).astype(jnp.int32)
     xs = jnp.take(x, source[order], axis=0)
-    dtype = x.dtype
-    g = checkpoint_name(grouped_matmul(xs, gate.astype(dtype), sizes, matmul), "mlpwi_0")
-    u = checkpoint_name(grouped_matmul(xs, up.astype(dtype), sizes, matmul), "mlpwi_1")
-    ys = checkpoint_name(grouped_matmul(activation(g) * u, down.astype(dtype), sizes, matmul), "mlpwo")
+    g = checkpoint_name(grouped_matmul(xs, gate, sizes, matmul), "mlpwi_0")
+    u = checkpoint_name(grouped_matmul(xs, up, sizes, matmul), "mlpwi_1")
+    ys = checkpoint_name(grouped_matmul(activation(g) * u, down, sizes, matmul), "mlpwo")
     back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     return jnp.take(ys, back, axis=0)
 
