@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 from jaxsft import distributed, parallel
 from jaxsft.errors import ConfigError
 from jaxsft.model.attention import BACKENDS
+from jaxsft.model.moe_parallel import check_layout
 from jaxsft.model.ulysses import check_ulysses
 from jaxsft.settings import check_devices
 
@@ -37,9 +38,12 @@ def check_attention(implementation: str) -> None:
                       f"(picks what runs here) or xla")
 
 
-def check_heads(model_config, mesh: Mesh) -> None:
-    """The model's heads must split over sp (Ulysses); a ConfigError naming the key otherwise."""
+def check_heads(model_config, mesh: Mesh, expert_layout: str = "fsdp") -> None:
+    """The model's heads must split over sp (Ulysses), and in the expert-parallel layout its experts
+    over the devices; a ConfigError naming the key otherwise."""
     try:
         check_ulysses(model_config.num_attention_heads, model_config.num_key_value_heads, mesh.shape["sp"])
+        if model_config.num_experts:
+            check_layout(expert_layout, model_config.num_experts, mesh.shape["dp"] * mesh.shape["sp"])
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -30,6 +30,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", "dp"),
     ("length", "sp"),
     # parameters
+    ("experts", FSDP),  # the expert-parallel layout only (jaxsft.model.moe_parallel)
     ("vocab", FSDP),
     ("embed", FSDP),
     ("mlp", FSDP),

@@ -83,7 +83,8 @@ class StepReporter:
                "train/loss_tokens": float(m["loss_tokens"]), "train/time(s)": dt,
                "train/tokens_per_sec": float(np.sum(lengths)) / dt,
                "train/loss_tokens_per_sec": float(m["loss_tokens"]) / dt, "train/epoch": epoch}
-        row.update({f"train/{k}": float(m[k]) for k in ("router_aux_loss", "expert_load_max_mean") if k in m})
+        row.update({f"train/{k}": float(m[k]) for k in ("router_aux_loss", "expert_load_max_mean", "expert_dropped")
+                    if k in m})
         if "source_loss_sums" in m:
             row.update(source_rows(self.sources, m["source_loss_sums"], m["source_loss_tokens"]))
         if self.peak:

@@ -93,6 +93,11 @@ class ModelSettings:
     optimizer_offload: bool = False
     # MoE models: the load-balancing loss's weight; None = config.json's router_aux_loss_coef, 0 = off
     router_aux_loss_coef: float | None = None
+    # MoE models: where the experts live (jaxsft.model.moe_parallel: fsdp | expert), and the expert
+    # layout's slots per peer as a multiple of the balanced share (None: every assignment, none dropped)
+    expert_layout: str = "fsdp"
+    expert_capacity_factor: float | None = None
+    expert_matmul: str = "blocks"  # the experts' grouped matmuls (jaxsft.model.grouped_matmul)
 
     @property
     def trained_dtype(self) -> str:

@@ -49,7 +49,7 @@ def find_model(settings: Settings, mesh, *, weights: bool = True, say=print) -> 
     config = hf.read_config(model_dir)
     if weights:
         hf.check_weights(model_dir, config)  # from the files' headers: before the data work
-    devices.check_heads(config, mesh)
+    devices.check_heads(config, mesh, settings.model.expert_layout)
     check_window(config, settings.data.max_length, model_dir)
     tokenizer = hf.load_tokenizer(model_dir, trust_remote_code=settings.model.trust_remote_code)
     added, config = hf.extend_vocabulary(settings.model.added_tokens, tokenizer, config, say=say)

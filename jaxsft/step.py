@@ -23,7 +23,8 @@ A mixture-of-experts model adds its router's load-balancing loss (jaxsft.model.m
 on each (global) micro-batch as one forward pass of transformers would, and averaged over the K
 micro-batches. The `loss` metric stays the token loss; `router_aux_loss` (unweighted, the mean
 over micro-batches) and `expert_load_max_mean` (the worst layer's busiest expert over its mean
-load, the worst micro-batch) come beside it.
+load, the worst micro-batch) come beside it, and `expert_dropped` (the expert-parallel layout's
+assignments over capacity, summed over layers and micro-batches; 0 without a capacity factor).
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def micro_batch_terms(graphdef, params, rest, mb: Batch, chunk_size: int, dropou
         return MicroTerms(loss_rows, w_rows, by_source, 0.0, {})
     aux = moe.load_balancing_loss(stats)
     coef = model.router_aux_loss_coef
-    router = {"router_aux_loss": jax.lax.stop_gradient(aux), "expert_load_max_mean": stats["load_max_mean"]}
+    router = {"router_aux_loss": jax.lax.stop_gradient(aux), "expert_load_max_mean": stats["load_max_mean"],
+              "expert_dropped": stats["dropped"]}
     return MicroTerms(loss_rows, w_rows, by_source, coef * aux if coef else 0.0, router)
 
 
@@ -145,7 +147,7 @@ def _zero_sums(num_sources: int, sparse: bool) -> dict:
     if num_sources:
         sums["source_loss_sums"] = jnp.zeros((num_sources,), jnp.float32)
     if sparse:
-        sums |= {"router_aux_loss": zero, "expert_load_max_mean": zero}
+        sums |= {"router_aux_loss": zero, "expert_load_max_mean": zero, "expert_dropped": zero}
     return sums
 
 

@@ -9,6 +9,7 @@ layers, hidden 24.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -121,28 +122,47 @@ def test_step_without_router_loss(model_dir):
 
 
 def test_experts_run_sparse():
-    """The experts are three grouped matmuls over the N·k assignments (no dense pass over all E)."""
+    """The experts are three grouped matmuls over the N·k assignments (no dense pass over all E),
+    ragged_dot or blocks, each equal to the dense reference."""
     x, kernel = jax.random.normal(jax.random.key(0), (10, 24)), jax.random.normal(jax.random.key(1), (24, 6))
     w = [jax.random.normal(jax.random.key(2 + i), s) for i, s in enumerate([(6, 24, 20)] * 2 + [(6, 20, 24)])]
 
-    def layer(x):
+    def layer(x, how):
         _, chosen, weights = moe.route(x, kernel, 2, True)
-        return moe.grouped_experts(x, chosen, weights, *w, jax.nn.silu), chosen, weights
+        return moe.grouped_experts(x, chosen, weights, *w, jax.nn.silu, how), chosen, weights
 
-    eqns = jax.make_jaxpr(layer)(x).jaxpr.eqns
+    eqns = jax.make_jaxpr(lambda x: layer(x, "ragged_dot"))(x).jaxpr.eqns
     assert [e.primitive.name for e in eqns].count("ragged_dot_general") == 3
     assert all(e.outvars[0].aval.shape[0] == 20 for e in eqns if e.primitive.name == "ragged_dot_general")
     # and equal to the dense reference: every token through its 2 experts, weighted
-    ours, chosen, weights = jax.jit(layer)(x)
-    x, ours, chosen, weights = (np.asarray(a, np.float64) for a in (x, ours, chosen, weights))
-    gate, up, down = (np.asarray(a, np.float64) for a in w)
-    dense = np.zeros(x.shape)
-    for t, j in np.ndindex(chosen.shape):
-        e = int(chosen[t, j])
-        g = x[t] @ gate[e]
-        dense[t] += weights[t, j] * ((g / (1 + np.exp(-g))) * (x[t] @ up[e])) @ down[e]
-    # float32 against float64: three chained dots of ≤ 24 terms, each ≤ 24 eps of its operands' scale
-    assert np.max(np.abs(ours - dense)) <= 1e-5 * np.max(np.abs(dense))
+    both = jax.jit(lambda x: [layer(x, how) for how in ("ragged_dot", "blocks")])(x)
+    for ours, chosen, weights in both:
+        ours, chosen, weights, x64 = (np.asarray(a, np.float64) for a in (ours, chosen, weights, x))
+        gate, up, down = (np.asarray(a, np.float64) for a in w)
+        dense = np.zeros(x64.shape)
+        for t, j in np.ndindex(chosen.shape):
+            e = int(chosen[t, j])
+            g = x64[t] @ gate[e]
+            dense[t] += weights[t, j] * ((g / (1 + np.exp(-g))) * (x64[t] @ up[e])) @ down[e]
+        # float32 against float64: three chained dots of ≤ 24 terms, each ≤ 24 eps of its operands' scale
+        assert np.max(np.abs(ours - dense)) <= 1e-5 * np.max(np.abs(dense))
+
+
+def test_blocks_matmul_equals_ragged_dot(monkeypatch):
+    """model.expert_matmul=blocks (jaxsft.model.grouped_matmul): the values and gradients of
+    ragged_dot, with empty groups, groups of several blocks and of partial ones, and rows past the
+    groups (output 0)."""
+    from jaxsft.model import grouped_matmul as gm
+
+    monkeypatch.setattr(gm, "BLOCK", 4)
+    x, w = jax.random.normal(jax.random.key(0), (50, 6)), jax.random.normal(jax.random.key(1), (7, 6, 5))
+    sizes = jnp.array([3, 0, 10, 1, 20, 0, 9], jnp.int32)  # 43 of 50 rows
+    both = jax.jit(lambda x, w: [jax.value_and_grad(lambda x, w, how=how: jnp.sum(jnp.sin(
+        gm.grouped_matmul(x, w, sizes, how))), argnums=(0, 1))(x, w) for how in ("ragged_dot", "blocks")])
+    (a, (ga_x, ga_w)), (b, (gb_x, gb_w)) = both(x, w)
+    assert not np.asarray(gm.grouped_matmul(x, w, sizes, "blocks")[43:]).any()
+    # the same 6-term dot products; dW sums ≤ 20 rows per group in blocks: float32, ≤ 20 eps of Σ|terms|
+    assert rel(b, a) <= 1e-6 and rel(gb_x, ga_x) <= 1e-6 and rel(gb_w, ga_w) <= 2e-6
 
 
 def test_router_loss_key():
@@ -154,6 +174,10 @@ def test_router_loss_key():
     assert settings({"model.router_aux_loss_coef": 0}).model.router_aux_loss_coef == 0
     with pytest.raises(config.ConfigError, match=r"model.router_aux_loss_coef=-0.5 must be >= 0"):
         settings({"model.router_aux_loss_coef": -0.5})
+    ep = settings({"model.expert_layout": "expert", "model.expert_capacity_factor": 1.25}).model
+    assert (ep.expert_layout, ep.expert_capacity_factor, ep.expert_matmul) == ("expert", 1.25, "blocks")
+    with pytest.raises(config.ConfigError, match=r"^model.expert_capacity_factor=1.25: give a number > 0, with model.ex"):
+        settings({"model.expert_capacity_factor": 1.25})  # the fsdp layout drops nothing
 
 
 def test_mixed_dense_and_sparse_layers_are_refused():
@@ -212,3 +236,92 @@ def test_micro_batches_with_in_backward_accumulation(model_dir):
     for r in (ra, rb):
         assert float(r["router_aux_loss"]) == pytest.approx(mean, rel=1e-6)
         assert float(r["expert_load_max_mean"]) == worst
+
+
+def gradients(model_dir, mesh_shape, batch, ms=None):
+    """(loss, router metrics, {HF name: gradient}) of one global batch through the step's accumulation."""
+    from flax import nnx
+
+    from jaxsft import parallel, step
+
+    mesh = parallel.make_mesh(*mesh_shape)
+    with jax.set_mesh(mesh):
+        graphdef, params, rest = nnx.split(hf.load_model(model_dir, mesh, ms or model_settings()), nnx.Param, ...)
+        b = {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in batch.items()}
+        cfg = step.StepConfig("global_tokens", False, mesh_shape[0], 16)
+        loss, grads, _, router = jax.jit(lambda p, b: step.accumulate_gradients(graphdef, rest, p, b, cfg))(params, b)
+    config = hf.read_config(model_dir)
+    return float(loss), {k: float(v) for k, v in router.items()}, {
+        n: np.asarray(jax.device_get(a)) for n, a in hf.export_tensors(grads, config)}
+
+
+def packed(padded):
+    """The samples of `padded` [1, R, T], two per row of [1, R/2, 2T]."""
+    rows, t = padded["input_ids"].shape[1:]
+    out = {k: np.zeros((1, rows // 2, 2 * t), np.int32) for k in padded}
+    for r in range(rows):
+        n = int(padded["segment_ids"][0, r].sum())
+        row, off = r // 2, (r % 2) * t
+        for k in ("input_ids", "positions", "loss_mask"):
+            out[k][0, row, off:off + n] = padded[k][0, r, :n]
+        out["segment_ids"][0, row, off:off + n] = 1 + r % 2
+    return out
+
+
+@pytest.mark.slow  # three gradient compiles (~30 s on 2 cores)
+def test_packing_and_ulysses_give_the_same_loss_and_gradients(model_dir):
+    """16 samples padded on dp = 8, packed two a row on dp = 8, and padded on dp = 4 × sp = 2: the
+    same loss, router loss, load metric and gradients (router loss at config.json's weight)."""
+    batch = padded_batch(9, 1, 16, 16, VOCAB)
+    ref_loss, ref_router, ref = gradients(model_dir, (8, 1), batch)
+    for mesh_shape, b in (((8, 1), packed(batch)), ((4, 2), batch)):
+        loss, router, grads = gradients(model_dir, mesh_shape, b)
+        # the same per-token terms summed in another order (rows, shards): float32, ≤ 16 partial sums: 8 eps
+        assert rel(loss, ref_loss) <= 1e-6 and rel(router["router_aux_loss"], ref_router["router_aux_loss"]) <= 1e-6
+        assert router["expert_load_max_mean"] == ref_router["expert_load_max_mean"]  # integer counts: the same routing
+        worst = max(rel(grads[n], ref[n]) for n in ref)
+        # an expert's gradient entry sums ≤ 512 token terms, taken in another order (rows, packing, shards):
+        # γ_512 ≈ 3e-5 of Σ|terms| in the worst case; 1e-5 of max|g| (measured ≤ 1.9e-6)
+        assert worst <= 1e-5, (mesh_shape, worst)
+        print(f"\n{mesh_shape} {'packed' if b is not batch else 'padded'}: loss rel {rel(loss, ref_loss):.1e}, "
+              f"gradients rel {worst:.1e}")
+
+
+@pytest.fixture(scope="module")
+def model_dir16(tmp_path_factory):
+    """The tiny MoE with 16 experts: two whole experts per device of the 8."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("moe16"), seed=8, name="tiny_qwen3_moe16",
+                              **dict(MOE, vocab_size=VOCAB, num_experts=16))
+
+
+@pytest.mark.slow  # three gradient compiles (~30 s on 2 cores)
+def test_expert_parallel_layout_equals_fsdp(model_dir16):
+    """model.expert_layout=expert (each device holds 2 of the 16 experts, tokens exchanged by
+    all-to-all, none dropped) gives the fsdp layout's loss, router metrics and gradients on a
+    (4, 2) mesh; with a capacity factor of 0.5 assignments are dropped and counted."""
+    batch = padded_batch(4, 2, 8, 16, VOCAB)
+    loss, router, ref = gradients(model_dir16, MESH, batch, model_settings(expert_layout="fsdp"))
+    ep_loss, ep_router, grads = gradients(model_dir16, MESH, batch, model_settings(expert_layout="expert"))
+    # the same per-token products; a weight's gradient sums its ≤ 256 token terms in another order (peers):
+    # γ_256 ≈ 1.5e-5 of Σ|terms| in the worst case; 1e-5 of max|g|
+    assert rel(ep_loss, loss) <= 1e-6 and router["expert_dropped"] == ep_router["expert_dropped"] == 0
+    assert ep_router["expert_load_max_mean"] == router["expert_load_max_mean"]
+    worst = max(rel(grads[n], ref[n]) for n in ref)
+    assert worst <= 1e-5, worst
+    print(f"\nexpert layout vs fsdp: loss rel {rel(ep_loss, loss):.1e}, gradients rel {worst:.1e}")
+    cut_loss, cut, _ = gradients(model_dir16, MESH, batch, model_settings(expert_layout="expert",
+                                                                       expert_capacity_factor=0.5))
+    # per device and micro-batch 16 tokens × 2 = 32 assignments, 2 slots for each of 8 peers: at least 16 dropped
+    # of 32, on each of 8 devices, 3 layers, 2 micro-batches
+    total = 8 * 3 * 2 * 32
+    assert total // 2 <= cut["expert_dropped"] < total and cut_loss != ep_loss
+
+
+def test_expert_layout_refuses_experts_that_do_not_divide():
+    from jaxsft import devices, parallel
+    from jaxsft.errors import ConfigError
+
+    config = ModelConfig.from_hf_dict(dict(MOE, vocab_size=VOCAB, max_position_embeddings=64))
+    devices.check_heads(config, parallel.make_mesh(2, 1), "expert")  # 6 experts over 2 devices: 3 each
+    with pytest.raises(ConfigError, match=r"^model.expert_layout=expert: num_experts=6 does not divide over the 8 "):
+        devices.check_heads(config, parallel.make_mesh(*MESH), "expert")

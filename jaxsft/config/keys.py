@@ -151,6 +151,18 @@ KEYS: tuple[Key, ...] = (
     _j("model.router_aux_loss_coef", None, "float",
        "mixture-of-experts models: the router load-balancing loss's weight in the objective (0 = off); null = "
        "config.json's router_aux_loss_coef", optional=True),
+    _j("model.expert_layout", "fsdp", "str",
+       "mixture-of-experts models: fsdp (every expert split over all devices, gathered per layer) or expert "
+       "(expert parallelism: each device holds num_experts / devices whole experts; tokens travel by all-to-all)",
+       choices=("fsdp", "expert")),
+    _j("model.expert_capacity_factor", None, "float",
+       "model.expert_layout=expert: slots each device sends each peer, as a multiple of the balanced share "
+       "(assignments beyond are dropped, train/expert_dropped); null = room for every assignment, none dropped",
+       optional=True),
+    _j("model.expert_matmul", "blocks", "str",
+       "mixture-of-experts models: the experts' grouped matmuls: blocks (one GEMM per block of 256 rows of an "
+       "expert: the active FLOPs on any backend) or ragged_dot (XLA's; XLA:GPU and XLA:CPU expand it densely)",
+       choices=("blocks", "ragged_dot")),
     _j("model.attn_implementation", "auto", "str", "attention backend: auto, or a name in jaxsft.model.attention"),
     _j("model.build_tiny_from", None, "str",
        "smoke recipe only: a tokenizer directory; the recipe's model directory is created as a tiny random Qwen2",

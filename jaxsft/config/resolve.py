@@ -217,13 +217,18 @@ def _model(c: Composed, v: dict, notes: list[str]) -> ModelSettings:
     coef = v["model.router_aux_loss_coef"]
     if coef is not None and not coef >= 0:
         _fail(f"model.router_aux_loss_coef={coef} must be >= 0 (0 = no load-balancing loss)")
+    capacity = v["model.expert_capacity_factor"]
+    if capacity is not None and not (capacity > 0 and v["model.expert_layout"] == "expert"):
+        _fail(f"model.expert_capacity_factor={capacity}: give a number > 0, with model.expert_layout=expert "
+              f"(the fsdp layout drops no token)")
     return ModelSettings(
         partial_pretrain=v["model.partial_pretrain"], trust_remote_code=v["model.trust_remote_code"],
         external_lib=v["model.external_lib"], tiny=tiny, param_dtype=param_dtype,
         compute_dtype=DTYPES[v["model.compute_dtype"]], remat_policy=policy, scan_layers=v["model.scan_layers"],
         attn_implementation=v["model.attn_implementation"], lora=lora_settings, added_tokens=v["model.added_tokens"],
         trainable=trainable, optimizer_offload=v["model.fsdp_config.optimizer_offload"],
-        router_aux_loss_coef=coef)
+        router_aux_loss_coef=coef, expert_layout=v["model.expert_layout"], expert_capacity_factor=capacity,
+        expert_matmul=v["model.expert_matmul"])
 
 
 def _optim(v: dict) -> OptimSettings:

@@ -29,8 +29,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxsft import parallel
 from jaxsft.model import attention as attn
 from jaxsft.model import lora as lora_lib
-from jaxsft.model import moe, remat, sink_scan
+from jaxsft.model import moe, moe_parallel, remat, sink_scan
 from jaxsft.model.config import ModelConfig, rope_frequencies
+from jaxsft.model.grouped_matmul import MATMULS
 from jaxsft.model.loss import head_logits
 from jaxsft.settings import LoRASettings, ModelSettings
 
@@ -51,6 +52,11 @@ def check_settings(settings: ModelSettings) -> None:
     coef = settings.router_aux_loss_coef
     if coef is not None and not coef >= 0:
         raise ValueError(f"model.router_aux_loss_coef={coef!r}: choose a number >= 0 (0 = no load-balancing loss)")
+    if settings.expert_matmul not in MATMULS:
+        raise ValueError(f"model.expert_matmul={settings.expert_matmul!r}: choose one of {', '.join(MATMULS)}")
+    if settings.expert_layout not in moe_parallel.LAYOUTS:
+        raise ValueError(f"model.expert_layout={settings.expert_layout!r}: choose one of "
+                         f"{', '.join(moe_parallel.LAYOUTS)}")
 
 
 def _check_moe(config: ModelConfig, settings: ModelSettings) -> None:
@@ -190,7 +196,10 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, settings, stack=stack, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = _norm(config, config.hidden_size, **norm)
         self.sparse = bool(config.num_experts)
-        self.mlp = (moe.SparseMoE(config, stack=stack, dtype=dtype, rngs=rngs, activation=_ACTIVATIONS[config.hidden_act])
+        self.mlp = (moe_parallel.SparseMoE(config, stack=stack, dtype=dtype, rngs=rngs,
+                                           activation=_ACTIVATIONS[config.hidden_act], layout=settings.expert_layout,
+                                           capacity_factor=settings.expert_capacity_factor,
+                                           matmul=settings.expert_matmul)
                     if self.sparse else MLP(config, settings, stack=stack, dtype=dtype, rngs=rngs))
 
     def __call__(self, x, cos, sin, segment_ids, key=None):

@@ -5,15 +5,16 @@ Router: logits = x · W_gate [H, E] (compute dtype), probabilities softmax(logit
 k largest kept (renormalised to sum 1 with `norm_topk_prob`) and cast to the compute dtype.
 
 Experts (sparse, no token dropped): the N·k (token, expert) assignments are sorted by expert, the
-tokens gathered in that order, and each projection is one grouped matmul, `jax.lax.ragged_dot`
-(rows of group e times expert e's weight), so the FLOPs are those of the k active experts. The
-outputs are put back in token order and summed over the k slots, weighted by the routing weights.
-(How ragged_dot is lowered is XLA's: a grouped GEMM where the backend has one; jax's CPU fallback
-and XLA:GPU without its cuDNN ragged-dot fusion expand it to a dense dot over all groups.)
+tokens gathered in that order, and each projection is one grouped matmul (rows of group e times
+expert e's weight; `model.expert_matmul`, jaxsft.model.grouped_matmul), so the FLOPs are those of
+the k active experts. The outputs are put back in token order and summed over the k slots,
+weighted by the routing weights. Where the experts live on the mesh and how tokens reach them:
+jaxsft.model.moe_parallel.
 
 Router statistics, carried through the layer scan as sums (`add_stats`): per expert the count of
 (real) tokens that chose it and the sum of its probabilities, the count of real tokens, and the
-worst layer's load max/mean. `load_balancing_loss` turns the sums into transformers'
+worst layer's load max/mean, and the assignments the expert-parallel layout's capacity dropped.
+`load_balancing_loss` turns the sums into transformers'
 `load_balancing_loss_func` with the attention mask (padding excluded), summed over the sparse layers.
 """
 
@@ -24,7 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-STATS = ("expert_tokens", "expert_probs", "tokens", "load_max_mean")
+from jaxsft.model.grouped_matmul import block_matmul, blocks_of, gather_rows, grouped_matmul
+
+STATS = ("expert_tokens", "expert_probs", "tokens", "load_max_mean", "dropped")
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -41,15 +44,14 @@ class Router(nnx.Module):
 
 class Experts(nnx.Module):
     """E SwiGLU MLPs stacked: gate_proj / up_proj [*stack, E, H, I], down_proj [*stack, E, I, H]
-    (HF's `mlp.experts.{e}.gate_proj.weight` [I, H] is slice e transposed)."""
+    (HF's `mlp.experts.{e}.gate_proj.weight` [I, H] is slice e transposed). The expert dimension is
+    named `experts` (sharded: whole experts per device) only in the expert-parallel layout."""
 
-    def __init__(self, hidden: int, inner: int, experts: int, *, stack, dtype, rngs):
-        lead = ("layers",) * len(stack)
-        up = (*lead, "experts", "embed", "mlp")
-        self.gate_proj = nnx.Param(_normal(rngs, (*stack, experts, hidden, inner), dtype), axes=up)
-        self.up_proj = nnx.Param(_normal(rngs, (*stack, experts, hidden, inner), dtype), axes=up)
-        self.down_proj = nnx.Param(_normal(rngs, (*stack, experts, inner, hidden), dtype),
-                                   axes=(*lead, "experts", "mlp", "embed"))
+    def __init__(self, hidden: int, inner: int, experts: int, *, stack, dtype, rngs, layout: str = "fsdp"):
+        lead = (*("layers",) * len(stack), "experts" if layout == "expert" else None)
+        self.gate_proj = nnx.Param(_normal(rngs, (*stack, experts, hidden, inner), dtype), axes=(*lead, "embed", "mlp"))
+        self.up_proj = nnx.Param(_normal(rngs, (*stack, experts, hidden, inner), dtype), axes=(*lead, "embed", "mlp"))
+        self.down_proj = nnx.Param(_normal(rngs, (*stack, experts, inner, hidden), dtype), axes=(*lead, "mlp", "embed"))
 
 
 def route(x, kernel, k: int, normalise: bool):
@@ -62,56 +64,55 @@ def route(x, kernel, k: int, normalise: bool):
     return probs, chosen, top.astype(x.dtype)
 
 
-def grouped_experts(x, chosen, weights, gate, up, down, activation):
+def grouped_experts(x, chosen, weights, gate, up, down, activation, matmul: str = "ragged_dot"):
     """Σ over each token's k experts of weight · down(act(gate(x)) · up(x)): x [N, H], chosen and
     weights [N, k], expert weights [E, H, I] and [E, I, H]. Sorted by expert, one ragged_dot per
-    projection over the N·k assignments."""
+    projection over the N·k assignments (`matmul`: jaxsft.model.grouped_matmul)."""
     n, k = chosen.shape
-    experts = gate.shape[0]
-    flat = chosen.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # assignment slots grouped by expert
-    sizes = jnp.bincount(flat, length=experts).astype(jnp.int32)
-    xs = jnp.take(x, order // k, axis=0)  # slot s = token s // k
-    dtype = x.dtype
-    g = checkpoint_name(jax.lax.ragged_dot(xs, gate.astype(dtype), sizes), "mlpwi_0")
-    u = checkpoint_name(jax.lax.ragged_dot(xs, up.astype(dtype), sizes), "mlpwi_1")
-    ys = checkpoint_name(jax.lax.ragged_dot(activation(g) * u, down.astype(dtype), sizes), "mlpwo")
+    # slot s = token s // k
+    ys = expert_mlp(x, jnp.arange(n * k) // k, chosen.reshape(-1), gate, up, down, activation, matmul)
+    return combine(ys.reshape(n, k, -1), weights)
+
+
+def expert_mlp(x, source, ids, gate, up, down, activation, matmul: str = "ragged_dot"):
+    """Slot s runs row source[s] of x [M, H] through expert ids[s] (an id >= E: no expert, output 0):
+    the slots sorted by expert, each projection one grouped matmul. Returns [S, H] in slot order."""
+    experts, dtype = gate.shape[0], x.dtype
+    gate, up, down = gate.astype(dtype), up.astype(dtype), down.astype(dtype)
+    if matmul == "blocks":  # gathered straight into the padded block layout, and out of it
+        b = blocks_of(ids, experts)
+        xp = gather_rows(x, jnp.take(source, b.slot_of_row, mode="fill", fill_value=x.shape[0]))
+        g = checkpoint_name(block_matmul(xp, gate, b), "mlpwi_0")
+        u = checkpoint_name(block_matmul(xp, up, b), "mlpwi_1")
+        return gather_rows(checkpoint_name(block_matmul(activation(g) * u, down, b), "mlpwo"), b.row_of_slot)
+    order = jnp.argsort(ids, stable=True)  # slots grouped by expert (empty slots last)
+    sizes = jnp.bincount(ids, length=experts).astype(jnp.int32)
+    xs = jnp.take(x, source[order], axis=0)
+    g = checkpoint_name(grouped_matmul(xs, gate, sizes, matmul), "mlpwi_0")
+    u = checkpoint_name(grouped_matmul(xs, up, sizes, matmul), "mlpwi_1")
+    ys = checkpoint_name(grouped_matmul(activation(g) * u, down, sizes, matmul), "mlpwo")
     back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    ys = jnp.take(ys, back, axis=0).reshape(n, k, -1)  # token order again
-    # the k contributions added one by one in the compute dtype (HF: index_add_ expert by expert)
+    return jnp.take(ys, back, axis=0)
+
+
+def combine(ys, weights):
+    """ys [N, k, H] (each token's k expert outputs), weights [N, k] → [N, H]: the k contributions
+    added one by one in the compute dtype (HF: index_add_ expert by expert)."""
     out = ys[:, 0] * weights[:, :1]
-    for j in range(1, k):
+    for j in range(1, ys.shape[1]):
         out = out + ys[:, j] * weights[:, j:j + 1]
     return out
 
 
-class SparseMoE(nnx.Module):
-    """transformers' Qwen3MoeSparseMoeBlock: `gate` (the router) and `experts`."""
-
-    def __init__(self, config, *, stack, dtype, rngs, activation):
-        h, e = config.hidden_size, config.num_experts
-        self.gate = Router(h, e, stack=stack, dtype=dtype, rngs=rngs)
-        self.experts = Experts(h, config.moe_intermediate_size, e, stack=stack, dtype=dtype, rngs=rngs)
-        self.k, self.normalise, self.activation = config.num_experts_per_tok, config.norm_topk_prob, activation
-
-    def __call__(self, x, real):
-        """x [B, T, H], real [B, T] (False on padding) → (y [B, T, H], this layer's router stats)."""
-        b, t, h = x.shape
-        flat = x.reshape(-1, h)
-        probs, chosen, weights = route(flat, self.gate.kernel[...], self.k, self.normalise)
-        y = grouped_experts(flat, chosen, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
-                            self.experts.down_proj[...], self.activation)
-        return y.reshape(b, t, h), layer_stats(probs, chosen, real.reshape(-1))
-
-
-def layer_stats(probs, chosen, real) -> dict:
-    """One layer's router statistics over the real tokens (see the module docstring)."""
+def layer_stats(probs, chosen, real, dropped) -> dict:
+    """One layer's router statistics over the real tokens (see the module docstring); `dropped`:
+    the assignments the expert-parallel layout's capacity dropped (jaxsft.model.moe_parallel)."""
     mask = real.astype(jnp.float32)
     experts = probs.shape[-1]
     counts = jnp.zeros(experts, jnp.float32).at[chosen.reshape(-1)].add(jnp.repeat(mask, chosen.shape[-1]))
     counts = jax.lax.stop_gradient(counts)
     return {"expert_tokens": counts, "expert_probs": jnp.sum(probs * mask[:, None], axis=0), "tokens": jnp.sum(mask),
-            "load_max_mean": jnp.max(counts) / jnp.maximum(jnp.mean(counts), 1e-9)}
+            "load_max_mean": jnp.max(counts) / jnp.maximum(jnp.mean(counts), 1e-9), "dropped": dropped}
 
 
 def zero_stats(num_experts: int) -> dict:
@@ -120,7 +121,7 @@ def zero_stats(num_experts: int) -> dict:
         return {}
     z = jnp.zeros((), jnp.float32)
     return {"expert_tokens": jnp.zeros(num_experts, jnp.float32), "expert_probs": jnp.zeros(num_experts, jnp.float32),
-            "tokens": z, "load_max_mean": z}
+            "tokens": z, "load_max_mean": z, "dropped": z}
 
 
 def add_stats(acc: dict, layer: dict) -> dict:
