@@ -76,10 +76,11 @@ class Failed(Exception):
 # ---- the run ----------------------------------------------------------------------------------------
 
 class Work:
-    def __init__(self, root: Path, stall: float, compile_cache: str | None = None):
-        self.root, self.stall = root, stall
+    def __init__(self, root: Path, stall: float, compile_cache: str | None = None, base: str | None = None,
+                 plain: bool = False):
+        self.root, self.stall, self.plain, self.given_base = root, stall, plain, base
         self.compile_cache = compile_cache or root / "compile_cache"
-        self.base, self.files = root / "base", (root / "a.parquet", root / "b.parquet")
+        self.base, self.files = Path(base or root / "base"), (root / "a.parquet", root / "b.parquet")
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.launches = 0
@@ -90,22 +91,28 @@ class Work:
 
         from jaxsft import bundled, tiny
 
-        tiny.ensure_tiny_model(self.base, bundled.path("tokenizer"))
+        if not self.given_base:
+            tiny.ensure_tiny_model(self.base, bundled.path("tokenizer"))
         rows = pq.read_table(bundled.path("humaneval_chat", "train.parquet"))
         pq.write_table(rows.slice(0, 24), self.files[0])
         pq.write_table(rows.slice(24, 16), self.files[1])
 
     def args(self, run: Path, mode: str) -> list[str]:
         a, b = self.files
-        return [sys.executable, "-m", "jaxsft.train", f"--config={ROOT / 'configs' / 'smoke.py'}",
-                f"--config.trainer.default_local_dir={run}", f"--config.model.partial_pretrain={self.base}",
-                f"--config.trainer.compile_cache_dir={self.compile_cache}",  # shared: relaunches compile nothing
-                f"--config.data.cache_dir={self.root / 'data_cache'}", f"--config.data.train_files=['{a}','{b}']",
-                "--config.data.train_weights=[3,1]", "--config.data.max_length=256", "--config.data.train_batch_size=8",
+        common = [sys.executable, "-m", "jaxsft.train", f"--config={ROOT / 'configs' / 'smoke.py'}",
+                  f"--config.trainer.default_local_dir={run}", f"--config.model.partial_pretrain={self.base}",
+                  f"--config.trainer.compile_cache_dir={self.compile_cache}",  # shared: relaunches compile nothing
+                  f"--config.data.cache_dir={self.root / 'data_cache'}", f"--config.trainer.max_ckpt_to_keep={KEEP}",
+                  "--config.trainer.logger=('console','file','tensorboard')", *MODES[mode]]
+        if self.plain:  # the program of the test suite's reference run (tests/runs.py), already in its cache
+            from runs import REFERENCE
+
+            return [*common, *REFERENCE]
+        return [*common, f"--config.data.train_files=['{a}','{b}']", "--config.data.train_weights=[3,1]",
+                "--config.data.max_length=256", "--config.data.train_batch_size=8",
                 "--config.data.micro_batch_size_per_gpu=1", "--config.data.packing=first_fit",
                 "--config.data.val_files=None", "--config.trainer.total_epochs=2", "--config.trainer.test_freq=-1",
-                "--config.trainer.save_freq=2", f"--config.trainer.max_ckpt_to_keep={KEEP}",
-                "--config.trainer.logger=('console','file','tensorboard')", *MODES[mode]]
+                "--config.trainer.save_freq=2"]
 
     def env(self, procs: int, pid: int = 0, port: int = 0) -> dict:
         if procs == 1:
@@ -619,13 +626,19 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, help="start no campaign after this many minutes")
     ap.add_argument("--stall", type=float, default=180.0, help="seconds without progress that count as a hang")
     ap.add_argument("--compile-cache", help="JAX compilation cache to share (default: one in the work directory)")
+    ap.add_argument("--base-model", help="the tiny model to train (default: jaxsft.tiny's, made here)")
+    ap.add_argument("--plain", action="store_true", help="the test suite's reference command instead (6 steps, one "
+                    "file, no packing, saves at 3 and 6): its compiled step is in the suite's cache (the smoke test)")
     ap.add_argument("--keep", help="work directory (kept); default a temporary one, deleted when all passed")
     ap.add_argument("--json", help="write the counts here")
     a = ap.parse_args(argv)
     root = Path(a.keep or tempfile.mkdtemp(prefix="jaxsft-soak-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the soak's own jax reads checkpoints only
-    w = Work(root, a.stall, a.compile_cache)
+    global LAST_STEP
+    if a.plain:
+        from runs import REFERENCE_STEPS as LAST_STEP
+    w = Work(root, a.stall, a.compile_cache, a.base_model, a.plain)
     w.prepare()
     soak = Soak(w, a.seed)
     modes = list(MODES) if a.mode == "all" else [a.mode]
@@ -635,7 +648,7 @@ def main(argv=None) -> int:
     t0, failed, i = time.time(), None, 0
     try:
         while sum(soak.counts.values()) < a.faults and (a.minutes is None or time.time() - t0 < 60 * a.minutes):
-            mode, p = modes[i % len(modes)], procs[i // len(modes) % len(procs)]
+            mode, p = modes[i % len(modes)], procs[i % len(procs)]  # 3 modes x [1, 1, 1, 2]: every pair in 12
             soak.campaign(mode, p, min(a.per_campaign, a.faults - sum(soak.counts.values())))
             i += 1
             if a.json:  # the counts so far, should the soak be stopped
