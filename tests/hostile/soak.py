@@ -449,6 +449,7 @@ class Soak:
             return self.full_disk(run, mode, plan)
         if kind == "damage":
             n += self.damage(run, plan)
+            kind = plan["kind"]  # "clean" when there was no complete step to damage
         launch = Launch(self.w, run, mode, procs)
         if kind == "damage":
             self.check_damage_answer(launch)
