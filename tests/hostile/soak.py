@@ -449,13 +449,13 @@ class Soak:
             return self.full_disk(run, mode, plan)
         if kind == "damage":
             n += self.damage(run, plan)
-            kind = plan["kind"]  # "clean" when there was no complete step to damage
+            kind = plan["kind"]  # a signal fault when there was no complete step to damage
         launch = Launch(self.w, run, mode, procs)
         if kind == "damage":
             self.check_damage_answer(launch)
             if launch.codes() == [2]:  # refused: the soak deletes the damaged step, as the line says
                 self.notes["damage repaired by deleting the step"] += 1
-                shutil.rmtree(step_dirs(run)[max(step_dirs(run))])
+                shutil.rmtree(plan["damaged_dir"])
                 return False, n
         if kind == "second":
             n += self.second(launch, mode, plan)
@@ -526,13 +526,13 @@ class Soak:
 
         complete = [s for s, p in sorted(step_dirs(run).items()) if checkpoint.is_complete(p)]
         if not complete:
-            self.notes["damage skipped (no complete step yet)"] += 1
-            plan["kind"] = "clean"
+            self.notes["damage skipped (no complete step yet): a signal instead"] += 1
+            plan["kind"] = plan["signal"]
             return 0
         newest = step_dirs(run)[complete[-1]]
         files = sorted(p for p in newest.rglob("*") if p.is_file())
         victim = files[int(plan["file_pick"] * len(files))]
-        plan["damaged"] = f"{victim.relative_to(run)} ({plan['damage']})"
+        plan["damaged"], plan["damaged_dir"] = f"{victim.relative_to(run)} ({plan['damage']})", newest
         if plan["damage"] == "truncate" and victim.stat().st_size > 0:
             victim.write_bytes(victim.read_bytes()[:int(plan["cut"] * victim.stat().st_size)])
         else:
