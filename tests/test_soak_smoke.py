@@ -1,9 +1,11 @@
 """A short run of the fault soak (tests/hostile/soak.py, issue 27): a reference run of the soak's
-command (--plain: the suite's reference command, with tensorboard), then a fresh run launched with one injected fault until it ends, and its end compared
-with the reference (losses and grad norms bit for bit, once each in metrics.jsonl and tensorboard,
-final weights and optimizer state, the HF export, no leftovers, one-line refusals). The soak's
-launches are processes of their own (what a kill needs); they share the session's compilation
-cache. The full soak (hundreds of faults, every mode) is run by hand: docs/HOSTILE.md."""
+--plain command (the suite's reference command, logging to tensorboard too), then a fresh run
+launched with one injected fault (seed 3: SIGKILL during the first save) until it ends, and its end
+compared with the reference (losses and grad norms bit for bit, once each in metrics.jsonl and
+tensorboard, final weights and optimizer state, the HF export, no leftovers). The soak's launches
+are processes of their own (what a kill needs) sharing the session's compilation cache. About 45 s
+on an idle 2-core machine; the full soak (hundreds of faults, every mode) is run by hand:
+docs/HOSTILE.md."""
 
 from __future__ import annotations
 

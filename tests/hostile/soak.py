@@ -407,8 +407,8 @@ class Soak:
         if procs == 2:
             kind = "proc_kill"
         else:
-            kind = r.choices(["sigkill", "sigterm", "sigint", "disk", "damage", "second"],
-                             weights=[40, 12, 12, 16 if self.disk_ok else 0, 10, 10])[0]
+            kind = r.choices(["sigkill", "sigterm", "sigint", "disk", "damage", "second"], weights=[40, 12, 12, 16, 10, 10])[0]
+            kind = "sigkill" if kind == "disk" and not self.disk_ok else kind  # the same draws either way
         phase = r.choices(PHASES, weights=[8, 8, 25, 25, 20, 14])[0]
         delay = {"save": 0.25, "export": 0.08, "retention": 0.0}.get(phase, 1.5)
         return {"kind": kind, "phase": phase, "delay": round(r.uniform(0, delay), 3),
