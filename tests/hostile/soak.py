@@ -561,9 +561,14 @@ class Soak:
         if not launch.running():
             self.notes["second missed (the launch ended first)"] += 1
             return 0
-        phase = phase_now(launch)
         other = Launch(self.w, launch.run, mode, 1)
+        # The second launch reaches the lock seconds later (imports, JAX): the phase is the first's then.
+        other.wait(until=lambda: "jaxsft: error:" in other.err() or "device(s)" in other.out() or not launch.running())
+        phase, first_ended = phase_now(launch), not launch.running()
         other.wait()
+        if other.codes() == [0] and first_ended:  # the first launch was gone before the second got the lock
+            self.notes["second missed (the first launch ended before the second reached the lock)"] += 1
+            return 0
         one_line(other.err(), other.codes()[0], "is in use by another run")
         return self.count("second", phase)
 
