@@ -563,8 +563,11 @@ class Soak:
             return 0
         other = Launch(self.w, launch.run, mode, 1)
         # The second launch reaches the lock seconds later (imports, JAX): the phase is the first's then.
-        other.wait(until=lambda: "jaxsft: error:" in other.err() or "device(s)" in other.out() or not launch.running())
-        phase, first_ended = phase_now(launch), not launch.running()
+        def released() -> bool:  # the lock goes before "done at step" is said; the process exits seconds later
+            return not launch.running() or "[jaxsft] done at step" in launch.out()
+
+        other.wait(until=lambda: "jaxsft: error:" in other.err() or "device(s)" in other.out() or released())
+        phase, first_ended = phase_now(launch), released()
         other.wait()
         if other.codes() == [0] and first_ended:  # the first launch was gone before the second got the lock
             self.notes["second missed (the first launch ended before the second reached the lock)"] += 1
