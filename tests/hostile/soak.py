@@ -459,7 +459,7 @@ class Soak:
                 return False, n
         if kind == "second":
             n += self.second(launch, mode, plan)
-        if kind in ("sigkill", "sigterm", "sigint", "proc_kill") or (kind in ("damage", "second") and plan["phase"] != "start"):
+        if kind != "clean":  # a damage or second launch also gets its signal (else it would run to the end)
             sig = kind if kind in SIGNALS else "sigkill" if kind == "proc_kill" else plan["signal"]
             n += self.signal(launch, plan, "proc_kill" if kind == "proc_kill" else sig)
         launch.wait()
