@@ -143,6 +143,7 @@ class Launch:
                                                        start_new_session=True))
         self.tracker0 = tracker(run)
         self.old_tmp = temporaries(run)  # an earlier launch's leftovers: not this launch's save
+        self.old_steps = {(p.name, inode(p)) for p in step_dirs(run).values()}
         self._seen, self._moved = None, time.monotonic()
 
     def new_temporaries(self, pattern: str) -> bool:
@@ -157,7 +158,9 @@ class Launch:
     def committing(self) -> bool:
         """A step directory newer than the tracker: Orbax committed, the manifest and tracker not yet."""
         t = tracker(self.run)
-        return any(s > int(t) for s in step_dirs(self.run)) if t and t.isdigit() else False
+        if not (t and t.isdigit()):
+            return False
+        return any(s > int(t) and (p.name, inode(p)) not in self.old_steps for s, p in step_dirs(self.run).items())
 
     def out(self, i=0) -> str:
         return self.outs[i].read_text(errors="replace") if self.outs[i].exists() else ""
@@ -217,16 +220,17 @@ def tracker(run: Path) -> str | None:
 SAVE_TMP, EXPORT_TMP = "global_step_*.orbax-checkpoint-tmp*", ".global_step_*.tmp"
 
 
+def inode(p: Path) -> int | None:
+    try:
+        return p.stat().st_ino
+    except OSError:  # deleted meanwhile
+        return None
+
+
 def temporaries(run: Path, pattern: str | None = None) -> set[tuple[str, int]]:
     """(name, inode) of the save's (Orbax) and the export's temporary directories."""
-    found = set()
-    for pat in (pattern,) if pattern else (SAVE_TMP, EXPORT_TMP):
-        for p in run.glob(pat):
-            try:
-                found.add((p.name, p.stat().st_ino))
-            except OSError:
-                pass
-    return found
+    pats = (pattern,) if pattern else (SAVE_TMP, EXPORT_TMP)
+    return {(p.name, inode(p)) for pat in pats for p in run.glob(pat)}
 
 
 def step_dirs(run: Path) -> dict[int, Path]:
