@@ -390,6 +390,7 @@ class Soak:
         self.counts = collections.Counter()  # (kind, phase) → faults injected
         self.notes = collections.Counter()  # other events: repairs, misses, outcomes
         self.refs: dict[tuple[str, int], Path] = {}
+        self.passed: list[dict] = []  # the campaigns whose end equalled the reference
         self.disk_ok = small_disk.unavailable(w.root) is None
 
     def reference(self, mode: str, procs: int) -> Path:
@@ -426,7 +427,7 @@ class Soak:
         run = self.w.root / f"campaign{sum(self.notes[k] for k in self.notes if k.startswith('campaign')) + 1}-{mode}-{procs}p"
         self.notes[f"campaign {mode} {procs}p"] += 1
         shutil.rmtree(run, ignore_errors=True)
-        done, injected = False, 0
+        done, injected, launches, t0, before = False, 0, self.w.launches, time.time(), self.counts.copy()
         while not done:
             plan = self.plan(procs) if injected < faults else {"kind": "clean"}
             print(f"  {run.name} launch {self.w.launches + 1}: {plan}", flush=True)
@@ -435,11 +436,14 @@ class Soak:
             except Failed as e:
                 raise Failed(f"campaign {run.name} ({mode}, {procs} process(es)), seed {self.seed}, plan {plan}: {e}") from None
             injected += n
+        launches = self.w.launches - launches
         try:
             verify(run, ref)
         except Failed as e:
             raise Failed(f"campaign {run.name} ({mode}, {procs} process(es)), seed {self.seed}: {e}") from None
         print(f"campaign {run.name}: {injected} faults, the end equals the reference", flush=True)
+        self.passed.append({"campaign": run.name, "faults": injected, "launches": launches, "seconds": round(time.time() - t0),
+                            "by_kind_and_phase": {f"{k} {p}": n for (k, p), n in (self.counts - before).items()}})
         shutil.rmtree(run, ignore_errors=True)
 
     def count(self, kind: str, phase: str) -> int:
@@ -626,7 +630,7 @@ class Soak:
             by_phase[p] += n
         return {"seed": self.seed, "faults": sum(self.counts.values()), "by_kind": dict(by_kind), "by_phase": dict(by_phase),
                 "by_kind_and_phase": {f"{k} {p}": n for (k, p), n in sorted(self.counts.items())},
-                "notes": dict(self.notes), "launches": self.w.launches}
+                "notes": dict(self.notes), "launches": self.w.launches, "campaigns_passed": self.passed}
 
 
 def main(argv=None) -> int:
