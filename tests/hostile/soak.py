@@ -77,8 +77,9 @@ class Failed(Exception):
 
 class Work:
     def __init__(self, root: Path, stall: float, compile_cache: str | None = None, base: str | None = None,
-                 plain: bool = False):
+                 plain: bool = False, reference: str | None = None):
         self.root, self.stall, self.plain, self.given_base = root, stall, plain, base
+        self.given_reference = reference
         self.compile_cache = compile_cache or root / "compile_cache"
         self.base, self.files = Path(base or root / "base"), (root / "a.parquet", root / "b.parquet")
         self.logs = root / "logs"
@@ -361,7 +362,11 @@ def verify(run: Path, ref: Path) -> None:
         raise Failed(f"metrics.jsonl logs steps {steps}, not 1..{LAST_STEP} once each")
     if got != want:
         raise Failed(f"metrics differ from the reference at steps {[g[0] for g, r in zip(got, want) if g != r]}")
-    tb, tb_ref = tensorboard_scalars(run), tensorboard_scalars(ref)
+    tb = tensorboard_scalars(run)
+    if (ref / "tensorboard").is_dir():
+        tb_ref = tensorboard_scalars(ref)
+    else:  # a reference run without tensorboard (--reference): its logged values, as float32 like tensorboard's
+        tb_ref = {(k, r[0]): [float(np.float32(r[1 + EXACT.index(k)]))] for r in want for k in EXACT}
     for tag in ("train/loss", "train/grad_norm"):
         for s in range(1, LAST_STEP + 1):
             if len(tb.get((tag, s), [])) != 1 or tb[tag, s] != tb_ref[tag, s]:
@@ -394,6 +399,8 @@ class Soak:
         self.disk_ok = small_disk.unavailable(w.root) is None
 
     def reference(self, mode: str, procs: int) -> Path:
+        if (mode, procs) == ("full", 1) and self.w.given_reference:
+            self.refs[mode, procs] = Path(self.w.given_reference)
         if (mode, procs) not in self.refs:
             run = self.w.root / f"reference-{mode}-{procs}p"
             shutil.rmtree(run, ignore_errors=True)
@@ -646,6 +653,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base-model", help="the tiny model to train (default: jaxsft.tiny's, made here)")
     ap.add_argument("--plain", action="store_true", help="the test suite's reference command instead (6 steps, one "
                     "file, no packing, saves at 3 and 6): its compiled step is in the suite's cache (the smoke test)")
+    ap.add_argument("--reference", help="with --plain: an unbroken run of it already made (the suite's reference "
+                    "run, without tensorboard: the run's tensorboard is compared with its own metrics)")
     ap.add_argument("--keep", help="work directory (kept); default a temporary one, deleted when all passed")
     ap.add_argument("--json", help="write the counts here")
     a = ap.parse_args(argv)
@@ -655,7 +664,9 @@ def main(argv=None) -> int:
     global LAST_STEP
     if a.plain:
         from runs import REFERENCE_STEPS as LAST_STEP
-    w = Work(root, a.stall, a.compile_cache, a.base_model, a.plain)
+    if a.reference and not a.plain:
+        ap.error("--reference needs --plain (the reference must be a run of the same command)")
+    w = Work(root, a.stall, a.compile_cache, a.base_model, a.plain, a.reference)
     w.prepare()
     soak = Soak(w, a.seed)
     modes = list(MODES) if a.mode == "all" else [a.mode]
