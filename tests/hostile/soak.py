@@ -486,7 +486,7 @@ class Soak:
         else:
             due = trigger(launch, plan["phase"], plan["delay"], plan["nth"])
         launch.wait(until=due)
-        if not launch.running():
+        if not launch.running() or f"done at step {LAST_STEP}" in launch.out():  # ended, or only exiting
             self.notes[f"{kind} missed (the launch ended first)"] += 1
             return 0
         phase = phase_now(launch)
