@@ -33,7 +33,7 @@ line); `proc_kill`: in a 2-process job, one process SIGKILLed (the other must st
 The seed fixes the schedule (kinds, phases, delays); where a signal lands still depends on the
 machine's speed, so a failure prints the launch's plan and its output, and `--keep` keeps every
 directory. Exit 0 when every campaign kept every promise. Not collected by pytest (tens of
-minutes); tests/test_soak_smoke.py runs a few faults. Results: docs/HOSTILE.md.
+minutes); tests/test_soak_smoke.py runs one fault (--plain). Results: docs/HOSTILE.md.
 """
 
 from __future__ import annotations
