@@ -129,8 +129,9 @@ class MetricsLogger:
     - console: `step:N - key:value - ...` on stdout (through tqdm.write when the bar is shown).
     - tqdm: a progress bar over total_steps with ETA; shown also with `console` alone when stdout
       is an interactive terminal (verl always shows one).
-    - tensorboard: tensorboardX events under $TENSORBOARD_DIR, else run_dir/tensorboard; events of
-      steps after `initial_step` (a resumed run's) are purged.
+    - tensorboard: tensorboardX events under $TENSORBOARD_DIR, else run_dir/tensorboard, on disk at
+      each `sync()` (before every checkpoint); events of steps after `initial_step` (a resumed
+      run's) are purged.
     - file: run_dir/metrics.jsonl, one `{"step": N, "data": {...}}` per line, flushed per line;
       a resumed run first drops the rows after `initial_step` and continues the file (non-finite
       values are written as NaN/Infinity).
@@ -160,12 +161,8 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
         if "tensorboard" in names:
-            from tensorboardX import SummaryWriter
-
-            # A unique file suffix: tensorboardX names files by the second and the host, so a relaunch
-            # within the same second would overwrite the earlier launch's events.
-            self._tb = SummaryWriter(logdir=os.environ.get("TENSORBOARD_DIR") or str(run_dir / "tensorboard"),
-                                     purge_step=initial_step + 1, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+            self._tb_dir = os.environ.get("TENSORBOARD_DIR") or str(run_dir / "tensorboard")
+            self._tb = self._tensorboard(purge_step=initial_step + 1)
         if "file" in names:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.dropped_rows = trim_metrics_file(run_dir / "metrics.jsonl", initial_step)
@@ -206,6 +203,22 @@ class MetricsLogger:
         if self._console:
             line = " - ".join([f"step:{step}"] + [f"{k}:{_fmt(v)}" for k, v in row.items()])
             self.say(line)
+
+    def _tensorboard(self, purge_step=None):
+        from tensorboardX import SummaryWriter
+
+        # A unique file suffix: tensorboardX names files by the second and the host, so a relaunch
+        # within the same second would overwrite the earlier launch's events.
+        return SummaryWriter(logdir=self._tb_dir, purge_step=purge_step, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+
+    def sync(self) -> None:
+        """Put every row logged so far on disk: called before a checkpoint, after whose step a killed
+        run resumes (the rows up to it are never logged again). metrics.jsonl is flushed per row;
+        tensorboardX writes from a queue in a thread that only close() drains, so the writer is
+        closed and a new one (a new event file) goes on."""
+        if self._tb:
+            self._tb.close()
+            self._tb = self._tensorboard()
 
     def say_once(self, line: str) -> None:
         if line not in self._said:

@@ -65,6 +65,7 @@ class Trainer:
                         reporter.validated(self.step, *step.evaluate(self.eval_step, self.state["params"],
                                                                      self.data.val_batches(self.mesh)))
                     if save_due:
+                        logger.sync()  # the logged steps on disk before the checkpoint that follows them
                         self.ckpt.save(self.step, self.state, data_state=self.data.loader.get_state(), meta={"epoch": epoch})
                     reporter.restart_clock()
                 for hook in self.hooks:

@@ -96,6 +96,22 @@ def test_a_resumed_run_drops_the_rows_after_its_checkpoint(tmp_path, monkeypatch
     assert purge and first_step3[0] < purge[-1] < first_step3[-1]
 
 
+def test_a_logged_step_is_on_disk_before_the_next_checkpoint(tmp_path, monkeypatch):
+    """A run SIGKILLed after a save resumes after the steps it logged: their tensorboard events must
+    be in the file once sync() (called before each save) returns, as metrics.jsonl's rows are, not
+    in tensorboardX's queue (written by a thread, flushed every 120 s), or they are lost for good
+    (found by tests/hostile/soak.py). Later rows go on in a new file."""
+    monkeypatch.delenv("TENSORBOARD_DIR", raising=False)
+    lg = metrics.MetricsLogger(["file", "tensorboard"], tmp_path, "p", "e", {}, total_steps=4)
+    lg.log(1, {"train/loss": 3.0, "train/grad_norm": 0.5})
+    lg.sync()  # what the trainer calls before a save
+    assert read_scalars(tmp_path / "tensorboard") == [("train/loss", 1, 3.0), ("train/grad_norm", 1, 0.5)]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+    lg.log(2, {"train/loss": 2.0})
+    lg.close()
+    assert read_scalars(tmp_path / "tensorboard")[2:] == [("train/loss", 2, 2.0)]
+
+
 def read_events(event_dir):
     """Every event of the tensorboard event files, in the order written (TFRecord: len, crc, data, crc)."""
     from tensorboardX.proto import event_pb2
