@@ -131,8 +131,9 @@ def test_print_config_and_a_recipe_by_name_from_any_directory(tmp_path):
 def test_one_run_per_directory_and_the_lock_does_not_outlive_its_run(base_model, tmp_path):
     """A second run on a directory in use (by another process) is refused (naming the holder) before
     it loads anything; after the first is killed with SIGKILL the directory is free again. The
-    second launch is a process too: the exit status of a refused launch, seen from outside; the
-    third, which only needs the lock to be gone, runs in this process (on its 8 devices)."""
+    second launch is a process too: the exit status of a refused launch, seen from outside. (The
+    third, in this process on its 8 devices, left Orbax restore coroutines that Python reports as
+    "Exception ignored" when they are collected: kept a process of one device until that is understood.)"""
     first = start_train(tmp_path, base_model, "trainer.save_freq=1", "data.train_max_samples=32",
                         devices=1, hook="pause:1")
     for line in first.stdout:
@@ -144,8 +145,9 @@ def test_one_run_per_directory_and_the_lock_does_not_outlive_its_run(base_model,
     assert f"trainer.default_local_dir='{tmp_path}' is in use by another run (pid {first.pid} on " in line
     first.send_signal(signal.SIGKILL)
     first.wait()
-    # the directory is free again: a launch in this process (tests/runs.py) takes it and resumes
-    again = runs.train(tmp_path, base_model, "trainer.total_training_steps=2", "data.train_max_samples=32", check=False)
+    again = subprocess.run(train_args(tmp_path, base_model, "trainer.total_training_steps=2",
+                                      "data.train_max_samples=32"), cwd=ROOT, env=env_for(1), capture_output=True,
+                           text=True, timeout=300)
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
     steps = [m["step"] for m in metrics(tmp_path) if "train/loss" in m["data"]]
     assert steps == [1, 2]  # no step logged twice
