@@ -58,19 +58,17 @@ def experts(x, chosen, weights, gate, up, down, activation, layout: str = "fsdp"
     dp, sp = (1, 1) if mesh is None else (mesh.shape["dp"], mesh.shape["sp"])
     if layout == "expert":
         check_layout(layout, gate.shape[0], dp * sp)
-    if mesh is None or b % dp or t % sp or dp * sp == 1:
+
+    def all_experts(x, chosen, weights, gate, up, down):  # every expert's weights here: nothing travels
         k = chosen.shape[-1]
         y = moe.grouped_experts(x.reshape(-1, h), chosen.reshape(-1, k), weights.reshape(-1, k), gate, up, down,
                                 activation, matmul)
-        return y.reshape(b, t, h), jnp.zeros((), jnp.float32)
-    if layout == "fsdp":
-        def local(x, chosen, weights, gate, up, down):
-            k = chosen.shape[-1]
-            y = moe.grouped_experts(x.reshape(-1, h), chosen.reshape(-1, k), weights.reshape(-1, k), gate, up, down,
-                                    activation, matmul)
-            return y.reshape(x.shape)
+        return y.reshape(x.shape)
 
-        y = jax.shard_map(local, in_specs=(TOKENS, TOKENS, TOKENS, P(), P(), P()), out_specs=TOKENS)(
+    if mesh is None or b % dp or t % sp or dp * sp == 1:
+        return all_experts(x, chosen, weights, gate, up, down), jnp.zeros((), jnp.float32)
+    if layout == "fsdp":
+        y = jax.shard_map(all_experts, in_specs=(TOKENS, TOKENS, TOKENS, P(), P(), P()), out_specs=TOKENS)(
             x, chosen, weights, gate, up, down)
         return y, jnp.zeros((), jnp.float32)
 
