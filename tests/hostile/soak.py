@@ -419,7 +419,8 @@ class Soak:
         if procs == 2:
             kind = "proc_kill"
         else:
-            kind = r.choices(["sigkill", "sigterm", "sigint", "disk", "damage", "second"], weights=[40, 12, 12, 16, 10, 10])[0]
+            # Weighted so that 300 faults meet issue 27's floors with room: >= 30 full disks, >= 20 damaged steps.
+            kind = r.choices(["sigkill", "sigterm", "sigint", "disk", "damage", "second"], weights=[32, 10, 10, 22, 15, 11])[0]
             kind = "sigkill" if kind == "disk" and not self.disk_ok else kind  # the same draws either way
         phase = r.choices(PHASES, weights=[8, 8, 25, 25, 20, 14])[0]
         delay = {"save": 0.25, "export": 0.08, "retention": 0.0}.get(phase, 1.5)
@@ -670,13 +671,14 @@ def main(argv=None) -> int:
     w.prepare()
     soak = Soak(w, a.seed)
     modes = list(MODES) if a.mode == "all" else [a.mode]
-    procs = {"1": [1], "2": [2], "both": [1, 1, 1, 2]}[a.procs]  # a 2-process launch costs two
+    # One campaign in 8 is a 2-process job (each of its faults is a proc_kill and costs two launches' time).
+    procs = {"1": [1], "2": [2], "both": [1] * 7 + [2]}[a.procs]
     print(f"soak: seed {a.seed}, {a.faults} faults, modes {modes}, processes {sorted(set(procs))}, work {root}"
           + ("" if soak.disk_ok else " (no private tmpfs here: no full-disk faults)"), flush=True)
     t0, failed, i = time.time(), None, 0
     try:
         while sum(soak.counts.values()) < a.faults and (a.minutes is None or time.time() - t0 < 60 * a.minutes):
-            mode, p = modes[i % len(modes)], procs[i % len(procs)]  # 3 modes x [1, 1, 1, 2]: every pair in 12
+            mode, p = modes[i % len(modes)], procs[i % len(procs)]  # 3 modes x [1]*7+[2]: every pair in 24
             soak.campaign(mode, p, min(a.per_campaign, a.faults - sum(soak.counts.values())))
             i += 1
             if a.json:  # the counts so far, should the soak be stopped
