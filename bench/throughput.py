@@ -72,6 +72,14 @@ SHAPES = {
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                           rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960, attention_bias=False,
                           use_sliding_window=False, hidden_act="silu", tie_word_embeddings=False),
+    # Qwen1.5-MoE-A2.7B: 60 experts of width 1408, 4 per token, and a shared expert of width 5632: 14.3B
+    # parameters, 2.7B active
+    "qwen1.5-moe-a2.7b": dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                              moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60,
+                              num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+                              router_aux_loss_coef=0.001, num_hidden_layers=24, num_attention_heads=16,
+                              num_key_value_heads=16, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=8192,
+                              qkv_bias=True, use_sliding_window=False, hidden_act="silu", tie_word_embeddings=False),
     "gemma-7b": dict(model_type="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576,
                      num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256,
                      rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=8192,

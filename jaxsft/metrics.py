@@ -38,7 +38,9 @@ def matmul_flops_per_token(config) -> float:
     layers, h, inter, nq, nkv, d, vocab = _geometry(config)
     get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
     experts = get("num_experts") or 0
-    mlp = 3 * h * get("moe_intermediate_size") * get("num_experts_per_tok") + h * experts if experts else 3 * h * inter
+    shared = get("shared_expert_intermediate_size") or 0  # qwen2_moe: + the shared expert and its gate
+    mlp = (3 * h * get("moe_intermediate_size") * get("num_experts_per_tok") + h * experts + 3 * h * shared + h * bool(shared)
+           if experts else 3 * h * inter)
     per_layer = h * nq * d + 2 * h * nkv * d + nq * d * h + mlp  # q, k+v, o, gate+up+down (per expert run)
     return 6.0 * (layers * per_layer + h * vocab)
 

@@ -243,7 +243,7 @@ def test_old_rope_scaling_yarn_equals_rope_parameters():
     (dict(use_sliding_window=True), "use_sliding_window: true; jaxsft implements full causal attention only"),
     (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope type 'dynamic'; jaxsft supports only 'default', 'yarn', 'llama3'"),
     (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e6}), "rope type 'longrope'"),
-    (dict(model_type="phi3"), "model_type='phi3'; jaxsft supports 'qwen2', 'qwen3', 'qwen3_moe', 'llama', 'mistral', 'gemma'"),
+    (dict(model_type="phi3"), "model_type='phi3'; jaxsft supports 'qwen2', 'qwen3', 'qwen3_moe', 'qwen2_moe', 'llama', 'mistral', 'gemma'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(model_type="qwen3", layer_types=["full_attention", "sliding_attention"]), "layer_types ['sliding_attention']"),
     (dict(model_type="llama", rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),

@@ -3,7 +3,8 @@ mesh of 8 CPU devices (FSDP): logits; one full training step with the router's l
 on (config.json's weight) and, in the slow tier, off (model.router_aux_loss_coef 0) against torch
 AdamW, with the router metrics; the export, loaded by transformers as Qwen3MoeForCausalLM with
 every tensor equal to jaxsft's. tests/tiny_hf.py's MOE: 6 experts, top-2 renormalised, 3 sparse
-layers, hidden 24.
+layers, hidden 24; its MOE2, Qwen2-MoE (Qwen2MoeForCausalLM): the same with a gated shared expert,
+q/k/v biases and top-2 not renormalised.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 import transformers
 from modes import Run, adam_close, load_torch, logits_error, model_settings, padded_batch, rel, torch_steps
-from tiny_hf import MOE, make_tiny_hf_model
+from tiny_hf import MOE, MOE2, make_tiny_hf_model
 
 from jaxsft import bundled, hf
 from jaxsft.model import moe
@@ -25,12 +26,15 @@ VOCAB, MESH = 128, (4, 2)
 INNER = MOE["moe_intermediate_size"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = make_tiny_hf_model(tmp_path_factory.mktemp("moe"), seed=7, name="tiny_qwen3_moe",
-                              **dict(MOE, vocab_size=VOCAB))
+def _tiny(tmp_path_factory, name, moe_config):
+    path = make_tiny_hf_model(tmp_path_factory.mktemp("moe"), seed=7, name=name, **dict(moe_config, vocab_size=VOCAB))
     hf.open_tokenizer(bundled.path("tokenizer")).save_pretrained(path)  # for the export
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _tiny(tmp_path_factory, "tiny_qwen3_moe", MOE)
 
 
 def per_expert(tensors: dict) -> dict:
@@ -87,7 +91,7 @@ def _check_step(run, m, ref, out, batch, weight):
     assert set(ours) == set(theirs), set(ours) ^ set(theirs)
     worst = max(adam_close(ours[n], theirs[n], [grads[n]])[0] for n in theirs)
     router_grad = max(float(np.abs(g).max()) for n, g in grads.items() if n.endswith("mlp.gate.weight"))
-    print(f"\nqwen3_moe step (router loss weight {weight}): loss rel {rel(total, t_loss):.1e}, norm rel "
+    print(f"\n{run.config.model_type} step (router loss weight {weight}): loss rel {rel(total, t_loss):.1e}, norm rel "
           f"{rel(m['grad_norm'], t_norm):.1e}, worst entry {worst:.1e} lr, router |grad| max {router_grad:.1e}")
 
 
@@ -101,18 +105,36 @@ def test_logits_step_and_export_match_transformers(model_dir, tmp_path):
     # the routing itself is equal (routers ~ N(0, 1): no near-tie for rounding to flip)
     assert err <= 1e-5
     _check_step(run, *_step(run, model_dir, None))
+    _check_export(run, model_dir, tmp_path, transformers.Qwen3MoeForCausalLM)
 
-    # the export: transformers loads it as Qwen3MoeForCausalLM, every tensor found, each equal to what jaxsft
-    # trained (whose logits are transformers' by the check above)
+
+def _check_export(run, model_dir, tmp_path, cls):
+    """transformers loads the export as `cls`, every tensor found, each equal to what jaxsft trained
+    (whose logits are transformers' by the caller's check)."""
     out = hf.write_hf_directory(hf.export_tensors(run.state["params"], run.config), tmp_path / "export",
                                 base_model_dir=model_dir, dtype="float32")
     exported, info = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager",
                                                                        dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert type(exported) is transformers.Qwen3MoeForCausalLM
+    assert type(exported) is cls
     loaded = per_expert({n: p.detach().numpy() for n, p in exported.named_parameters()})
     trained = run.hf_params()
     assert set(loaded) == set(trained) and all(np.array_equal(loaded[n], trained[n]) for n in trained)
+
+
+@pytest.mark.slow  # a step compile (~30 s on 2 cores)
+def test_qwen2_moe_with_its_shared_expert_matches_transformers(tmp_path_factory, tmp_path):
+    """Qwen2-MoE: logits, one step with the router loss (torch AdamW) and the export, as for
+    qwen3_moe; the shared expert and its sigmoid gate are trained (their gradients are compared
+    with torch's, entry by entry, in `_check_step`)."""
+    model_dir = _tiny(tmp_path_factory, "tiny_qwen2_moe", MOE2)
+    run = Run(model_dir, MESH)
+    assert run.config.shared_expert_intermediate_size == 28 and run.config.qkv_bias and not run.config.o_bias
+    err = logits_error(run, load_torch(model_dir).eval(), padded_batch(0, 1, 4, 16, VOCAB))
+    print(f"\nqwen2_moe logits: max rel {err:.2e}")
+    assert err <= 1e-5  # as qwen3_moe's
+    _check_step(run, *_step(run, model_dir, None))
+    _check_export(run, model_dir, tmp_path, transformers.Qwen2MoeForCausalLM)
 
 
 @pytest.mark.slow  # a second step compile (~30 s on 2 cores) for the router loss switched off
@@ -180,6 +202,18 @@ def test_router_loss_key():
         settings({"model.expert_capacity_factor": 1.25})  # the fsdp layout drops nothing
 
 
+def test_qwen2_moe_config():
+    """Qwen2MoeConfig's keys: qkv_bias (default true) gives q/k/v biases and never o_proj's; the
+    shared expert's width; the router not renormalised by default."""
+    c = ModelConfig.from_hf_dict(dict(MOE2, vocab_size=VOCAB, norm_topk_prob=None))
+    assert (c.qkv_bias, c.o_bias, c.qk_norm, c.shared_expert_intermediate_size, c.norm_topk_prob) == (
+        True, False, False, 28, False)
+    c = ModelConfig.from_hf_dict(dict(MOE2, vocab_size=VOCAB, qkv_bias=False, attention_bias=True))
+    assert (c.qkv_bias, c.o_bias) == (False, False)
+    q3 = ModelConfig.from_hf_dict(dict(MOE, vocab_size=VOCAB, shared_expert_intermediate_size=28))
+    assert q3.shared_expert_intermediate_size == 0  # qwen3_moe has no shared expert, whatever the file says
+
+
 def test_mixed_dense_and_sparse_layers_are_refused():
     d = dict(MOE, vocab_size=VOCAB, max_position_embeddings=64, mlp_only_layers=[1])
     with pytest.raises(UnsupportedConfigError, match=r"layers \[1\] dense MLPs"):
@@ -188,23 +222,28 @@ def test_mixed_dense_and_sparse_layers_are_refused():
     assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob) == (6, 2, 20, True)
 
 
-def test_flops_count_active_parameters():
-    """MFU's FLOPs per token for Qwen3-30B-A3B are 6 × the matmul parameters a token runs: every
-    weight of the abstract model but the embedding table and norms, with k of E experts (+ the router)."""
+@pytest.mark.parametrize("name, total, active", [("qwen3-30b-a3b", (30e9, 31e9), (3.0e9, 3.1e9)),
+                                                  ("qwen1.5-moe-a2.7b", (14.2e9, 14.4e9), (2.3e9, 2.4e9))])
+def test_flops_count_active_parameters(name, total, active):
+    """MFU's FLOPs per token for Qwen3-30B-A3B and Qwen1.5-MoE-A2.7B are 6 × the matmul parameters a
+    token runs: every weight of the abstract model but the embedding table and norms, with k of E
+    experts (+ the router; + Qwen1.5's shared expert and its gate)."""
     from bench.throughput import SHAPES
     from flax import nnx
 
     from jaxsft import metrics
     from jaxsft.model.decoder import CausalLM, ModelSettings
 
-    shape = dict(SHAPES["qwen3-30b-a3b"])
+    shape = dict(SHAPES[name])
     config = ModelConfig.from_hf_dict(shape)
     model = nnx.eval_shape(lambda: CausalLM(config, ModelSettings(attn_implementation="xla"), rngs=nnx.Rngs(0)))
     sizes = {"/".join(map(str, p)): v.size for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     experts = sum(n for p, n in sizes.items() if "/experts/" in p)
     matmuls = sum(n for p, n in sizes.items() if p.endswith(("kernel", "_proj")))
-    active = matmuls - experts * (1 - config.num_experts_per_tok / config.num_experts)
-    assert 3.0e9 < active < 3.1e9 and 30e9 < sum(sizes.values()) < 31e9  # "30.5B total, 3.3B active" with embeddings
+    active_matmuls = matmuls - experts * (1 - config.num_experts_per_tok / config.num_experts)
+    # "30.5B total, 3.3B active" and "14.3B total, 2.7B active", embeddings included (in the total here)
+    assert active[0] < active_matmuls < active[1] and total[0] < sum(sizes.values()) < total[1]
+    active = active_matmuls
     assert metrics.matmul_flops_per_token(config) == pytest.approx(6 * active, rel=1e-12)
     assert metrics.matmul_flops_per_token(shape) == metrics.matmul_flops_per_token(config)  # config.json's dict too
 
@@ -236,6 +275,26 @@ def test_micro_batches_with_in_backward_accumulation(model_dir):
     for r in (ra, rb):
         assert float(r["router_aux_loss"]) == pytest.approx(mean, rel=1e-6)
         assert float(r["expert_load_max_mean"]) == worst
+
+
+@pytest.mark.slow  # two step compiles (~25 s on 2 cores)
+def test_remat_minimal_and_optimizer_offload_take_the_same_steps(model_dir):
+    """Three steps of the tiny MoE with model.remat_policy=minimal (the experts' projections saved,
+    in their block layout; the router's top-k, sort and block layout recomputed in the backward
+    pass, as under every policy but none) and the optimizer state offloaded to host memory log the
+    default run's values (full remat, state on the device): steps 2 and 3 start from the updated
+    weights, so a wrong update or a wrongly saved residual would show."""
+    batches = [padded_batch(s, 2, 4, 16, VOCAB) for s in (1, 2, 3)]
+    base = Run(model_dir, MESH)
+    other = Run(model_dir, MESH, ms=model_settings(remat_policy="minimal"), offload=True)
+    for b in batches:
+        m0, m1 = base(b), other(b)
+        # the same math, fused differently: float32, a few ulps of each sum (8 eps as the parity tests)
+        for k in ("loss", "grad_norm", "router_aux_loss"):
+            assert rel(m1[k], m0[k]) <= 1e-6, (k, m0, m1)
+        assert m1["expert_load_max_mean"] == m0["expert_load_max_mean"]
+    kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(other.state["opt_state"]) if leaf.ndim}
+    assert kinds == {"pinned_host"}, kinds
 
 
 def gradients(model_dir, mesh_shape, batch, ms=None):
@@ -311,10 +370,30 @@ def test_expert_parallel_layout_equals_fsdp(model_dir16):
     print(f"\nexpert layout vs fsdp: loss rel {rel(ep_loss, loss):.1e}, gradients rel {worst:.1e}")
     cut_loss, cut, _ = gradients(model_dir16, MESH, batch, model_settings(expert_layout="expert",
                                                                        expert_capacity_factor=0.5))
-    # per device and micro-batch 16 tokens × 2 = 32 assignments, 2 slots for each of 8 peers: at least 16 dropped
-    # of 32, on each of 8 devices, 3 layers, 2 micro-batches
-    total = 8 * 3 * 2 * 32
-    assert total // 2 <= cut["expert_dropped"] < total and cut_loss != ep_loss
+    # per device and micro-batch 16 tokens × 2 = 32 assignments, 2 slots for each of 8 peers: at most 16 kept
+    # of 32, on each of 8 devices, 3 layers, 2 micro-batches; only real tokens' assignments are counted
+    real = int((batch["segment_ids"] > 0).sum()) * 2 * 3
+    assert max(1, real - 8 * 3 * 2 * 16) <= cut["expert_dropped"] <= real and cut_loss != ep_loss
+
+
+def test_capacity_drops_count_real_tokens_only():
+    """train/expert_dropped counts the assignments of real tokens: on a (4, 2) mesh every token
+    chooses expert 0 (device 0), whose capacity (factor 2) is 1 slot per peer, so each device keeps
+    its first token and drops the other 3, of which 2 are padding: 8 dropped, not 24."""
+    from jaxsft import parallel
+    from jaxsft.model import moe_parallel
+
+    b, t, h, e = 4, 8, 4, 8
+    x = jax.random.normal(jax.random.key(0), (b, t, h))
+    chosen, weights = jnp.zeros((b, t, 1), jnp.int32), jnp.ones((b, t, 1))
+    w = [jax.random.normal(jax.random.key(1 + i), s) for i, s in enumerate([(e, h, 6)] * 2 + [(e, 6, h)])]
+    real = (jnp.arange(t) % 4 < 2)[None].repeat(b, 0)  # per device (a row, 4 tokens): 2 real, 2 padding
+    with jax.set_mesh(parallel.make_mesh(4, 2)):
+        y, dropped = jax.jit(lambda x, real: moe_parallel.experts(x, chosen, weights, *w, jax.nn.silu, "expert", 2.0,
+                                                                  real=real))(x, real)
+    assert float(dropped) == 8
+    kept = np.arange(t) % 4 == 0  # each device's first token
+    assert np.all(np.abs(np.asarray(y)[:, kept]) > 0) and not np.asarray(y)[:, ~kept].any()
 
 
 def test_expert_layout_refuses_experts_that_do_not_divide():

@@ -44,6 +44,9 @@ FAMILIES = {
 MOE = dict(model_type="qwen3_moe", hidden_size=24, intermediate_size=40, moe_intermediate_size=20, num_experts=6,
            num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=3, num_attention_heads=4,
            num_key_value_heads=2, head_dim=8, rope_theta=1e6, router_aux_loss_coef=0.1)
+# Qwen2-MoE (Qwen1.5-MoE's family): the same experts, top-2 NOT renormalised, q/k/v biases, and a
+# gated shared expert of width 28.
+MOE2 = dict(MOE, model_type="qwen2_moe", norm_topk_prob=False, shared_expert_intermediate_size=28)
 
 
 def hf_config(**kwargs):

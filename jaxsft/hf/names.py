@@ -1,6 +1,6 @@
 """Hugging Face tensor names ↔ jaxsft parameter paths, the one place that knows them (every
 supported family shares the Llama layout; a family adds or drops biases and q/k norms, qwen3_moe
-has a router and experts in place of the MLP).
+has a router and experts in place of the MLP, qwen2_moe also a gated shared expert).
 
 A linear weight is HF's `[out, in]` transposed to a `[in, out]` kernel; a per-layer tensor
 `model.layers.{i}.…` is slice i of a stacked `[L, …]` parameter, and an expert's
@@ -47,6 +47,14 @@ _NAMES: tuple[tuple[str, tuple[str, ...], bool, str | None], ...] = (
     ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", ("layers", "mlp", "experts", "gate_proj"), True, "moe"),
     ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", ("layers", "mlp", "experts", "up_proj"), True, "moe"),
     ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", ("layers", "mlp", "experts", "down_proj"), True, "moe"),
+    ("model.layers.{i}.mlp.shared_expert.gate_proj.weight", ("layers", "mlp", "shared_expert", "gate_proj", "kernel"),
+     True, "shared_expert"),
+    ("model.layers.{i}.mlp.shared_expert.up_proj.weight", ("layers", "mlp", "shared_expert", "up_proj", "kernel"),
+     True, "shared_expert"),
+    ("model.layers.{i}.mlp.shared_expert.down_proj.weight", ("layers", "mlp", "shared_expert", "down_proj", "kernel"),
+     True, "shared_expert"),
+    ("model.layers.{i}.mlp.shared_expert_gate.weight", ("layers", "mlp", "shared_expert_gate", "kernel"), True,
+     "shared_expert"),
     ("model.norm.weight", ("norm", "scale"), False, None),
     ("lm_head.weight", ("lm_head", "kernel"), True, "untied"),
 )
@@ -58,7 +66,7 @@ def name_map(config: ModelConfig) -> tuple[tuple[str, tuple[str, ...], bool], ..
     when the embeddings are tied."""
     def present(when):
         special = {None: True, "untied": not config.tie_word_embeddings, "moe": config.num_experts > 0,
-                   "dense": config.num_experts == 0}
+                   "dense": config.num_experts == 0, "shared_expert": config.shared_expert_intermediate_size > 0}
         return special[when] if when in special else getattr(config, when)
 
     return tuple((name, path, transposed) for name, path, transposed, when in _NAMES if present(when))

@@ -1,10 +1,11 @@
 """The decoder's hyper-parameters, read from a Hugging Face `config.json`, for the families
-jaxsft computes exactly like transformers: qwen2, qwen3, qwen3_moe, llama, mistral and gemma (Gemma 1).
+jaxsft computes exactly like transformers: qwen2, qwen3, qwen2_moe, qwen3_moe, llama, mistral and
+gemma (Gemma 1).
 
 Only what changes the computation is kept. The families differ in a few pieces (`FAMILIES`): which
 projections carry a bias, a per-head RMSNorm on q and k (qwen3), the MLP activation, RMSNorm's
-weight as `1 + w` and embeddings scaled by sqrt(hidden) (gemma), routed-expert MLPs (qwen3_moe,
-jaxsft.model.moe), and the defaults transformers fills in for keys a config.json leaves out.
+weight as `1 + w` and embeddings scaled by sqrt(hidden) (gemma), routed-expert MLPs (qwen2_moe and
+qwen3_moe, jaxsft.model.moe; qwen2_moe adds a gated shared expert), and the defaults transformers fills in for keys a config.json leaves out.
 Anything jaxsft would compute differently (another model_type, sliding-window layers, a rope type
 other than default / yarn / llama3, another activation, dense and sparse layers mixed) is refused
 with a sentence instead of silently training a different model.
@@ -37,6 +38,8 @@ class Family:
     scale_embeddings: bool = False  # gemma: embeddings × sqrt(hidden_size)
     mlp_bias: bool = False  # llama reads config.json's mlp_bias
     moe: bool = False  # qwen3_moe: MLPs are routed experts (num_experts, decoder_sparse_step, mlp_only_layers)
+    shared_expert: bool = False  # qwen2_moe: + sigmoid(x · w) · a dense MLP of shared_expert_intermediate_size
+    bias_key: str = "attention_bias"  # the config.json key of qkv_bias=None (qwen2_moe: qkv_bias, o_proj never)
     # transformers' defaults for keys config.json may omit
     defaults: tuple[tuple[str, Any], ...] = ()
 
@@ -50,6 +53,11 @@ FAMILIES: dict[str, Family] = {
         ("max_position_embeddings", 32768), ("decoder_sparse_step", 1), ("moe_intermediate_size", 768),
         ("num_experts_per_tok", 8), ("norm_topk_prob", False), ("router_aux_loss_coef", 0.001),
         ("mlp_only_layers", []))),
+    # transformers' Qwen2MoeConfig: qkv_bias (default true) on q/k/v only, 60 experts of which 4 per token
+    "qwen2_moe": Family(qkv_bias=None, bias_key="qkv_bias", moe=True, shared_expert=True, defaults=(
+        ("max_position_embeddings", 32768), ("decoder_sparse_step", 1), ("moe_intermediate_size", 1408),
+        ("shared_expert_intermediate_size", 5632), ("num_experts", 60), ("num_experts_per_tok", 4),
+        ("norm_topk_prob", False), ("router_aux_loss_coef", 0.001), ("mlp_only_layers", []), ("qkv_bias", True))),
     "llama": Family(qkv_bias=None, mlp_bias=True, defaults=(("max_position_embeddings", 2048),)),
     # Mistral's sliding_window defaults to 4096 in transformers (v0.3's config.json says null)
     "mistral": Family(qkv_bias=False, defaults=(("max_position_embeddings", 4096 * 32), ("sliding_window", 4096))),
@@ -93,6 +101,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # renormalise the k routing weights to sum to 1
     router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight (model.router_aux_loss_coef overrides)
+    shared_expert_intermediate_size: int = 0  # qwen2_moe's shared expert (0: none)
     # config.json's pad_token_id: transformers builds nn.Embedding(..., padding_idx=pad_token_id), whose
     # lookup sends no gradient to that row (a tied head still does); None: every row learns.
     pad_token_id: int | None = None
@@ -111,13 +120,13 @@ class ModelConfig:
         if family is None:
             raise UnsupportedConfigError(
                 f"config.json has model_type={model_type!r}; jaxsft supports {', '.join(map(repr, FAMILIES))} "
-                f"(Qwen2/2.5, Qwen3, Qwen3-MoE, Llama 3.x, Mistral, Gemma 1).")
+                f"(Qwen2/2.5, Qwen3, Qwen1.5/Qwen2-MoE, Qwen3-MoE, Llama 3.x, Mistral, Gemma 1).")
         d = {**dict(_COMMON_DEFAULTS), **dict(family.defaults), **{k: v for k, v in d.items() if v is not None
                                                                     or k in ("sliding_window", "pad_token_id")}}
         _refuse_unsupported(model_type, family, d)
         heads = d["num_attention_heads"]
         theta, scaling = _rope_settings(d)
-        attention_bias = bool(d.get("attention_bias", False))
+        attention_bias = bool(d.get(family.bias_key, False))
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -133,7 +142,7 @@ class ModelConfig:
             max_position_embeddings=d["max_position_embeddings"],
             model_type=model_type,
             qkv_bias=attention_bias if family.qkv_bias is None else family.qkv_bias,
-            o_bias=attention_bias if family.qkv_bias is None else False,
+            o_bias=attention_bias if family.qkv_bias is None and family.bias_key == "attention_bias" else False,
             mlp_bias=family.mlp_bias and bool(d.get("mlp_bias", False)),
             qk_norm=family.qk_norm,
             hidden_act="silu" if family.activations[0] == "silu" else "gelu_pytorch_tanh",
@@ -141,12 +150,12 @@ class ModelConfig:
             scale_embeddings=family.scale_embeddings,
             sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
             pad_token_id=_pad_token_id(d),
-            **(_moe_fields(d) if family.moe else {}),
+            **(_moe_fields(d, family) if family.moe else {}),
         )
 
 
-def _moe_fields(d: dict[str, Any]) -> dict[str, Any]:
-    """The ModelConfig fields of a qwen3_moe config.json. transformers makes layer i sparse unless
+def _moe_fields(d: dict[str, Any], family: Family) -> dict[str, Any]:
+    """The ModelConfig fields of a qwen2_moe / qwen3_moe config.json. transformers makes layer i sparse unless
     i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0; jaxsft scans one stack of
     identical layers, so all sparse or all dense (num_experts 0) is computed, a mix refused."""
     n, step, dense_only = d["num_hidden_layers"], d["decoder_sparse_step"], set(d["mlp_only_layers"])
@@ -159,13 +168,14 @@ def _moe_fields(d: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedConfigError(
             f"config.json makes layers {[i for i, s in enumerate(sparse) if not s]} dense MLPs (decoder_sparse_step="
             f"{step}, mlp_only_layers={sorted(dense_only)}) and the others mixtures of experts; jaxsft computes "
-            f"qwen3_moe models whose layers are all sparse (as Qwen3-30B-A3B and 235B-A22B) or all dense.")
+            f"mixture-of-experts models whose layers are all sparse (as Qwen3-30B-A3B, Qwen1.5-MoE-A2.7B) or all dense.")
     k = d["num_experts_per_tok"]
     if not 0 < k <= experts:
         raise UnsupportedConfigError(f"config.json has num_experts_per_tok={k}; it must be between 1 and "
                                      f"num_experts={experts}.")
     return dict(num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=d["moe_intermediate_size"],
-                norm_topk_prob=bool(d["norm_topk_prob"]), router_aux_loss_coef=float(d["router_aux_loss_coef"]))
+                norm_topk_prob=bool(d["norm_topk_prob"]), router_aux_loss_coef=float(d["router_aux_loss_coef"]),
+                shared_expert_intermediate_size=d["shared_expert_intermediate_size"] if family.shared_expert else 0)
 
 
 def _refuse_unsupported(model_type: str, family: Family, d: dict[str, Any]) -> None:

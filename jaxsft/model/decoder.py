@@ -171,8 +171,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, settings: ModelSettings, *, stack, dtype, rngs):
-        h, i = config.hidden_size, config.intermediate_size
+    def __init__(self, config: ModelConfig, settings: ModelSettings, *, stack, dtype, rngs, inner: int | None = None):
+        h, i = config.hidden_size, inner or config.intermediate_size
         common = dict(bias=config.mlp_bias, stack=stack, dtype=dtype, rngs=rngs)
         self.hidden_act = config.hidden_act
         self.gate_proj = Linear(h, i, ("embed", "mlp"), lora=_lora_for(settings, "gate_proj"), **common)
@@ -196,11 +196,19 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, settings, stack=stack, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = _norm(config, config.hidden_size, **norm)
         self.sparse = bool(config.num_experts)
-        self.mlp = (moe_parallel.SparseMoE(config, stack=stack, dtype=dtype, rngs=rngs,
-                                           activation=_ACTIVATIONS[config.hidden_act], layout=settings.expert_layout,
-                                           capacity_factor=settings.expert_capacity_factor,
-                                           matmul=settings.expert_matmul)
-                    if self.sparse else MLP(config, settings, stack=stack, dtype=dtype, rngs=rngs))
+        common = dict(stack=stack, dtype=dtype, rngs=rngs)
+        if not self.sparse:
+            self.mlp = MLP(config, settings, **common)
+            return
+        shared = shared_gate = None
+        if config.shared_expert_intermediate_size:  # qwen2_moe: a dense MLP every token runs, gated
+            shared = MLP(config, settings, inner=config.shared_expert_intermediate_size, **common)
+            shared_gate = Linear(config.hidden_size, 1, ("embed", None), bias=False, **common)
+        self.mlp = moe_parallel.SparseMoE(config, **common, activation=_ACTIVATIONS[config.hidden_act],
+                                          layout=settings.expert_layout,
+                                          capacity_factor=settings.expert_capacity_factor,
+                                          matmul=settings.expert_matmul, shared_expert=shared,
+                                          shared_expert_gate=shared_gate)
 
     def __call__(self, x, cos, sin, segment_ids, key=None):
         """`key`: this layer's LoRA-dropout key (None: no dropout). Returns (x, router stats: {}

@@ -47,9 +47,9 @@ def check_layout(layout: str, num_experts: int, devices: int) -> None:
 
 
 def experts(x, chosen, weights, gate, up, down, activation, layout: str = "fsdp", capacity_factor=None,
-            matmul: str = "blocks"):
+            matmul: str = "blocks", real=None):
     """x [B, T, H], chosen / weights [B, T, k], expert weights [E, H, I] / [E, I, H] → (y [B, T, H],
-    assignments dropped (float32 count)). Without a (dp, sp) mesh, or when B or T does not divide
+    assignments of real tokens dropped (float32 count; `real` [B, T], False on padding, None: all real)). Without a (dp, sp) mesh, or when B or T does not divide
     over it, the experts run as one program that XLA partitions (no token dropped)."""
     b, t, h = x.shape
     mesh = parallel.active_mesh()
@@ -72,25 +72,29 @@ def experts(x, chosen, weights, gate, up, down, activation, layout: str = "fsdp"
             x, chosen, weights, gate, up, down)
         return y, jnp.zeros((), jnp.float32)
 
-    def local(x, chosen, weights, gate, up, down):
-        y, dropped = _exchange(x, chosen, weights, gate, up, down, activation, dp * sp, capacity_factor, matmul)
+    def local(x, chosen, weights, gate, up, down, real):
+        y, dropped = _exchange(x, chosen, weights, gate, up, down, activation, dp * sp, capacity_factor, matmul, real)
         return y, jax.lax.psum(dropped, parallel.FSDP)
 
-    return jax.shard_map(local, in_specs=(TOKENS, TOKENS, TOKENS, EXPERTS, EXPERTS, EXPERTS),
-                         out_specs=(TOKENS, P()))(x, chosen, weights, gate, up, down)
+    real = jnp.ones((b, t), bool) if real is None else real
+    return jax.shard_map(local, in_specs=(TOKENS, TOKENS, TOKENS, EXPERTS, EXPERTS, EXPERTS, P("dp", "sp")),
+                         out_specs=(TOKENS, P()))(x, chosen, weights, gate, up, down, real)
 
 
 class SparseMoE(nnx.Module):
-    """transformers' Qwen3MoeSparseMoeBlock: `gate` (the router) and `experts`, laid out by `layout`."""
+    """transformers' Qwen3MoeSparseMoeBlock: `gate` (the router) and `experts`, laid out by `layout`;
+    with `shared_expert` (a dense MLP module) and `shared_expert_gate` (a linear H → 1),
+    Qwen2MoeSparseMoeBlock, which adds sigmoid(gate(x)) · shared_expert(x) to the experts' output."""
 
     def __init__(self, config, *, stack, dtype, rngs, activation, layout: str = "fsdp", capacity_factor=None,
-                 matmul: str = "blocks"):
+                 matmul: str = "blocks", shared_expert=None, shared_expert_gate=None):
         h, e = config.hidden_size, config.num_experts
         self.gate = moe.Router(h, e, stack=stack, dtype=dtype, rngs=rngs)
         self.experts = moe.Experts(h, config.moe_intermediate_size, e, stack=stack, dtype=dtype, rngs=rngs,
                                    layout=layout)
         self.k, self.normalise, self.activation = config.num_experts_per_tok, config.norm_topk_prob, activation
         self.layout, self.capacity_factor, self.matmul = layout, capacity_factor, matmul
+        self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
 
     def __call__(self, x, real):
         """x [B, T, H], real [B, T] (False on padding) → (y [B, T, H], this layer's router stats)."""
@@ -98,7 +102,9 @@ class SparseMoE(nnx.Module):
         probs, chosen, weights = moe.route(x.reshape(-1, h), self.gate.kernel[...], self.k, self.normalise)
         y, dropped = experts(x, chosen.reshape(b, t, -1), weights.reshape(b, t, -1), self.experts.gate_proj[...],
                              self.experts.up_proj[...], self.experts.down_proj[...], self.activation, self.layout,
-                             self.capacity_factor, self.matmul)
+                             self.capacity_factor, self.matmul, real)
+        if self.shared_expert is not None:  # the GSPMD-sharded dense MLP, as any other layer's
+            y = y + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y, moe.layer_stats(probs, chosen, real.reshape(-1), dropped)
 
 
@@ -107,9 +113,9 @@ def capacity(n: int, k: int, devices: int, capacity_factor) -> int:
     return n * k if capacity_factor is None else min(n * k, math.ceil(capacity_factor * n * k / devices))
 
 
-def _exchange(x, chosen, weights, gate, up, down, activation, devices: int, capacity_factor, matmul):
+def _exchange(x, chosen, weights, gate, up, down, activation, devices: int, capacity_factor, matmul, real):
     """One device's part of expert parallelism (module docstring): local tokens x [b, t, H] →
-    (their experts' weighted sum [b, t, H], assignments dropped here)."""
+    (their experts' weighted sum [b, t, H], assignments of real tokens (`real` [b, t]) dropped here)."""
     b, t, h = x.shape
     k, local_experts = chosen.shape[-1], gate.shape[0]
     n, flat = b * t, chosen.reshape(-1)  # slot s = token s // k
@@ -130,4 +136,5 @@ def _exchange(x, chosen, weights, gate, up, down, activation, devices: int, capa
     ys = jnp.where(kept[:, None], back[dest, jnp.minimum(pos, c - 1)], 0)
     ys = jnp.zeros_like(ys).at[order].set(ys)  # slot order again
     y = moe.combine(ys.reshape(n, k, h), weights.reshape(n, k))
-    return y.reshape(b, t, h), jnp.sum(~kept).astype(jnp.float32)
+    # padding's assignments travel and may be dropped like any (routing cannot tell), but are not counted
+    return y.reshape(b, t, h), jnp.sum(~kept & real.reshape(n)[order // k]).astype(jnp.float32)

@@ -217,6 +217,8 @@ def describe_model(c) -> str:
     tied = ", tied embeddings" if c.tie_word_embeddings else ""
     experts = (f", {c.num_experts} experts of width {c.moe_intermediate_size} ({c.num_experts_per_tok} per token)"
                if c.num_experts else "")
+    if c.num_experts and c.shared_expert_intermediate_size:
+        experts += f" and a shared expert of width {c.shared_expert_intermediate_size}"
     return (f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} query / "
             f"{c.num_key_value_heads} KV heads of head_dim {c.head_dim}{experts}{tied}; ulysses_sequence_parallel_size may be "
             f"{', '.join(map(str, valid_sp(c.num_attention_heads, c.num_key_value_heads)))}")
