@@ -57,7 +57,7 @@ def _unwrap_variables(tree):
 
 def export_of(meta: dict, base: Path) -> hf.Export:
     """The run's hf.Export from its step meta: LoRA settings from its config, the added tokens recorded."""
-    from jaxsft.model.lora import LoRASettings, target_names
+    from jaxsft.model.lora import LoRASettings, target_names, target_parameters
 
     cfg = meta.get("config") or {}
     model_cfg = cfg.get("model", {})
@@ -66,7 +66,8 @@ def export_of(meta: dict, base: Path) -> hf.Export:
     if model_cfg.get("lora_rank"):
         lora = LoRASettings(rank=int(model_cfg["lora_rank"]), alpha=float(model_cfg["lora_alpha"]),
                             targets=target_names(model_cfg["target_modules"]),
-                            dropout=float(model_cfg.get("lora_dropout") or 0.0))
+                            dropout=float(model_cfg.get("lora_dropout") or 0.0),
+                            parameters=target_parameters(model_cfg.get("target_parameters") or ()))
     added = None
     if meta.get("added_tokens"):
         tokenizer = hf.open_tokenizer(base, trust_remote_code=bool(model_cfg.get("trust_remote_code")))

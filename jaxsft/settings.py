@@ -68,6 +68,8 @@ class LoRASettings:
     alpha: float
     targets: tuple[str, ...]  # HF module names, in jaxsft.model.lora.MODULES' order
     dropout: float = 0.0
+    # PEFT's target_parameters: expert weights of a mixture-of-experts model (jaxsft.model.lora.EXPERT_PARAMETERS)
+    parameters: tuple[str, ...] = ()
 
     @property
     def scale(self) -> float:

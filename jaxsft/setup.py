@@ -25,6 +25,7 @@ from jaxsft import base_model, checkpoint, devices, distributed, hf, optim, para
 from jaxsft.config.resolve import recorded_default
 from jaxsft.data import RunData, TrainLoader, build_datasets
 from jaxsft.errors import ConfigError
+from jaxsft.model.decoder import check_lora_targets
 from jaxsft.settings import AUTO, Settings, check_devices, with_choices
 
 
@@ -50,6 +51,7 @@ def find_model(settings: Settings, mesh, *, weights: bool = True, say=print) -> 
     if weights:
         hf.check_weights(model_dir, config)  # from the files' headers: before the data work
     devices.check_heads(config, mesh, settings.model.expert_layout)
+    check_lora_targets(config, settings.model)
     check_window(config, settings.data.max_length, model_dir)
     tokenizer = hf.load_tokenizer(model_dir, trust_remote_code=settings.model.trust_remote_code)
     added, config = hf.extend_vocabulary(settings.model.added_tokens, tokenizer, config, say=say)

@@ -158,7 +158,8 @@ def partition(params, spec, config, new_token_ids=()) -> Partition:
     variables = _variables(params)
     if spec.lora is not None:
         parts = tuple(Part(path) for path in variables if path[-1] in ADAPTERS)
-        return Partition(parts, what=f"LoRA adapters (rank {spec.lora.rank}) on {', '.join(spec.lora.targets)}")
+        on = ", ".join((*spec.lora.targets, *spec.lora.parameters))
+        return Partition(parts, what=f"LoRA adapters (rank {spec.lora.rank}) on {on}")
     if spec.trainable == (ALL,):
         return EVERYTHING
     chosen: dict[tuple[str, ...], tuple[int | None, set]] = {}

@@ -202,6 +202,31 @@ def test_router_loss_key():
         settings({"model.expert_capacity_factor": 1.25})  # the fsdp layout drops nothing
 
 
+def test_target_parameters_key():
+    """model.target_parameters: PEFT's names of the experts' weights, refused in one line when unknown, with
+    LoRA dropout (PEFT's ParamWrapper has none), or on a model without experts."""
+    from cfg import settings
+
+    from jaxsft import config
+    from jaxsft.errors import ConfigError
+    from jaxsft.model.decoder import check_lora_targets
+    from jaxsft.model.lora import EXPERT_PARAMETERS
+
+    lora = {"model.lora_rank": 4, "model.target_modules": ["q_proj"]}
+    s = settings({**lora, "model.target_parameters": ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]}).model
+    assert s.lora.parameters == EXPERT_PARAMETERS and s.lora.targets == ("q_proj",)
+    with pytest.raises(config.ConfigError, match=r"^model.target_parameters=\['mlp.experts.up_proj'\]: \['mlp.experts.up_pr"):
+        settings({**lora, "model.target_parameters": ["mlp.experts.up_proj"]})
+    with pytest.raises(config.ConfigError, match=r"^model.lora_dropout=0.1 with model.target_parameters: PEFT's"):
+        settings({**lora, "model.lora_dropout": 0.1, "model.target_parameters": ["mlp.experts.down_proj"]})
+    dense = ModelConfig.from_hf_dict(dict(MOE, vocab_size=VOCAB, model_type="qwen3", num_experts=0))
+    with pytest.raises(ConfigError, match=r"^model.target_parameters=\['mlp.experts.down_proj'\]: these are the routed"):
+        check_lora_targets(dense, settings({**lora, "model.target_parameters": ["mlp.experts.down_proj"]}).model)
+    sparse = ModelConfig.from_hf_dict(dict(MOE, vocab_size=VOCAB))
+    with pytest.raises(ConfigError, match=r"LoRA on a qwen3_moe model's experts is model.target_parameters"):
+        check_lora_targets(sparse, settings({"model.lora_rank": 4}).model)  # all-linear names the MLP
+
+
 def test_qwen2_moe_config():
     """Qwen2MoeConfig's keys: qkv_bias (default true) gives q/k/v biases and never o_proj's; the
     shared expert's width; the router not renormalised by default."""

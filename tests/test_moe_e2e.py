@@ -2,9 +2,10 @@
 jaxsft.train` on 8 emulated CPU devices, the smoke recipe's data packed (first_fit): trained,
 SIGKILLed after its step-2 save and relaunched with the same command (steps 3 and 4 log the
 unbroken run's values bit for bit, router metrics included; both exports equal), the export loaded
-by transformers as Qwen3MoeForCausalLM; and LoRA on the attention projections with Ulysses sp = 2
-and expert parallelism (16 experts), whose merged export transformers loads as
-Qwen3MoeForCausalLM with the experts untouched.
+by transformers as Qwen3MoeForCausalLM; and LoRA on the attention projections and on the experts
+(model.target_parameters) with Ulysses sp = 2 and expert parallelism (16 experts), whose merged
+export transformers loads as Qwen3MoeForCausalLM (attention and experts moved, the router not)
+and whose adapter PEFT loads onto the base model with the same logits.
 The killed launch is a process (tests/e2e.py), the other launches run in this process (tests/runs.py).
 """
 
@@ -17,6 +18,7 @@ import torch
 import transformers
 from e2e import metrics
 from test_modes_e2e import COMMON, killed_and_resumed, same_files, tensors
+from convert import to_hf
 from test_moe import per_expert
 from tiny_hf import MOE, make_tiny_hf_model
 
@@ -69,19 +71,33 @@ def test_moe_run_killed_resumes_exactly_and_exports(moe_dir, tmp_path_factory):
     assert any(".experts.0.down_proj" in n for n in moved) and any("mlp.gate.weight" in n for n in moved)
 
 
-def test_moe_lora_on_attention_with_ulysses_and_expert_parallelism_exports_merged(tmp_path_factory, tmp_path):
+def test_moe_lora_on_attention_and_experts_with_ulysses_and_expert_parallelism_exports_merged(tmp_path_factory,
+                                                                                             tmp_path):
     """16 experts, two whole experts per device (model.expert_layout=expert), sp = 2."""
+    import peft
+
     moe_dir = _moe_dir(tmp_path_factory, num_experts=16)
     lora = ("model.lora_rank=4", "model.lora_alpha=8", "model.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+            "model.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]",
             "ulysses_sequence_parallel_size=2", "model.expert_layout=expert", "--config.trainer.total_training_steps=2")
     said = runs.train(tmp_path, moe_dir, *COMMON, *lora).stdout
-    assert "training LoRA adapters (rank 4)" in said
+    assert "training LoRA adapters (rank 4) on q_proj, k_proj, v_proj, o_proj, mlp.experts.gate_up_proj, " in said
     logged = [m["data"] for m in metrics(tmp_path) if "train/loss" in m["data"]]
     assert len(logged) == 2 and all(m["train/expert_dropped"] == 0 for m in logged)  # no capacity: none dropped
     export = tmp_path / "global_step_2" / "huggingface"
     model, base, merged = load(export), per_expert(tensors(moe_dir)), tensors(export)
     assert torch.isfinite(model(torch.tensor([[5, 17, 300, 9]])).logits).all()
     for name, w in merged.items():
-        attention = name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
-        # merged W + B·A·α/r moved the attention projections; everything else (experts, router) is the base's
-        assert np.array_equal(w, base[name]) != attention, name
+        adapted = name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) or ".experts." in name
+        # merged W + B·A·α/r moved the attention projections and the experts; the rest (router, norms) is the base's
+        assert np.array_equal(w, base[name]) != adapted, name
+    # the PEFT adapter beside it, onto the base: the merged model's logits (float32 both; ≤ 1e-5 as the parity tests)
+    with_adapter = peft.PeftModel.from_pretrained(load(moe_dir), str(export.parent / "lora_adapter")).eval()
+    ids = torch.tensor([[5, 17, 300, 9, 44, 1000]])
+    with torch.no_grad():
+        a, b = with_adapter(ids).logits, model(ids).logits
+    assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+    # bin/convert_to_hf of the step reads the adapters' settings from its config: the same two directories
+    to_hf.convert(str(export.parent), str(tmp_path / "converted"))
+    same_files(tmp_path / "converted", export)
+    same_files(tmp_path / "converted_lora_adapter", export.parent / "lora_adapter")

@@ -36,7 +36,7 @@ def check_same_shapes(step_dir: Path, target: dict, saved_tree: dict, meta: dict
 
 # model.* keys that change what the train state holds (LoRA adapters, trainable part, vocabulary)
 # or what its numbers mean (the adapters' scale and dropout).
-MODE_KEYS = ("lora_rank", "lora_alpha", "target_modules", "lora_dropout", "trainable")
+MODE_KEYS = ("lora_rank", "lora_alpha", "target_modules", "lora_dropout", "target_parameters", "trainable")
 
 
 def check_same_mode(step_dir: Path, saved_meta: dict, current_meta: dict, defaults: dict) -> None:

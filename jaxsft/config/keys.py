@@ -119,6 +119,9 @@ KEYS: tuple[Key, ...] = (
     _k("model.target_modules", "all-linear", "strs",
        "LoRA targets: all-linear (q,k,v,o,gate,up,down_proj; not lm_head) or a list of those module names"),
     _j("model.lora_dropout", 0.0, "float", "LoRA dropout on the adapters' input (PEFT's lora_dropout; verl has none)"),
+    _j("model.target_parameters", [], "strs",
+       "LoRA on parameters (PEFT's target_parameters): mlp.experts.gate_up_proj and/or mlp.experts.down_proj, the "
+       "routed experts of a qwen2_moe / qwen3_moe model (one adapter per expert; no lora_dropout)"),
     _k("model.external_lib", None, "str", "a Python module imported before the model is loaded", optional=True),
     _k("model.use_shm", False, "bool", "verl: copy a LoRA adapter (model.lora_adapter_path) through /dev/shm",
        inert="jaxsft reads files where they are and takes no model.lora_adapter_path; /dev/shm copying only "

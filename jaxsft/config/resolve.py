@@ -90,7 +90,7 @@ def _refused(v: dict) -> None:
             _fail(f"{name} is read by verl's engine trainer only; this trainer uses optim.lr_scheduler (cosine or wsd)")
 
 
-_LORA_KEYS = ("model.lora_alpha", "model.target_modules", "model.lora_dropout")
+_LORA_KEYS = ("model.lora_alpha", "model.target_modules", "model.lora_dropout", "model.target_parameters")
 
 
 def _training_mode(c: Composed, v: dict, notes: list[str]):
@@ -120,10 +120,14 @@ def _training_mode(c: Composed, v: dict, notes: list[str]):
               f"add the tokens in a first run (model.trainable={NEW_TOKENS}, lora_rank 0), then train LoRA on its export")
     try:
         targets = lora.target_names(v["model.target_modules"])
+        parameters = lora.target_parameters(v["model.target_parameters"])
     except ValueError as e:
         _fail(str(e))
+    if parameters and v["model.lora_dropout"]:
+        _fail(f"model.lora_dropout={v['model.lora_dropout']} with model.target_parameters: PEFT's LoRA on parameters "
+              f"has no dropout (the input of one expert's adapter is not its own); set model.lora_dropout=0")
     return LoRASettings(rank=rank, alpha=float(v["model.lora_alpha"]), targets=targets,
-                             dropout=float(v["model.lora_dropout"])), trainable
+                        dropout=float(v["model.lora_dropout"]), parameters=parameters), trainable
 
 
 def _notes(c: Composed, v: dict) -> list[str]:

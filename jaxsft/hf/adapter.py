@@ -2,9 +2,11 @@
 `peft.PeftModel.from_pretrained(base_model, dir)` loads onto the base model.
 
 `adapter_model.safetensors` holds PEFT's names, `base_model.model.<HF module>.lora_A.weight [r, in]`
-and `lora_B.weight [out, r]` (our `lora_a` / `lora_b` transposed), in float32 as trained;
-`adapter_config.json` (LoRA, CAUSAL_LM, r, lora_alpha, lora_dropout, target_modules, bias none) is
-written last, so a directory with it is whole. Every process calls `write_adapter` (gathers are
+and `lora_B.weight [out, r]` (our `lora_a` / `lora_b` transposed), in float32 as trained; the
+experts' adapters (`model.target_parameters`) as PEFT's ParamWrapper holds them, all E experts in
+one pair, `lora_A.weight [E·r, in]` (row e·r + j: expert e's row j) and `lora_B.weight [out, r·E]`
+(column j·E + e). `adapter_config.json` (LoRA, CAUSAL_LM, r, lora_alpha, lora_dropout,
+target_modules, target_parameters, bias none) is written last, so a directory with it is whole. Every process calls `write_adapter` (gathers are
 collective); process 0 writes.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jaxsft.hf.names import PEFT_PREFIX, lora_modules
+from jaxsft.hf.names import PEFT_PREFIX, expert_lora_modules, lora_modules
 from jaxsft.hf.writer import param_arrays, write_single_file
 from jaxsft.model.config import ModelConfig
 
@@ -26,7 +28,8 @@ def adapter_config(lora, base_model_name_or_path: str) -> dict:
             "lora_dropout": lora.dropout, "target_modules": list(lora.targets), "bias": "none",
             "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "use_rslora": False,
             "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
-            "base_model_name_or_path": base_model_name_or_path}
+            "base_model_name_or_path": base_model_name_or_path,
+            **({"target_parameters": list(lora.parameters)} if lora.parameters else {})}
 
 
 def adapter_tensors(model_or_params, config: ModelConfig, lora, *, fetch=None):
@@ -39,6 +42,11 @@ def adapter_tensors(model_or_params, config: ModelConfig, lora, *, fetch=None):
             stack = fetch((*path, key))
             array = stack[layer] if layer is not None else stack
             yield f"{PEFT_PREFIX}{module}.lora_{which}.weight", array.T
+    for module, path, layer in expert_lora_modules(config, lora.parameters):
+        a, b = fetch((*path, "lora_a"))[layer], fetch((*path, "lora_b"))[layer]  # [E, in, r], [E, r, out]
+        experts, rank = a.shape[0], a.shape[-1]
+        yield f"{PEFT_PREFIX}{module}.lora_A.weight", a.transpose(0, 2, 1).reshape(experts * rank, a.shape[1])
+        yield f"{PEFT_PREFIX}{module}.lora_B.weight", b.transpose(2, 1, 0).reshape(b.shape[-1], rank * experts)
 
 
 def _get(tree, path):

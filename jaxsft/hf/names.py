@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from jaxsft.model.config import ModelConfig
+from jaxsft.model.lora import EXPERT_PARAMETERS
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -110,6 +111,32 @@ def lora_modules(config: ModelConfig, targets) -> Iterator[tuple[str, tuple[str,
     for name, path, index, _ in entries(config):
         if path[-1] == "kernel" and path[0] == "layers" and path[-2] in targets:
             yield name.removesuffix(".weight"), path[:-1], index[0]
+
+
+# PEFT's LoRA on the fused expert weights (model.target_parameters): parameter → our adapter module
+# and, for each of our per-expert weights, the adapter's output columns (gate_up: gate first).
+EXPERT_ADAPTERS = {"mlp.experts.gate_up_proj": "gate_up", "mlp.experts.down_proj": "down"}
+_EXPERT_MERGE = {"gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", None)}
+
+
+def expert_lora_modules(config: ModelConfig, parameters) -> Iterator[tuple[str, tuple[str, ...], int]]:
+    """(PEFT module name, adapter path, layer) of every expert adapter. PEFT wraps the targeted
+    parameters of one module in nested ParamWrappers, the first (gate_up_proj) innermost: with both
+    adapted, gate_up's is `mlp.experts.base_layer`, down's `mlp.experts`."""
+    for i in range(config.num_hidden_layers if config.num_experts else 0):
+        for parameter in parameters:
+            nested = ".base_layer" if parameter == EXPERT_PARAMETERS[0] and len(parameters) > 1 else ""
+            yield (f"model.layers.{i}.mlp.experts{nested}", ("layers", "mlp", "experts", EXPERT_ADAPTERS[parameter]), i)
+
+
+def expert_merge(path: tuple[str, ...], lora) -> tuple[tuple[str, ...], int | None] | None:
+    """For an expert weight's path: (its adapter's path, which half of the adapter's output: 0 / 1,
+    None for all), or None when no adapter targets it."""
+    if lora is None or path[:3] != ("layers", "mlp", "experts") or path[-1] not in _EXPERT_MERGE:
+        return None
+    adapter, half = _EXPERT_MERGE[path[-1]]
+    wanted = [p for p, a in EXPERT_ADAPTERS.items() if a == adapter][0]
+    return ((*path[:-1], adapter), half) if wanted in lora.parameters else None
 
 
 def lora_kernel(path: tuple[str, ...], lora) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 from jaxsft import distributed
 from jaxsft.hf.adapter import write_adapter
 from jaxsft.hf.files import ModelDirError, read_json
-from jaxsft.hf.names import CONFIG_FILE, GENERATION_CONFIG_FILE, entries, lora_kernel
+from jaxsft.hf.names import CONFIG_FILE, GENERATION_CONFIG_FILE, entries, expert_merge, lora_kernel
 from jaxsft.hf.tokenizer import AddedTokens, add_tokens, open_tokenizer
 from jaxsft.hf.writer import param_arrays, to_host, write_weights
 from jaxsft.model.config import ModelConfig
@@ -40,7 +40,7 @@ def _layer_slice(stack, index, transposed):
     return x.T if transposed else x
 
 
-def _merged_slice(stack, a, b, i, scale) -> np.ndarray:
+def _merged_slice(stack, a, b, i, scale, half=None) -> np.ndarray:
     """Layer i of a LoRA-carrying kernel merged, (W + α/r·A·B)ᵀ: HF's [out, in] weight, float32.
 
     Computed on the host in float64 and rounded once, so that the export written during training
@@ -48,6 +48,8 @@ def _merged_slice(stack, a, b, i, scale) -> np.ndarray:
     matmul order on either."""
     w, a, b = (to_host(_layer_slice(x, np.asarray(i, np.int32), False), np.float32).astype(np.float64)
                for x in (stack, a, b))
+    if half is not None:  # a fused adapter (gate_up): this weight's half of B's columns
+        b = np.split(b, 2, axis=-1)[half]
     return (w + scale * (a @ b)).T.astype(np.float32)
 
 
@@ -69,8 +71,11 @@ def export_tensors(model_or_params, config: ModelConfig, *, fetch=None, lora=Non
             path_loaded, array = path, fetch(path)
             if lora_kernel(path, lora):
                 adapters = tuple(fetch((*path[:-1], k)) for k in ("lora_a", "lora_b"))
+            elif (merge := expert_merge(path, lora)) is not None:  # an expert weight: its adapter's columns
+                adapter, half = merge
+                adapters = (fetch((*adapter, "lora_a")), fetch((*adapter, "lora_b")), half)
         if adapters is not None:
-            yield name, _merged_slice(array, *adapters, index, float(lora.scale))
+            yield name, _merged_slice(array, *adapters[:2], index, float(lora.scale), *adapters[2:])
         elif not index:
             yield name, (array.T if transposed else array)
         else:

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxsft import parallel
+from jaxsft.errors import ConfigError
 from jaxsft.model import attention as attn
 from jaxsft.model import lora as lora_lib
 from jaxsft.model import moe, moe_parallel, remat, sink_scan
@@ -59,11 +60,17 @@ def check_settings(settings: ModelSettings) -> None:
                          f"{', '.join(moe_parallel.LAYOUTS)}")
 
 
-def _check_moe(config: ModelConfig, settings: ModelSettings) -> None:
+def check_lora_targets(config: ModelConfig, settings: ModelSettings) -> None:
+    """A ConfigError naming the key for LoRA targets this model does not have (jaxsft.setup calls
+    it before the data work)."""
+    if settings.lora is not None and settings.lora.parameters and not config.num_experts:
+        raise ConfigError(f"model.target_parameters={list(settings.lora.parameters)}: these are the routed experts of a "
+                         f"mixture-of-experts model; {config.model_type} has none (use model.target_modules)")
     if config.num_experts and settings.lora is not None and set(settings.lora.targets) & _MOE_MLP:
-        raise ValueError(f"model.lora target_modules {sorted(set(settings.lora.targets) & _MOE_MLP)}: LoRA on a "
-                         f"{config.model_type} model's experts is not implemented yet; target the attention "
-                         f"projections (q_proj, k_proj, v_proj, o_proj)")
+        raise ConfigError(f"model.lora target_modules {sorted(set(settings.lora.targets) & _MOE_MLP)}: LoRA on a "
+                         f"{config.model_type} model's experts is model.target_parameters "
+                         f"(mlp.experts.gate_up_proj, mlp.experts.down_proj, as PEFT's); model.target_modules takes "
+                         f"the attention projections (q_proj, k_proj, v_proj, o_proj)")
 
 
 _MOE_MLP = {"gate_proj", "up_proj", "down_proj", "gate"}
@@ -208,7 +215,7 @@ class DecoderLayer(nnx.Module):
                                           layout=settings.expert_layout,
                                           capacity_factor=settings.expert_capacity_factor,
                                           matmul=settings.expert_matmul, shared_expert=shared,
-                                          shared_expert_gate=shared_gate)
+                                          shared_expert_gate=shared_gate, lora=settings.lora)
 
     def __call__(self, x, cos, sin, segment_ids, key=None):
         """`key`: this layer's LoRA-dropout key (None: no dropout). Returns (x, router stats: {}
@@ -238,7 +245,7 @@ class Embed(nnx.Module):
 class CausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, settings: ModelSettings, *, rngs: nnx.Rngs):
         check_settings(settings)
-        _check_moe(config, settings)
+        check_lora_targets(config, settings)
         self.config, self.settings = config, settings
         dtype = jnp.dtype(settings.param_dtype)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs,

@@ -20,6 +20,9 @@ from jaxsft.settings import LoRASettings
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
 ADAPTERS = ("lora_a", "lora_b")
+# PEFT's `target_parameters` for the routed experts of qwen2_moe / qwen3_moe (transformers 5 holds
+# them fused: gate_up_proj [E, 2I, H], down_proj [E, H, I]); jaxsft.model.moe applies them.
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def target_names(target_modules) -> tuple[str, ...]:
@@ -33,6 +36,16 @@ def target_names(target_modules) -> tuple[str, ...]:
         raise ValueError(f"model.target_modules={list(target_modules)!r}: {unknown or 'nothing'} is not a Qwen2 decoder "
                          f"linear layer; use {ALL_LINEAR} or names from {', '.join(MODULES)}")
     return tuple(n for n in MODULES if n in names)
+
+
+def target_parameters(values) -> tuple[str, ...]:
+    """`model.target_parameters` → names in EXPERT_PARAMETERS' order; ValueError naming the others."""
+    names = [n.strip() for item in values for n in str(item).split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPERT_PARAMETERS]
+    if unknown:
+        raise ValueError(f"model.target_parameters={list(values)!r}: {unknown} is not a parameter jaxsft adapts; use "
+                         f"names from {', '.join(EXPERT_PARAMETERS)} (a mixture-of-experts model's experts)")
+    return tuple(n for n in EXPERT_PARAMETERS if n in names)
 
 
 def initial_a(key, shape, dtype=jnp.float32):

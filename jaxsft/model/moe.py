@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxsft.model import lora as lora_lib
 from jaxsft.model.grouped_matmul import block_matmul, blocks_of, gather_rows, grouped_matmul
 
 STATS = ("expert_tokens", "expert_probs", "tokens", "load_max_mean", "dropped")
@@ -42,16 +43,53 @@ class Router(nnx.Module):
         self.kernel = nnx.Param(_normal(rngs, (*stack, hidden, experts), dtype), axes=(*lead, "embed", None))
 
 
+class ExpertAdapter(nnx.Module):
+    """PEFT's LoRA on a stacked expert weight [*stack, E, in, out] (its ParamWrapper: one rank-r pair
+    per expert): lora_a [*stack, E, in, r] (Kaiming-uniform as PEFT's), lora_b [*stack, E, r, out]
+    (0), float32."""
+
+    def __init__(self, d_in: int, d_out: int, experts: int, rank: int, *, stack, lead, axes, rngs):
+        self.lora_a = nnx.Param(lora_lib.initial_a(rngs.params(), (*stack, experts, d_in, rank)),
+                                axes=(*lead, axes[0], None))
+        self.lora_b = nnx.Param(jnp.zeros((*stack, experts, rank, d_out), jnp.float32), axes=(*lead, None, axes[1]))
+
+    def delta(self, scale: float):
+        """α/r · A·B per expert, [*, E, in, out] float32 (PEFT's delta weight, transposed as our kernels)."""
+        return jnp.einsum("...ir,...ro->...io", self.lora_a[...], self.lora_b[...]) * scale
+
+
 class Experts(nnx.Module):
     """E SwiGLU MLPs stacked: gate_proj / up_proj [*stack, E, H, I], down_proj [*stack, E, I, H]
     (HF's `mlp.experts.{e}.gate_proj.weight` [I, H] is slice e transposed). The expert dimension is
-    named `experts` (sharded: whole experts per device) only in the expert-parallel layout."""
+    named `experts` (sharded: whole experts per device) only in the expert-parallel layout.
 
-    def __init__(self, hidden: int, inner: int, experts: int, *, stack, dtype, rngs, layout: str = "fsdp"):
+    With LoRA on `mlp.experts.gate_up_proj` (`model.target_parameters`), one adapter `gate_up` of
+    width 2I serves gate and up (transformers 5 fuses them, gate first, and PEFT adapts the fused
+    weight); on `mlp.experts.down_proj`, `down`. `weights()` merges them, W + α/r·A·B, as PEFT's
+    forward does, in float32 before the cast to the compute dtype."""
+
+    def __init__(self, hidden: int, inner: int, experts: int, *, stack, dtype, rngs, layout: str = "fsdp",
+                 lora=None):
         lead = (*("layers",) * len(stack), "experts" if layout == "expert" else None)
         self.gate_proj = nnx.Param(_normal(rngs, (*stack, experts, hidden, inner), dtype), axes=(*lead, "embed", "mlp"))
         self.up_proj = nnx.Param(_normal(rngs, (*stack, experts, hidden, inner), dtype), axes=(*lead, "embed", "mlp"))
         self.down_proj = nnx.Param(_normal(rngs, (*stack, experts, inner, hidden), dtype), axes=(*lead, "mlp", "embed"))
+        targets, self.lora = (lora.parameters if lora is not None else ()), lora
+        adapter = dict(stack=stack, lead=lead, rngs=rngs, rank=lora.rank if lora is not None else 0)
+        self.gate_up = (ExpertAdapter(hidden, 2 * inner, experts, axes=("embed", "mlp"), **adapter)
+                        if "mlp.experts.gate_up_proj" in targets else None)
+        self.down = (ExpertAdapter(inner, hidden, experts, axes=("mlp", "embed"), **adapter)
+                     if "mlp.experts.down_proj" in targets else None)
+
+    def weights(self):
+        """(gate, up, down) with any LoRA merged (float32 then), else as stored."""
+        gate, up, down = self.gate_proj[...], self.up_proj[...], self.down_proj[...]
+        if self.gate_up is not None:
+            d, inner = self.gate_up.delta(self.lora.scale), gate.shape[-1]
+            gate, up = gate.astype(jnp.float32) + d[..., :inner], up.astype(jnp.float32) + d[..., inner:]
+        if self.down is not None:
+            down = down.astype(jnp.float32) + self.down.delta(self.lora.scale)
+        return gate, up, down
 
 
 def route(x, kernel, k: int, normalise: bool):

@@ -87,11 +87,11 @@ class SparseMoE(nnx.Module):
     Qwen2MoeSparseMoeBlock, which adds sigmoid(gate(x)) · shared_expert(x) to the experts' output."""
 
     def __init__(self, config, *, stack, dtype, rngs, activation, layout: str = "fsdp", capacity_factor=None,
-                 matmul: str = "blocks", shared_expert=None, shared_expert_gate=None):
+                 matmul: str = "blocks", shared_expert=None, shared_expert_gate=None, lora=None):
         h, e = config.hidden_size, config.num_experts
         self.gate = moe.Router(h, e, stack=stack, dtype=dtype, rngs=rngs)
         self.experts = moe.Experts(h, config.moe_intermediate_size, e, stack=stack, dtype=dtype, rngs=rngs,
-                                   layout=layout)
+                                   layout=layout, lora=lora)
         self.k, self.normalise, self.activation = config.num_experts_per_tok, config.norm_topk_prob, activation
         self.layout, self.capacity_factor, self.matmul = layout, capacity_factor, matmul
         self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
@@ -100,9 +100,8 @@ class SparseMoE(nnx.Module):
         """x [B, T, H], real [B, T] (False on padding) → (y [B, T, H], this layer's router stats)."""
         b, t, h = x.shape
         probs, chosen, weights = moe.route(x.reshape(-1, h), self.gate.kernel[...], self.k, self.normalise)
-        y, dropped = experts(x, chosen.reshape(b, t, -1), weights.reshape(b, t, -1), self.experts.gate_proj[...],
-                             self.experts.up_proj[...], self.experts.down_proj[...], self.activation, self.layout,
-                             self.capacity_factor, self.matmul, real)
+        y, dropped = experts(x, chosen.reshape(b, t, -1), weights.reshape(b, t, -1), *self.experts.weights(),
+                             self.activation, self.layout, self.capacity_factor, self.matmul, real)
         if self.shared_expert is not None:  # the GSPMD-sharded dense MLP, as any other layer's
             y = y + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y, moe.layer_stats(probs, chosen, real.reshape(-1), dropped)
