@@ -149,6 +149,25 @@ def test_retention_counts_directories_of_earlier_launches(tmp_path):
     assert sorted(checkpoint.step_dirs(tmp_path)) == [4, 5, 6]
 
 
+def test_retention_keeps_complete_steps_not_a_damaged_one_the_run_resumed_past(tmp_path):
+    """Found by the fault soak (seed 4004): steps 8 and 9 saved, a file of 9 deleted, the run
+    resumed from 8 and saved 10; retention (keep 2) kept the damaged 9 and deleted the complete 8,
+    leaving one usable checkpoint. A damaged step older than the newest can never be resumed
+    from: it goes first, and the kept steps are complete ones."""
+    state = make_state()
+    first = make_ckpt(tmp_path, max_ckpt_to_keep=2)
+    for s in (8, 9):
+        first.save(s, state)
+    first.close()
+    (tmp_path / "global_step_9" / "state" / "commit_success.txt").unlink()
+    assert not checkpoint.is_complete(tmp_path / "global_step_9")
+    second = make_ckpt(tmp_path, max_ckpt_to_keep=2)  # resumed from 8, as the fallback said
+    second.save(10, state)
+    second.close()
+    assert sorted(checkpoint.step_dirs(tmp_path)) == [8, 10]
+    assert all(checkpoint.is_complete(p) for p in checkpoint.step_dirs(tmp_path).values())
+
+
 def test_incomplete_latest_step_is_skipped(tmp_path, caplog):
     state = make_state()
     ckpt = make_ckpt(tmp_path)

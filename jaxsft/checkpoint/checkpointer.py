@@ -299,19 +299,23 @@ class Checkpointer:
         return True
 
     def _apply_retention(self, newest: int) -> None:
-        """Keep `max_ckpt_to_keep` step directories in all, counting those of earlier launches
-        (verl counts only its own, #7395); `newest`, just completed, always stays. Steps beyond it
-        (an abandoned run's) go first, then the oldest."""
+        """Keep `max_ckpt_to_keep` complete step directories in all, counting those of earlier
+        launches (verl counts only its own, #7395); `newest`, just completed, always stays. Steps
+        beyond it (an abandoned run's) go, and incomplete ones before it (a damaged step the run
+        resumed past: never resumable, it must not take a kept step's place); then the oldest."""
         if self.keep <= 0:
             return
         dirs = step_dirs(self.root)
-        others = sorted((s for s in dirs if s != newest), key=lambda s: (s > newest, -s))
-        doomed = others[self.keep - 1:]
+        broken = {s: step_problems(dirs[s]) for s in dirs if s < newest}
+        broken = {s: problems for s, problems in broken.items() if problems}
+        kept = sorted((s for s in dirs if s < newest and s not in broken), reverse=True)
+        doomed = sorted(s for s in dirs if s > newest) + sorted(broken) + kept[self.keep - 1:]
         for s in doomed:
             shutil.rmtree(dirs[s])
         if doomed:
             log.info("retention (trainer.max_ckpt_to_keep=%d): deleted %s", self.keep,
-                     ", ".join(dirs[s].name for s in doomed))
+                     ", ".join(dirs[s].name + (f" (incomplete: {describe(broken[s])})" if s in broken else "")
+                               for s in doomed))
             self._manager.reload()
 
     def _replace_existing(self, step: int) -> None:
