@@ -38,11 +38,19 @@ def matmul_flops_per_token(config) -> float:
     layers, h, inter, nq, nkv, d, vocab = _geometry(config)
     get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
     experts = get("num_experts") or 0
+    if not experts:
+        dense = layers
+    elif isinstance(config, Mapping):  # transformers' rule: dense unless (i + 1) % decoder_sparse_step == 0
+        step, only = get("decoder_sparse_step") or 1, set(get("mlp_only_layers") or ())
+        dense = sum(1 for i in range(layers) if i in only or (i + 1) % step)
+    else:
+        dense = len(config.dense_layers)
     shared = get("shared_expert_intermediate_size") or 0  # qwen2_moe: + the shared expert and its gate
-    mlp = (3 * h * get("moe_intermediate_size") * get("num_experts_per_tok") + h * experts + 3 * h * shared + h * bool(shared)
-           if experts else 3 * h * inter)
-    per_layer = h * nq * d + 2 * h * nkv * d + nq * d * h + mlp  # q, k+v, o, gate+up+down (per expert run)
-    return 6.0 * (layers * per_layer + h * vocab)
+    sparse_mlp = (3 * h * get("moe_intermediate_size") * get("num_experts_per_tok") + h * experts + 3 * h * shared
+                  + h * bool(shared)) if experts else 0
+    attention = h * nq * d + 2 * h * nkv * d + nq * d * h  # q, k+v, o
+    mlps = dense * 3 * h * inter + (layers - dense) * sparse_mlp  # gate+up+down (per expert run)
+    return 6.0 * (layers * attention + mlps + h * vocab)
 
 
 def attention_flops_for_segments(config, segment_lengths) -> float:

@@ -37,7 +37,7 @@ from jaxsft import optim
 
 HOST = "pinned_host"
 DEVICE = "device"
-LAYERS = "layers"  # the model's stacked [L, ...] layer state (jaxsft.model.decoder)
+LAYERS = ("layers", "dense_layers")  # the model's stacked [L, ...] layer states (jaxsft.model.decoder)
 
 
 def host_memory_kind(mesh) -> str | None:
@@ -95,7 +95,7 @@ def layer_groups(params) -> tuple[list[int], dict[int, list[int]]]:
     whole, stacked = [], {}
     for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
         top = getattr(path[0], "key", None) if path else None
-        if top == LAYERS and leaf.ndim >= 2:
+        if top in LAYERS and leaf.ndim >= 2:
             stacked.setdefault(leaf.shape[0], []).append(i)
         else:
             whole.append(i)

@@ -211,8 +211,9 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig, 
         return finish(sums, grads)
 
     acc_dtype = jnp.dtype(cfg.grad_accum_dtype)
-    # the in-backward sum needs the whole parameter tree as the trainable part, and no dropout keys
-    in_backward = cfg.accumulate_in_backward and partition.whole and dropout_key is None
+    # the in-backward sum needs the whole parameter tree as the trainable part, no dropout keys and one stack
+    model_config = nnx.merge(graphdef, params, rest).config
+    in_backward = cfg.accumulate_in_backward and partition.whole and dropout_key is None and not model_config.dense_layers
 
     def accumulate(carry, mb_k):
         sums, grad_sum = carry
@@ -228,7 +229,7 @@ def accumulate_gradients(graphdef, rest, params, batch: Batch, cfg: StepConfig, 
         return (_add(sums, m), grad_sum), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), trainable)
-    sparse = nnx.merge(graphdef, params, rest).config.num_experts > 0
+    sparse = model_config.num_experts > 0
     (sums, grads), _ = jax.lax.scan(accumulate, (_zero_sums(cfg.num_sources, sparse), zeros),
                                     (batch, jnp.arange(num_micro)))
     return finish(sums, grads)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from modes import Run, adam_close, load_torch, logits_error, model_settings, padded_batch, rel, torch_steps
+from modes import Run, adam_close, jax_logits, load_torch, logits_error, model_settings, padded_batch, rel, torch_steps
 from tiny_hf import MOE, MOE2, make_tiny_hf_model
 
 from jaxsft import bundled, hf
@@ -244,12 +244,56 @@ def test_qwen2_moe_config():
     assert q3.shared_expert_intermediate_size == 0  # qwen3_moe has no shared expert, whatever the file says
 
 
-def test_mixed_dense_and_sparse_layers_are_refused():
-    d = dict(MOE, vocab_size=VOCAB, max_position_embeddings=64, mlp_only_layers=[1])
-    with pytest.raises(UnsupportedConfigError, match=r"layers \[1\] dense MLPs"):
-        ModelConfig.from_hf_dict(d)
-    c = ModelConfig.from_hf_dict(dict(d, mlp_only_layers=[]))
+def test_dense_and_sparse_layers_mixed_config():
+    """transformers' rule: layer i is sparse unless i is in mlp_only_layers or (i + 1) % decoder_sparse_step;
+    the dense ones are stacked apart (ModelConfig.layer_slots) and FLOPs count their dense MLPs."""
+    from jaxsft import metrics
+
+    d = dict(MOE, vocab_size=VOCAB, max_position_embeddings=64, num_hidden_layers=4, mlp_only_layers=[2])
+    c = ModelConfig.from_hf_dict(d)
+    assert c.dense_layers == (2,) and c.layer_slots() == (("layers", 0), ("layers", 1), ("dense_layers", 0),
+                                                          ("layers", 2))
+    s = ModelConfig.from_hf_dict(dict(d, mlp_only_layers=[], decoder_sparse_step=2))
+    assert s.dense_layers == (0, 2) and [slot[0] for slot in s.layer_slots()] == ["dense_layers", "layers"] * 2
     assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob) == (6, 2, 20, True)
+    h, inner, sparse_inner = d["hidden_size"], d["intermediate_size"], d["moe_intermediate_size"]
+    dense_mlp, sparse_mlp = 3 * h * inner, 3 * h * sparse_inner * 2 + h * 6
+    assert metrics.matmul_flops_per_token(c) - metrics.matmul_flops_per_token(s) == 6 * (sparse_mlp - dense_mlp)
+    assert metrics.matmul_flops_per_token(d) == metrics.matmul_flops_per_token(c)  # config.json's dict too
+    assert ModelConfig.from_hf_dict(dict(d, mlp_only_layers=[0, 1, 2, 3])).num_experts == 0  # all dense: dense
+
+    # the in-backward gradient sum serves one stack of layers: the step leaves it off here (the decoder
+    # would refuse the sink), so a step with 2 micro-batches and remat full traces
+    from flax import nnx
+
+    from jaxsft import step
+    from jaxsft.model.decoder import CausalLM
+
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: CausalLM(c, model_settings(), rngs=nnx.Rngs(0))),
+                                       nnx.Param, ...)
+    cfg = step.StepConfig("global_tokens", False, 1, 16, accumulate_in_backward=True)
+    out = jax.eval_shape(lambda p, b: step.accumulate_gradients(graphdef, rest, p, b, cfg), params,
+                         padded_batch(0, 2, 2, 16, VOCAB))
+    assert jax.tree.structure(out[1]) == jax.tree.structure(params)
+
+
+@pytest.mark.slow  # a step compile (~30 s on 2 cores)
+def test_dense_and_sparse_layers_mixed_match_transformers(tmp_path_factory, tmp_path):
+    """4 layers, layer 2 dense (mlp_only_layers): logits, one step with the router loss (over the
+    3 sparse layers, as transformers') against torch AdamW, and the export; and the same logits
+    with the layers unrolled (scan_layers false) instead of scanned run by run."""
+    model_dir = _tiny(tmp_path_factory, "tiny_qwen3_moe_mixed", dict(MOE, num_hidden_layers=4, mlp_only_layers=[2]))
+    run = Run(model_dir, MESH)
+    assert run.config.dense_layers == (2,)
+    batch = padded_batch(0, 1, 4, 16, VOCAB)
+    err = logits_error(run, load_torch(model_dir).eval(), batch)
+    print(f"\nmixed qwen3_moe logits: max rel {err:.2e}")
+    assert err <= 1e-5  # as qwen3_moe's
+    unrolled = Run(model_dir, MESH, ms=model_settings(scan_layers=False))
+    # the same layer functions, compiled in another program: float32, the parity bound
+    assert rel(jax_logits(unrolled, batch), jax_logits(run, batch)) <= 1e-5
+    _check_step(run, *_step(run, model_dir, None))
+    _check_export(run, model_dir, tmp_path, transformers.Qwen3MoeForCausalLM)
 
 
 @pytest.mark.parametrize("name, total, active", [("qwen3-30b-a3b", (30e9, 31e9), (3.0e9, 3.1e9)),

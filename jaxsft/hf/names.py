@@ -3,7 +3,8 @@ supported family shares the Llama layout; a family adds or drops biases and q/k 
 has a router and experts in place of the MLP, qwen2_moe also a gated shared expert).
 
 A linear weight is HF's `[out, in]` transposed to a `[in, out]` kernel; a per-layer tensor
-`model.layers.{i}.…` is slice i of a stacked `[L, …]` parameter, and an expert's
+`model.layers.{i}.…` is slice i of a stacked `[L, …]` parameter (in a MoE model with dense layers,
+slice j of `layers` or `dense_layers`: `ModelConfig.layer_slots`), and an expert's
 `model.layers.{i}.mlp.experts.{e}.…` slice [i, e] of an `[L, E, …]` one (the per-expert names the
 Hub's Qwen3-MoE checkpoints use; transformers 5 fuses them when it loads). Loading reads
 `name_map` HF → jaxsft, export reads it jaxsft → HF.
@@ -67,7 +68,8 @@ def name_map(config: ModelConfig) -> tuple[tuple[str, tuple[str, ...], bool], ..
     when the embeddings are tied."""
     def present(when):
         special = {None: True, "untied": not config.tie_word_embeddings, "moe": config.num_experts > 0,
-                   "dense": config.num_experts == 0, "shared_expert": config.shared_expert_intermediate_size > 0}
+                   "dense": config.num_experts == 0 or bool(config.dense_layers),
+                   "shared_expert": config.shared_expert_intermediate_size > 0}
         return special[when] if when in special else getattr(config, when)
 
     return tuple((name, path, transposed) for name, path, transposed, when in _NAMES if present(when))
@@ -77,16 +79,25 @@ def entries(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], tuple[i
     """(HF name, parameter path, index, transposed), parameter by parameter: the index of the
     tensor's slice in the stacked parameter, () for a whole one, (layer,) or (layer, expert);
     every slice of a parameter together, so an exporter needs only one in memory at a time."""
+    slots = config.layer_slots()
     for name, path, transposed in name_map(config):
-        if "{e}" in name:
-            for i in range(config.num_hidden_layers):
-                for e in range(config.num_experts):
-                    yield name.format(i=i, e=e), path, (i, e), transposed
-        elif "{i}" in name:
-            for i in range(config.num_hidden_layers):
-                yield name.format(i=i), path, (i,), transposed
-        else:
+        if "{i}" not in name:
             yield name, path, (), transposed
+            continue
+        dense_mlp = path[1] == "mlp" and path[2] in ("gate_proj", "up_proj", "down_proj")
+        for stack in ("layers", "dense_layers"):
+            if stack == "dense_layers" and not config.dense_layers:
+                continue
+            if config.dense_layers and path[1] == "mlp" and (stack == "dense_layers") != dense_mlp:
+                continue  # a dense layer has the dense MLP, a sparse one the router and experts
+            for i, (where, j) in enumerate(slots):
+                if where != stack:
+                    continue
+                if "{e}" in name:
+                    for e in range(config.num_experts):
+                        yield name.format(i=i, e=e), (stack, *path[1:]), (j, e), transposed
+                else:
+                    yield name.format(i=i), (stack, *path[1:]), (j,), transposed
 
 
 def ignored(name: str, config: ModelConfig) -> bool:
@@ -109,7 +120,7 @@ def lora_modules(config: ModelConfig, targets) -> Iterator[tuple[str, tuple[str,
     """(HF module name, parameter path of the module, layer index) of every LoRA-targeted linear
     layer, e.g. ("model.layers.3.self_attn.q_proj", ("layers", "self_attn", "q_proj"), 3)."""
     for name, path, index, _ in entries(config):
-        if path[-1] == "kernel" and path[0] == "layers" and path[-2] in targets:
+        if path[-1] == "kernel" and path[0] in ("layers", "dense_layers") and path[-2] in targets:
             yield name.removesuffix(".weight"), path[:-1], index[0]
 
 
@@ -123,10 +134,11 @@ def expert_lora_modules(config: ModelConfig, parameters) -> Iterator[tuple[str, 
     """(PEFT module name, adapter path, layer) of every expert adapter. PEFT wraps the targeted
     parameters of one module in nested ParamWrappers, the first (gate_up_proj) innermost: with both
     adapted, gate_up's is `mlp.experts.base_layer`, down's `mlp.experts`."""
-    for i in range(config.num_hidden_layers if config.num_experts else 0):
+    sparse = [(i, j) for i, (stack, j) in enumerate(config.layer_slots()) if stack == "layers" and config.num_experts]
+    for i, j in sparse:
         for parameter in parameters:
             nested = ".base_layer" if parameter == EXPERT_PARAMETERS[0] and len(parameters) > 1 else ""
-            yield (f"model.layers.{i}.mlp.experts{nested}", ("layers", "mlp", "experts", EXPERT_ADAPTERS[parameter]), i)
+            yield (f"model.layers.{i}.mlp.experts{nested}", ("layers", "mlp", "experts", EXPERT_ADAPTERS[parameter]), j)
 
 
 def expert_merge(path: tuple[str, ...], lora) -> tuple[tuple[str, ...], int | None] | None:
@@ -141,4 +153,5 @@ def expert_merge(path: tuple[str, ...], lora) -> tuple[tuple[str, ...], int | No
 
 def lora_kernel(path: tuple[str, ...], lora) -> bool:
     """Whether the parameter at `path` is a kernel that carries LoRA adapters."""
-    return lora is not None and path[0] == "layers" and path[-1] == "kernel" and path[-2] in lora.targets
+    return (lora is not None and path[0] in ("layers", "dense_layers") and path[-1] == "kernel"
+            and path[-2] in lora.targets)

@@ -7,8 +7,8 @@ projections carry a bias, a per-head RMSNorm on q and k (qwen3), the MLP activat
 weight as `1 + w` and embeddings scaled by sqrt(hidden) (gemma), routed-expert MLPs (qwen2_moe and
 qwen3_moe, jaxsft.model.moe; qwen2_moe adds a gated shared expert), and the defaults transformers fills in for keys a config.json leaves out.
 Anything jaxsft would compute differently (another model_type, sliding-window layers, a rope type
-other than default / yarn / llama3, another activation, dense and sparse layers mixed) is refused
-with a sentence instead of silently training a different model.
+other than default / yarn / llama3, another activation) is refused with a sentence instead of
+silently training a different model.
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ class ModelConfig:
     norm_topk_prob: bool = False  # renormalise the k routing weights to sum to 1
     router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight (model.router_aux_loss_coef overrides)
     shared_expert_intermediate_size: int = 0  # qwen2_moe's shared expert (0: none)
+    # a MoE model's layers with a dense MLP (of intermediate_size) instead of experts: transformers'
+    # mlp_only_layers and decoder_sparse_step; () when every layer is sparse
+    dense_layers: tuple[int, ...] = ()
     # config.json's pad_token_id: transformers builds nn.Embedding(..., padding_idx=pad_token_id), whose
     # lookup sends no gradient to that row (a tied head still does); None: every row learns.
     pad_token_id: int | None = None
@@ -110,6 +113,17 @@ class ModelConfig:
         # The dict field would make the generated hash fail; configs are used as static metadata.
         scaling = tuple(sorted(self.rope_scaling.items())) if self.rope_scaling else None
         return hash((dataclasses.astuple(dataclasses.replace(self, rope_scaling=None)), scaling))
+
+    def layer_slots(self) -> tuple[tuple[str, int], ...]:
+        """Each layer's place: (the stacked module holding it, its index there). A MoE model with
+        dense layers keeps its sparse layers in `layers` and the dense ones in `dense_layers`; any
+        other model has every layer in `layers`."""
+        slots, count = [], {"layers": 0, "dense_layers": 0}
+        for i in range(self.num_hidden_layers):
+            stack = "dense_layers" if i in self.dense_layers else "layers"
+            slots.append((stack, count[stack]))
+            count[stack] += 1
+        return tuple(slots)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -156,26 +170,22 @@ class ModelConfig:
 
 def _moe_fields(d: dict[str, Any], family: Family) -> dict[str, Any]:
     """The ModelConfig fields of a qwen2_moe / qwen3_moe config.json. transformers makes layer i sparse unless
-    i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0; jaxsft scans one stack of
-    identical layers, so all sparse or all dense (num_experts 0) is computed, a mix refused."""
+    i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0: the others are `dense_layers`
+    (all dense: a dense model, num_experts 0)."""
     n, step, dense_only = d["num_hidden_layers"], d["decoder_sparse_step"], set(d["mlp_only_layers"])
     # the Hub's files say num_experts; transformers 5 writes its alias num_local_experts
     experts = d.get("num_local_experts", d.get("num_experts", 128))
     sparse = [i not in dense_only and experts > 0 and (i + 1) % step == 0 for i in range(n)]
     if not any(sparse):
         return {}
-    if not all(sparse):
-        raise UnsupportedConfigError(
-            f"config.json makes layers {[i for i, s in enumerate(sparse) if not s]} dense MLPs (decoder_sparse_step="
-            f"{step}, mlp_only_layers={sorted(dense_only)}) and the others mixtures of experts; jaxsft computes "
-            f"mixture-of-experts models whose layers are all sparse (as Qwen3-30B-A3B, Qwen1.5-MoE-A2.7B) or all dense.")
     k = d["num_experts_per_tok"]
     if not 0 < k <= experts:
         raise UnsupportedConfigError(f"config.json has num_experts_per_tok={k}; it must be between 1 and "
                                      f"num_experts={experts}.")
     return dict(num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=d["moe_intermediate_size"],
                 norm_topk_prob=bool(d["norm_topk_prob"]), router_aux_loss_coef=float(d["router_aux_loss_coef"]),
-                shared_expert_intermediate_size=d["shared_expert_intermediate_size"] if family.shared_expert else 0)
+                shared_expert_intermediate_size=d["shared_expert_intermediate_size"] if family.shared_expert else 0,
+                dense_layers=tuple(i for i, s in enumerate(sparse) if not s))
 
 
 def _refuse_unsupported(model_type: str, family: Family, d: dict[str, Any]) -> None:

@@ -20,6 +20,8 @@ float32, as in transformers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,7 +252,11 @@ class CausalLM(nnx.Module):
         dtype = jnp.dtype(settings.param_dtype)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs,
                                   pad_id=config.pad_token_id)
-        self.layers = DecoderLayer(config, settings, stack=(config.num_hidden_layers,), dtype=dtype, rngs=rngs)
+        # a MoE model with dense layers: its sparse layers stacked in `layers`, the dense in `dense_layers`
+        dense = len(config.dense_layers)
+        self.layers = DecoderLayer(config, settings, stack=(config.num_hidden_layers - dense,), dtype=dtype, rngs=rngs)
+        self.dense_layers = DecoderLayer(dataclasses.replace(config, num_experts=0), settings, stack=(dense,),
+                                         dtype=dtype, rngs=rngs) if dense else None
         self.norm = _norm(config, config.hidden_size, stack=(), dtype=dtype)
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, ("embed", "vocab"), bias=False, stack=(), dtype=dtype, rngs=rngs)
@@ -302,22 +308,35 @@ class CausalLM(nnx.Module):
 
     def _decoder(self, x, cos, sin, segment_ids, dropout_key=None, grad_sink=None):
         """x: the carry (residual stream, router stats sums) → the same after the L layers.
-        grad_sink (scan_layers with remat `full`, no LoRA dropout): the running sum of the stacked
-        layers' gradients, which the backward pass adds into in place (jaxsft.model.sink_scan)."""
-        graphdef, stacked = nnx.split(self.layers)
+        grad_sink (scan_layers with remat `full`, no LoRA dropout, one stack of layers): the running
+        sum of the stacked layers' gradients, which the backward pass adds into in place
+        (jaxsft.model.sink_scan). A model with dense and sparse layers runs each run of consecutive
+        layers of one kind from its stack (`ModelConfig.layer_slots`)."""
         n = self.config.num_hidden_layers
         keys = None if dropout_key is None else jax.random.split(dropout_key, n)
-
-        def layer(carry, params, key, cos, sin, segment_ids):
-            h, stats = nnx.merge(graphdef, params)(carry[0], cos, sin, segment_ids, key)
-            return h, moe.add_stats(carry[1], stats)
-
-        policy = self.settings.remat_policy
+        stacks = {"layers": nnx.split(self.layers)}
         if grad_sink is not None:
-            if not (self.settings.scan_layers and policy == "full") or keys is not None:
-                raise ValueError("a gradient sink needs scan_layers and remat_policy=full, and no LoRA dropout")
-            return sink_scan.scan_with_sink(lambda h, p, *c: layer(h, p, None, *c), x, stacked, (cos, sin, segment_ids),
-                                            grad_sink)
+            if not (self.settings.scan_layers and self.settings.remat_policy == "full") or keys is not None \
+                    or self.dense_layers is not None:
+                raise ValueError("a gradient sink needs scan_layers and remat_policy=full, no LoRA dropout and one "
+                                 "stack of layers")
+            graphdef, stacked = stacks["layers"]
+            return sink_scan.scan_with_sink(lambda h, p, *c: _layer(graphdef)(h, p, None, *c), x, stacked,
+                                            (cos, sin, segment_ids), grad_sink)
+        if self.dense_layers is None:
+            return self._run(x, *stacks["layers"], keys, cos, sin, segment_ids)
+        stacks["dense_layers"] = nnx.split(self.dense_layers)
+        for stack, first, count, layer0 in _runs(self.config.layer_slots()):
+            graphdef, stacked = stacks[stack]
+            part = jax.tree.map(lambda a: a[first:first + count], stacked)
+            x = self._run(x, graphdef, part, None if keys is None else keys[layer0:layer0 + count], cos, sin,
+                          segment_ids)
+        return x
+
+    def _run(self, x, graphdef, stacked, keys, cos, sin, segment_ids):
+        """The layers of `stacked` (a stack's state, [n, ...] leaves) in order, scanned or unrolled."""
+        layer, policy = _layer(graphdef), self.settings.remat_policy
+        n = jax.tree.leaves(stacked)[0].shape[0]
         if self.settings.scan_layers:
             step = remat.remat(layer, policy, prevent_cse=False)
             x, _ = jax.lax.scan(lambda h, p: (step(h, p[0], p[1], cos, sin, segment_ids), None), x, (stacked, keys))
@@ -330,3 +349,23 @@ class CausalLM(nnx.Module):
             x = step(x, treedef.unflatten([slices[i] for slices in per_leaf]), None if keys is None else keys[i],
                      cos, sin, segment_ids)
         return x
+
+
+def _layer(graphdef):
+    """One layer of the stack `graphdef`: (carry, its params, dropout key, cos, sin, segment_ids) → carry."""
+    def layer(carry, params, key, cos, sin, segment_ids):
+        h, stats = nnx.merge(graphdef, params)(carry[0], cos, sin, segment_ids, key)
+        return h, moe.add_stats(carry[1], stats)
+
+    return layer
+
+
+def _runs(slots) -> list[tuple[str, int, int, int]]:
+    """(stack, first index there, count, first layer) of each run of consecutive layers in one stack."""
+    runs: list[list] = []
+    for i, (stack, j) in enumerate(slots):
+        if runs and runs[-1][0] == stack:
+            runs[-1][2] += 1
+        else:
+            runs.append([stack, j, 1, i])
+    return [tuple(r) for r in runs]

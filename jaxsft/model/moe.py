@@ -163,7 +163,7 @@ def zero_stats(num_experts: int) -> dict:
 
 
 def add_stats(acc: dict, layer: dict) -> dict:
-    if not acc:
+    if not acc or not layer:  # a dense model, or a dense layer of a MoE model
         return acc
     return {k: jnp.maximum(acc[k], layer[k]) if k == "load_max_mean" else acc[k] + layer[k] for k in STATS}
 

@@ -219,6 +219,8 @@ def describe_model(c) -> str:
                if c.num_experts else "")
     if c.num_experts and c.shared_expert_intermediate_size:
         experts += f" and a shared expert of width {c.shared_expert_intermediate_size}"
+    if c.num_experts and c.dense_layers:
+        experts += f"; layers {list(c.dense_layers)} dense"
     return (f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} query / "
             f"{c.num_key_value_heads} KV heads of head_dim {c.head_dim}{experts}{tied}; ulysses_sequence_parallel_size may be "
             f"{', '.join(map(str, valid_sp(c.num_attention_heads, c.num_key_value_heads)))}")
