@@ -20,7 +20,7 @@ from tiny_hf import MOE, MOE2, make_tiny_hf_model
 
 from jaxsft import bundled, hf
 from jaxsft.model import moe
-from jaxsft.model.config import ModelConfig, UnsupportedConfigError
+from jaxsft.model.config import ModelConfig
 
 VOCAB, MESH = 128, (4, 2)
 INNER = MOE["moe_intermediate_size"]
