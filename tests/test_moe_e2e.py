@@ -5,7 +5,8 @@ unbroken run's values bit for bit, router metrics included; both exports equal),
 by transformers as Qwen3MoeForCausalLM; and LoRA on the attention projections and on the experts
 (model.target_parameters) with Ulysses sp = 2 and expert parallelism (16 experts), whose merged
 export transformers loads as Qwen3MoeForCausalLM (attention and experts moved, the router not)
-and whose adapter PEFT loads onto the base model with the same logits.
+and whose adapter PEFT loads onto the base model with the same logits; that model's layer 1 is
+dense (mlp_only_layers).
 The killed launch is a process (tests/e2e.py), the other launches run in this process (tests/runs.py).
 """
 
@@ -73,10 +74,11 @@ def test_moe_run_killed_resumes_exactly_and_exports(moe_dir, tmp_path_factory):
 
 def test_moe_lora_on_attention_and_experts_with_ulysses_and_expert_parallelism_exports_merged(tmp_path_factory,
                                                                                              tmp_path):
-    """16 experts, two whole experts per device (model.expert_layout=expert), sp = 2."""
+    """16 experts, two whole experts per device (model.expert_layout=expert), sp = 2; layer 1 of the
+    3 dense (mlp_only_layers), so the run, its checkpoint and both exports hold two stacks."""
     import peft
 
-    moe_dir = _moe_dir(tmp_path_factory, num_experts=16)
+    moe_dir = _moe_dir(tmp_path_factory, num_experts=16, mlp_only_layers=[1])
     lora = ("model.lora_rank=4", "model.lora_alpha=8", "model.target_modules=[q_proj,k_proj,v_proj,o_proj]",
             "model.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]",
             "ulysses_sequence_parallel_size=2", "model.expert_layout=expert", "--config.trainer.total_training_steps=2")
@@ -87,6 +89,7 @@ def test_moe_lora_on_attention_and_experts_with_ulysses_and_expert_parallelism_e
     export = tmp_path / "global_step_2" / "huggingface"
     model, base, merged = load(export), per_expert(tensors(moe_dir)), tensors(export)
     assert torch.isfinite(model(torch.tensor([[5, 17, 300, 9]])).logits).all()
+    assert "model.layers.1.mlp.gate_proj.weight" in merged and not any("layers.1.mlp.experts" in n for n in merged)
     for name, w in merged.items():
         adapted = name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) or ".experts." in name
         # merged W + B·A·α/r moved the attention projections and the experts; the rest (router, norms) is the base's
