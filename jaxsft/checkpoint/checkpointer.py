@@ -66,6 +66,7 @@ class Checkpointer:
                 base=read(Path(base_model_dir), trust_remote_code=trust_remote_code) if self._primary else None,
                 dtype=ckpt.hf_dtype, max_shard_size=ckpt.max_shard_size, min_max_position_embeddings=max_length)
         self._pending: tuple[int, list[tuple[Path, str]]] | None = None  # (step, its exports) awaiting commit
+        self._older_incomplete: dict[int, list[str]] = {}  # steps before the pending one that are incomplete
         self._bytes_needed = 0  # the size estimate of the last save, for a full disk's message
         quiet_storage_noise()
         if self._primary:
@@ -107,6 +108,11 @@ class Checkpointer:
         meta = {**self._meta, **(meta or {})}
         self._finalize(block=True)
         self._replace_existing(step)
+        # Retention (when this save is finalised) deletes these. Checked here, where every process is
+        # at the same point: reading a step's meta is an Orbax restore, a collective in a multi-process
+        # job, while finalising happens whenever each process sees its background write done.
+        self._older_incomplete = {s: problems for s, p in step_dirs(self.root).items()
+                                  if s < step and (problems := step_problems(p))}
         tree = {k: v for k, v in state.items() if group_of(k) in self.contents}
         saved = [c for c in self.contents if c != "hf_model" or export is not None]
         items = {"meta": ocp.args.JsonSave({**meta, "step": step, "save_contents": saved, "state_keys": sorted(tree),
@@ -306,8 +312,7 @@ class Checkpointer:
         if self.keep <= 0:
             return
         dirs = step_dirs(self.root)
-        broken = {s: step_problems(dirs[s]) for s in dirs if s < newest}
-        broken = {s: problems for s, problems in broken.items() if problems}
+        broken = {s: problems for s, problems in self._older_incomplete.items() if s in dirs}  # see `save`
         kept = sorted((s for s in dirs if s < newest and s not in broken), reverse=True)
         doomed = sorted(s for s in dirs if s > newest) + sorted(broken) + kept[self.keep - 1:]
         for s in doomed:

@@ -117,9 +117,9 @@ class Work:
 
     def env(self, procs: int, pid: int = 0, port: int = 0) -> dict:
         if procs == 1:
-            return env_for(8)
+            return env_for(8, PYTHONFAULTHANDLER=1)  # a hang's report carries every thread's stack
         return env_for(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=pid,
-                       JAXSFT_HEARTBEAT_TIMEOUT_S=10, JAXSFT_DISTRIBUTED_TIMEOUT_S=60)
+                       JAXSFT_HEARTBEAT_TIMEOUT_S=10, JAXSFT_DISTRIBUTED_TIMEOUT_S=60, PYTHONFAULTHANDLER=1)
 
 
 class Launch:
@@ -184,8 +184,22 @@ class Launch:
         if seen != self._seen:
             self._seen, self._moved = seen, time.monotonic()
         elif time.monotonic() - self._moved > self.w.stall:
+            stacks = self.dump_stacks()
             self.kill()
-            raise Failed(f"{self.name}: no progress for {self.w.stall:.0f} s (a hang)\n{self.out()[-1500:]}")
+            raise Failed(f"{self.name}: no progress for {self.w.stall:.0f} s (a hang)\n{self.out()[-1500:]}\n{stacks}")
+
+    def dump_stacks(self) -> str:
+        """Every thread's Python stack of each process (SIGABRT: PYTHONFAULTHANDLER=1 prints them to
+        its stderr), for the report of a hang; also kept in the launch's .err files."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGABRT)
+        deadline = time.monotonic() + 10
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return "\n".join(f"--- process {i} stacks ---\n" + "\n".join(
+            x for x in self.err(i).splitlines() if x.startswith(("Thread", "Current thread", "  File", "Fatal")))[-6000:]
+            for i in range(len(self.procs)))
 
     def wait(self, until=None) -> None:
         """Poll until every process ended, or `until()` is true."""
