@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,39 @@ def test_retention_keeps_complete_steps_not_a_damaged_one_the_run_resumed_past(t
     second.close()
     assert sorted(checkpoint.step_dirs(tmp_path)) == [8, 10]
     assert all(checkpoint.is_complete(p) for p in checkpoint.step_dirs(tmp_path).values())
+
+
+def test_a_kill_during_retention_leaves_no_half_deleted_step(tmp_path, monkeypatch):
+    """Found by the fault soak (seed 4004, campaign 14): a SIGKILL while retention deleted
+    global_step_2 left it half deleted (no commit marker), an incomplete step directory that stayed
+    through the next launches. Retention renames a step out of the way before deleting it, so a kill
+    leaves a temporary, which the next launch removes."""
+    from jaxsft.checkpoint import checkpointer as checkpointer_module
+
+    state = make_state()
+    first = make_ckpt(tmp_path, max_ckpt_to_keep=2)
+    for s in (1, 2):
+        first.save(s, state)
+    first.close()
+
+    def killed(path, *args, **kwargs):  # what SIGKILL leaves: part of the directory deleted, then nothing
+        if "global_step_1" in str(path) and not kwargs.get("ignore_errors"):
+            next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+            raise SystemExit("killed")
+        return real_rmtree(path, *args, **kwargs)
+
+    real_rmtree = shutil.rmtree
+    second = make_ckpt(tmp_path, max_ckpt_to_keep=2)
+    monkeypatch.setattr(checkpointer_module.shutil, "rmtree", killed)
+    second.save(3, state)
+    with pytest.raises(SystemExit):
+        second.wait()
+    monkeypatch.undo()
+    assert sorted(checkpoint.step_dirs(tmp_path)) == [2, 3]  # no global_step_1 left half deleted
+    assert all(checkpoint.is_complete(p) for p in checkpoint.step_dirs(tmp_path).values())
+    assert [p.name for p in tmp_path.glob(".deleting.*")] == [".deleting.global_step_1.tmp"]
+    make_ckpt(tmp_path, max_ckpt_to_keep=2).close()  # the next launch
+    assert not list(tmp_path.glob(".deleting.*"))
 
 
 def test_incomplete_latest_step_is_skipped(tmp_path, caplog):

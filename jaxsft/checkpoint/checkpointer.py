@@ -32,6 +32,7 @@ from jaxsft.checkpoint.layout import (
 from jaxsft.checkpoint.restore import restore_state_tree
 from jaxsft.checkpoint.storage_errors import disk_full, quiet_storage_noise, size_text
 
+_DELETING = ".deleting."  # a step directory retention is deleting: .deleting.global_step_N.tmp
 log = logging.getLogger(__name__)
 
 
@@ -72,8 +73,9 @@ class Checkpointer:
         if self._primary:
             self.root.mkdir(parents=True, exist_ok=True)
             for leftover in [*self.root.glob(f".{STEP_PREFIX}_*.huggingface.tmp"),
-                             *self.root.glob(f".{STEP_PREFIX}_*.{ADAPTER_DIR}.tmp")]:
-                shutil.rmtree(leftover)  # an export whose save never completed
+                             *self.root.glob(f".{STEP_PREFIX}_*.{ADAPTER_DIR}.tmp"),
+                             *self.root.glob(f"{_DELETING}{STEP_PREFIX}_*.tmp")]:
+                shutil.rmtree(leftover)  # an export whose save never completed, a deletion a kill cut short
         distributed.barrier("jaxsft-checkpoint-init")
         options = ocp.CheckpointManagerOptions(
             step_name_format=ocp.path.step.standard_name_format(step_prefix=STEP_PREFIX),
@@ -316,7 +318,11 @@ class Checkpointer:
         kept = sorted((s for s in dirs if s < newest and s not in broken), reverse=True)
         doomed = sorted(s for s in dirs if s > newest) + sorted(broken) + kept[self.keep - 1:]
         for s in doomed:
-            shutil.rmtree(dirs[s])
+            # renamed first (atomic), so a kill mid-delete leaves a temporary, not a half step directory
+            gone = self.root / f"{_DELETING}{dirs[s].name}.tmp"
+            shutil.rmtree(gone, ignore_errors=True)
+            os.replace(dirs[s], gone)
+            shutil.rmtree(gone)
         if doomed:
             log.info("retention (trainer.max_ckpt_to_keep=%d): deleted %s", self.keep,
                      ", ".join(dirs[s].name + (f" (incomplete: {describe(broken[s])})" if s in broken else "")
