@@ -613,7 +613,9 @@ class Soak:
         doomed += [run / name for name, _ in temporaries(run)]
         used = sum(p.stat().st_blocks * 512 for p in run.rglob("*") if not any(d == p or d in p.parents for d in doomed))
         room = int(plan["disk_room"] * self.checkpoint_bytes(mode))
-        size_k = (used + room) // 1024 + 256  # + metrics, tensorboard, config
+        # the copy below takes the leftovers too (the launch deletes them only once it runs): room for them
+        left = sum(q.stat().st_blocks * 512 for d in doomed if d.exists() for q in [d, *d.rglob("*")])
+        size_k = (used + left + room) // 1024 + 256  # + metrics, tensorboard, config
         tmp = self.w.root / "tmpfs"
         tmp.mkdir(exist_ok=True)
         rc_file = self.w.logs / f"{run.name}.disk.rc"
