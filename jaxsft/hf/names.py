@@ -85,7 +85,7 @@ def entries(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], tuple[i
             yield name, path, (), transposed
             continue
         dense_mlp = path[1] == "mlp" and path[2] in ("gate_proj", "up_proj", "down_proj")
-        for stack in ("layers", "dense_layers"):
+        for stack in STACKS:
             if stack == "dense_layers" and not config.dense_layers:
                 continue
             if config.dense_layers and path[1] == "mlp" and (stack == "dense_layers") != dense_mlp:
@@ -120,14 +120,16 @@ def lora_modules(config: ModelConfig, targets) -> Iterator[tuple[str, tuple[str,
     """(HF module name, parameter path of the module, layer index) of every LoRA-targeted linear
     layer, e.g. ("model.layers.3.self_attn.q_proj", ("layers", "self_attn", "q_proj"), 3)."""
     for name, path, index, _ in entries(config):
-        if path[-1] == "kernel" and path[0] in ("layers", "dense_layers") and path[-2] in targets:
+        if path[-1] == "kernel" and path[0] in STACKS and path[-2] in targets:
             yield name.removesuffix(".weight"), path[:-1], index[0]
 
 
 # PEFT's LoRA on the fused expert weights (model.target_parameters): parameter → our adapter module
 # and, for each of our per-expert weights, the adapter's output columns (gate_up: gate first).
 EXPERT_ADAPTERS = {"mlp.experts.gate_up_proj": "gate_up", "mlp.experts.down_proj": "down"}
-_EXPERT_MERGE = {"gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", None)}
+_EXPERT_MERGE = {"gate_proj": (EXPERT_PARAMETERS[0], 0), "up_proj": (EXPERT_PARAMETERS[0], 1),
+                 "down_proj": (EXPERT_PARAMETERS[1], None)}
+STACKS = ("layers", "dense_layers")  # the stacked layer modules (ModelConfig.layer_slots)
 
 
 def expert_lora_modules(config: ModelConfig, parameters) -> Iterator[tuple[str, tuple[str, ...], int]]:
@@ -146,12 +148,11 @@ def expert_merge(path: tuple[str, ...], lora) -> tuple[tuple[str, ...], int | No
     None for all), or None when no adapter targets it."""
     if lora is None or path[:3] != ("layers", "mlp", "experts") or path[-1] not in _EXPERT_MERGE:
         return None
-    adapter, half = _EXPERT_MERGE[path[-1]]
-    wanted = [p for p, a in EXPERT_ADAPTERS.items() if a == adapter][0]
-    return ((*path[:-1], adapter), half) if wanted in lora.parameters else None
+    parameter, half = _EXPERT_MERGE[path[-1]]
+    return ((*path[:-1], EXPERT_ADAPTERS[parameter]), half) if parameter in lora.parameters else None
 
 
 def lora_kernel(path: tuple[str, ...], lora) -> bool:
     """Whether the parameter at `path` is a kernel that carries LoRA adapters."""
-    return (lora is not None and path[0] in ("layers", "dense_layers") and path[-1] == "kernel"
+    return (lora is not None and path[0] in STACKS and path[-1] == "kernel"
             and path[-2] in lora.targets)
