@@ -1,13 +1,14 @@
 """The fault soak of issue 27: one tiny training run broken hundreds of times, at random moments,
 and required to end exactly as an unbroken run of the same command.
 
-    python tests/hostile/soak.py --faults 300 --seed S --mode all      # every mode, 1 and 2 processes
+    python tests/hostile/soak.py --faults 300 --seed S      # every family and mode, 1 and 2 processes
     python tests/hostile/soak.py --faults 40 --seed 7 --mode lora --procs 1 --keep /tmp/soak --json soak.json
 
-The run (RUN_ARGS): the tiny Qwen2 of jaxsft.tiny, a mixture of two parquet files (weights 3:1),
+The run (`Work.args`): a tiny model of one family (FAMILIES: the Qwen2 of jaxsft.tiny, and one
+of tests/tiny_hf.py's per family, Qwen3-MoE and Qwen2-MoE included), a mixture of two parquet files (weights 3:1),
 packing, 10 steps saved every 2 (async saves, `hf_model` exported, 2 kept), logging to
-metrics.jsonl and tensorboard. For each campaign (a mode — full, lora or offload — and 1 or 2
-processes) an unbroken reference run is trained first; then a fresh directory is launched again
+metrics.jsonl and tensorboard. For each campaign (a family, a mode — full, lora or offload — and
+1 or 2 processes) an unbroken reference run is trained first; then a fresh directory is launched again
 and again, each launch carrying faults drawn from `random.Random(seed)`, until a launch ends the
 run; then the end is compared with the reference:
 
@@ -64,6 +65,12 @@ LAST_STEP, KEEP = 10, 2
 EXACT = ("train/loss", "train/grad_norm", "train/lr", "train/loss_tokens", "train/epoch")
 MODES = {"full": (), "lora": ("--config.model.lora_rank=4", "--config.model.lora_alpha=8", "--config.model.lora_dropout=0.1"),
          "offload": ("--config.model.fsdp_config.optimizer_offload=true",)}
+# LoRA on a mixture-of-experts model: the attention and the experts (PEFT's target_parameters, which
+# has no dropout)
+MOE_LORA = ("--config.model.lora_rank=4", "--config.model.lora_alpha=8",
+            "--config.model.target_modules=['q_proj','k_proj','v_proj','o_proj']",
+            "--config.model.target_parameters=['mlp.experts.gate_up_proj','mlp.experts.down_proj']")
+FAMILIES = ("qwen2", "qwen3_moe", "qwen3", "qwen2_moe", "llama", "mistral", "gemma")  # order: see main()
 KINDS = ("sigkill", "sigterm", "sigint", "disk", "damage", "second", "proc_kill")
 PHASES = ("start", "compile", "step", "save", "export", "retention")
 SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
@@ -82,6 +89,7 @@ class Work:
         self.given_reference = reference
         self.compile_cache = compile_cache or root / "compile_cache"
         self.base, self.files = Path(base or root / "base"), (root / "a.parquet", root / "b.parquet")
+        self.bases = {"qwen2": self.base}
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.launches = 0
@@ -98,13 +106,33 @@ class Work:
         pq.write_table(rows.slice(0, 24), self.files[0])
         pq.write_table(rows.slice(24, 16), self.files[1])
 
-    def args(self, run: Path, mode: str) -> list[str]:
+    def base_of(self, family: str) -> Path:
+        """The tiny model of `family` (made on first use): tests/tiny_hf.py's, with the bundled
+        tokenizer's vocabulary and room for the run's rows."""
+        if family not in self.bases:
+            from tiny_hf import FAMILIES as SHAPES
+            from tiny_hf import MOE, MOE2, make_tiny_hf_model
+
+            from jaxsft import bundled, hf
+
+            shape = {"qwen3_moe": MOE, "qwen2_moe": MOE2}.get(family) or SHAPES[family]
+            tok = hf.open_tokenizer(bundled.path("tokenizer"))
+            path = make_tiny_hf_model(self.root / "bases", seed=len(self.bases), name=family,
+                                      **dict(shape, vocab_size=len(tok), max_position_embeddings=512))
+            tok.save_pretrained(path)
+            self.bases[family] = path
+        return self.bases[family]
+
+    def args(self, run: Path, job: str) -> list[str]:
+        """The command of `job` ("family/mode")."""
         a, b = self.files
+        family, mode = job.split("/")
+        extra = MOE_LORA if mode == "lora" and family.endswith("_moe") else MODES[mode]
         common = [sys.executable, "-m", "jaxsft.train", f"--config={ROOT / 'configs' / 'smoke.py'}",
-                  f"--config.trainer.default_local_dir={run}", f"--config.model.partial_pretrain={self.base}",
+                  f"--config.trainer.default_local_dir={run}", f"--config.model.partial_pretrain={self.base_of(family)}",
                   f"--config.trainer.compile_cache_dir={self.compile_cache}",  # shared: relaunches compile nothing
                   f"--config.data.cache_dir={self.root / 'data_cache'}", f"--config.trainer.max_ckpt_to_keep={KEEP}",
-                  "--config.trainer.logger=('console','file','tensorboard')", *MODES[mode]]
+                  "--config.trainer.logger=('console','file','tensorboard')", *extra]
         if self.plain:  # the program of the test suite's reference run (tests/runs.py), already in its cache
             from runs import REFERENCE
 
@@ -125,7 +153,7 @@ class Work:
 class Launch:
     """One launch of the run (1 or 2 processes), its output in files, watched for progress."""
 
-    def __init__(self, w: Work, run: Path, mode: str, procs: int, wrap=None):
+    def __init__(self, w: Work, run: Path, job: str, procs: int, wrap=None):
         w.launches += 1
         self.w, self.run, self.t0 = w, run, time.monotonic()
         self.name = f"{run.name}.{w.launches}"
@@ -134,7 +162,7 @@ class Launch:
         port = free_port() if procs > 1 else 0
         self.procs = []
         for i in range(procs):
-            cmd = w.args(run, mode)
+            cmd = w.args(run, job)
             if wrap:
                 cmd = wrap(cmd, self.outs[i], self.errs[i])
                 self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=w.env(procs, i, port), start_new_session=True))
@@ -412,21 +440,21 @@ class Soak:
         self.passed: list[dict] = []  # the campaigns whose end equalled the reference
         self.disk_ok = small_disk.unavailable(w.root) is None
 
-    def reference(self, mode: str, procs: int) -> Path:
-        if (mode, procs) == ("full", 1) and self.w.given_reference:
-            self.refs[mode, procs] = Path(self.w.given_reference)
-        if (mode, procs) not in self.refs:
-            run = self.w.root / f"reference-{mode}-{procs}p"
+    def reference(self, job: str, procs: int) -> Path:
+        if (job, procs) == ("qwen2/full", 1) and self.w.given_reference:
+            self.refs[job, procs] = Path(self.w.given_reference)
+        if (job, procs) not in self.refs:
+            run = self.w.root / f"reference-{job.replace('/', '-')}-{procs}p"
             shutil.rmtree(run, ignore_errors=True)
-            launch = Launch(self.w, run, mode, procs)
+            launch = Launch(self.w, run, job, procs)
             launch.wait()
             if launch.codes() != [0] * procs:
                 raise Failed(f"the reference {run.name} exited {launch.codes()}:\n{launch.err()[-3000:]}")
             first = next((x for x in launch.out().splitlines() if "perf/compile_and_first_step" in x), "")
             if procs == 1 and first:
                 self.w.startup = min(self.w.startup, float(first.rsplit(":", 1)[1]) + 8.0)
-            self.refs[mode, procs] = run
-        return self.refs[mode, procs]
+            self.refs[job, procs] = run
+        return self.refs[job, procs]
 
     def plan(self, procs: int) -> dict:
         r = self.rng
@@ -444,10 +472,10 @@ class Soak:
                 "file_pick": r.random(), "cut": r.random(), "second_at": round(r.uniform(0, 3), 3),
                 "second_phase": r.choice(["start", "compile", "step", "save", "export"])}
 
-    def campaign(self, mode: str, procs: int, faults: int) -> None:
-        ref = self.reference(mode, procs)
-        run = self.w.root / f"campaign{sum(self.notes[k] for k in self.notes if k.startswith('campaign')) + 1}-{mode}-{procs}p"
-        self.notes[f"campaign {mode} {procs}p"] += 1
+    def campaign(self, job: str, procs: int, faults: int) -> None:
+        ref, mode = self.reference(job, procs), job
+        run = self.w.root / f"campaign{sum(self.notes[k] for k in self.notes if k.startswith('campaign')) + 1}-{job.replace('/', '-')}-{procs}p"
+        self.notes[f"campaign {job} {procs}p"] += 1
         shutil.rmtree(run, ignore_errors=True)
         done, injected, launches, t0, before = False, 0, self.w.launches, time.time(), self.counts.copy()
         while not done:
@@ -643,8 +671,8 @@ class Soak:
             raise Failed(f"full disk: left {bad} {newer} ({line})")
         return False, self.count("disk", "save")
 
-    def checkpoint_bytes(self, mode: str) -> int:
-        ref = self.refs[mode, 1] / f"global_step_{LAST_STEP}"
+    def checkpoint_bytes(self, job: str) -> int:
+        ref = self.refs[job, 1] / f"global_step_{LAST_STEP}"
         return sum(p.stat().st_blocks * 512 for p in ref.rglob("*"))
 
     def report(self) -> dict:
@@ -662,6 +690,8 @@ def main(argv=None) -> int:
     ap.add_argument("--faults", type=int, default=300, help="stop once this many faults were injected")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mode", default="all", choices=["all", *MODES])
+    ap.add_argument("--family", default="all", choices=["all", *FAMILIES],
+                    help="the model family (default: each in turn; --base-model and --plain: qwen2)")
     ap.add_argument("--procs", default="both", choices=["1", "2", "both"])
     ap.add_argument("--per-campaign", type=int, default=8, help="faults per run before it may end")
     ap.add_argument("--minutes", type=float, help="start no campaign after this many minutes")
@@ -687,15 +717,18 @@ def main(argv=None) -> int:
     w.prepare()
     soak = Soak(w, a.seed)
     modes = list(MODES) if a.mode == "all" else [a.mode]
+    families = ["qwen2"] if a.plain or a.base_model else list(FAMILIES) if a.family == "all" else [a.family]
     # One campaign in 8 is a 2-process job (each of its faults is a proc_kill and costs two launches' time).
     procs = {"1": [1], "2": [2], "both": [1] * 7 + [2]}[a.procs]
-    print(f"soak: seed {a.seed}, {a.faults} faults, modes {modes}, processes {sorted(set(procs))}, work {root}"
+    print(f"soak: seed {a.seed}, {a.faults} faults, families {families}, modes {modes}, processes {sorted(set(procs))}, work {root}"
           + ("" if soak.disk_ok else " (no private tmpfs here: no full-disk faults)"), flush=True)
     t0, failed, i = time.time(), None, 0
     try:
         while sum(soak.counts.values()) < a.faults and (a.minutes is None or time.time() - t0 < 60 * a.minutes):
-            mode, p = modes[i % len(modes)], procs[i % len(procs)]  # 3 modes x [1]*7+[2]: every pair in 24
-            soak.campaign(mode, p, min(a.per_campaign, a.faults - sum(soak.counts.values())))
+            # 7 families x 3 modes: every pair in 21 campaigns; [1]*7+[2]: the 2-process ones (i = 7, 15, 23,
+            # 31, 39) are qwen2/lora, qwen3_moe/full, qwen3/offload, qwen2_moe/lora, llama/full
+            job = f"{families[i % len(families)]}/{modes[i % len(modes)]}"
+            soak.campaign(job, procs[i % len(procs)], min(a.per_campaign, a.faults - sum(soak.counts.values())))
             i += 1
             if a.json:  # the counts so far, should the soak be stopped
                 Path(a.json).write_text(json.dumps({**soak.report(), "seconds": round(time.time() - t0)}, indent=1))
