@@ -17,6 +17,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
 from jaxsft.model.dense import reference_attention
 
 
@@ -78,11 +80,39 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
         raise RuntimeError(f"model.attn_implementation=flash: this jax has no Pallas GPU attention ({why})")
     sizes = pallas_attention.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bb, block_kv_dkv=bb,
                                         block_q_dq=bb, block_kv_dq=bb)
-    out = pallas_attention.mha(q, k, v, segment_ids, sm_scale=head_dim ** -0.5, causal=True,
-                               block_sizes=sizes, interpret=interpret)
-    out = out[:, :seq_len]
+    out = _mha(q, k, v, segment_ids, head_dim ** -0.5, sizes, interpret)[:, :seq_len]
     # Zero padding rows: a fixed, finite value, and no gradient flows from them.
     return jnp.where(segment_ids[:, :seq_len, None, None] > 0, out, 0).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _mha(q, k, v, segment_ids, sm_scale, sizes, interpret):
+    """The library kernel, causal, with its forward residuals named: the output and the row
+    log-sum-exp are `attention_out` / `attention_lse` (as blockwise attention's), so a remat policy
+    that saves them (`minimal`, jaxsft.model.remat) keeps the backward from running the forward
+    kernel again; the library's own custom_vjp hides them from the policy. The backward is the
+    library's (`mha.bwd`, the rule its custom_vjp registers)."""
+    return _pallas()[0].mha(q, k, v, segment_ids, sm_scale=sm_scale, causal=True, block_sizes=sizes,
+                            interpret=interpret)
+
+
+def _mha_fwd(q, k, v, segment_ids, sm_scale, sizes, interpret):
+    out, lse = _pallas()[0].mha(q, k, v, segment_ids, sm_scale=sm_scale, causal=True, block_sizes=sizes,
+                                interpret=interpret, return_residuals=True)
+    out = checkpoint_name(out, "attention_out")
+    return out, (q, k, v, segment_ids, out, checkpoint_name(lse, "attention_lse"))
+
+
+def _mha_bwd(sm_scale, sizes, interpret, residuals, dout):
+    # the library's backward rule, with the static arguments mha passes it by default (by name: a
+    # renamed one fails loudly rather than shifting the others)
+    dq, dk, dv, _ = _pallas()[0].mha.bwd(
+        sm_scale=sm_scale, causal=True, block_sizes=sizes, backward_pass_impl="triton", num_warps=None, num_stages=2,
+        grid=None, interpret=interpret, debug=False, return_residuals=False, res=residuals, do=dout)
+    return dq, dk, dv, None
+
+
+_mha.defvjp(_mha_fwd, _mha_bwd)
 
 
 def self_check(dtype=jnp.bfloat16) -> tuple[bool, str]:
