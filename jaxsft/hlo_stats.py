@@ -195,21 +195,11 @@ def analyse(text: str, seq_len: int) -> Stats:
         instrs = mod.computations.get(name, [])
         types = {i.name: i for i in instrs}
         for ins in instrs:
-            if ins.opcode == "dot":
-                flops += _dot_flops(ins, types)
-            elif ins.opcode == "custom-call":
-                target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
-                target = target.group(1) if target else ""
-                if target.startswith("__cublas$"):
-                    flops += _cublas_flops(ins, types)
-                elif target in _NO_FLOP_CALLS:
-                    pass
-                else:
-                    k = _kernel_flops(ins, types)
-                    if k is None:
-                        opaque += 1
-                    else:
-                        flops += k
+            f = _instr_flops(ins, types)
+            if f is None:
+                opaque += 1
+            else:
+                flops += f
             kind = _collective_kind(ins, mod)
             if kind:
                 coll[kind] += 1
@@ -218,10 +208,7 @@ def analyse(text: str, seq_len: int) -> Stats:
                 trip = _trip_count(ins)
                 repeat = trip if trip is not None else 1
                 unknown += trip is None
-            if ins.opcode == "reduce" or ins.opcode.startswith(("all-", "reduce-scatter", "scatter", "sort", "map",
-                                                                 "select-and-scatter", "reduce-window")):
-                continue  # to_apply= computations are per-element reducers, not work of their own
-            for callee in _called(ins):
+            for callee in _work_called(ins):
                 f, o, u, c = visit(callee)
                 flops += repeat * f
                 opaque += repeat * o
@@ -249,6 +236,52 @@ def analyse(text: str, seq_len: int) -> Stats:
                 "score_like": sum(d % seq_len == 0 for d in s) >= 2}
                for s, n in sorted(tt.items(), key=lambda kv: -math.prod(kv[0]))]
     return Stats(flops, opaque, unknown, _by_kind(static), _by_kind(executed), buffers)
+
+
+def _instr_flops(ins: Instr, types: dict[str, Instr]) -> float | None:
+    """Matmul FLOPs of one run of `ins` itself (its called computations apart); None for a custom
+    call whose FLOPs are unknown."""
+    if ins.opcode == "dot":
+        return _dot_flops(ins, types)
+    if ins.opcode != "custom-call":
+        return 0.0
+    target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
+    target = target.group(1) if target else ""
+    if target.startswith("__cublas$"):
+        return _cublas_flops(ins, types)
+    return 0.0 if target in _NO_FLOP_CALLS else _kernel_flops(ins, types)
+
+
+def _work_called(ins: Instr) -> list[str]:
+    """The computations `ins` runs as work of its own (not the per-element reducers of a reduce,
+    a collective, a scatter or a sort)."""
+    if ins.opcode == "reduce" or ins.opcode.startswith(("all-", "reduce-scatter", "scatter", "sort", "map",
+                                                         "select-and-scatter", "reduce-window")):
+        return []
+    return _called(ins)
+
+
+def flops_by_op(text: str) -> dict[str, float]:
+    """The step's matmul FLOPs (as `analyse` counts them) by the jax op that made each dot or
+    kernel (its `op_name` metadata, numbers replaced by #), largest first: where a plan's FLOPs
+    beyond the model's go (a second forward under remat, padding, a duplicated dot)."""
+    mod = parse(text)
+    by_op: Counter = Counter()
+
+    def visit(name: str, runs: int) -> None:
+        instrs = mod.computations.get(name, [])
+        types = {i.name: i for i in instrs}
+        for ins in instrs:
+            f = _instr_flops(ins, types)
+            if f:
+                op = re.search(r'op_name="([^"]*)"', ins.attrs)
+                by_op[re.sub(r"\d+", "#", op.group(1)) if op else "(no op_name)"] += f * runs
+            repeat = (_trip_count(ins) or 1) if ins.opcode == "while" else 1
+            for callee in _work_called(ins):
+                visit(callee, runs * repeat)
+
+    visit(mod.entry, 1)
+    return dict(by_op.most_common())
 
 
 def _callees(mod: Module, opcode: str) -> set[str]:

@@ -161,6 +161,23 @@ def test_hlo_flops_weight_loop_bodies_by_trip_count():
     assert xla["flops"] < 2 * 2 * 64 * 32 * 48  # the body once (plus a few adds)
 
 
+def test_hlo_flops_by_op_adds_up_to_the_step_and_names_each_dot():
+    """The breakdown by jax op (bench/hlo_flops.py) sums to the step's FLOPs: a dot in a scan of 7
+    (its trip count applied) and a dot outside it, each under its own op name."""
+    a = jnp.ones((7, 64, 32), jnp.float32)
+    w, v = jnp.ones((32, 48), jnp.float32), jnp.ones((48, 16), jnp.float32)
+
+    def f(a, w, v):
+        y = jax.lax.scan(lambda c, x: (c + x @ w, None), jnp.zeros((64, 48)), a)[0]
+        return jnp.einsum("tk,kn->tn", y, v)
+
+    text = jax.jit(f).lower(a, w, v).compile().as_text()
+    by_op = hlo_stats.flops_by_op(text)
+    assert sum(by_op.values()) == hlo_stats.analyse(text, seq_len=64).step_flops == 7 * 2 * 64 * 32 * 48 + 2 * 64 * 48 * 16
+    assert sorted(by_op.values()) == [2 * 64 * 48 * 16, 7 * 2 * 64 * 32 * 48]
+    assert any("tk,kn->tn" in name for name in by_op) and any("while" in name for name in by_op), by_op
+
+
 def test_hlo_collectives_async_and_sync():
     text = """HloModule m
 
