@@ -116,6 +116,8 @@ class Work:
             from jaxsft import bundled, hf
 
             shape = {"qwen3_moe": MOE, "qwen2_moe": MOE2}.get(family) or SHAPES[family]
+            if "sliding_window" in shape:  # jaxsft refuses a window shorter than data.max_length
+                shape = dict(shape, sliding_window=512)
             tok = hf.open_tokenizer(bundled.path("tokenizer"))
             path = make_tiny_hf_model(self.root / "bases", seed=len(self.bases), name=family,
                                       **dict(shape, vocab_size=len(tok), max_position_embeddings=512))
