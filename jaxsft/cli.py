@@ -19,7 +19,7 @@ import textwrap
 import yaml
 from absl import logging as absl_logging
 
-from jaxsft import distributed
+from jaxsft import distributed, xla_flags
 from jaxsft.config import ConfigError, Settings, compose, resolve
 from jaxsft.config.keys import KEYS
 from jaxsft.errors import UserError
@@ -149,7 +149,8 @@ def run(argv: list[str], job, dry_run=None) -> int:
         elif command.print_config:
             print(yaml.safe_dump(command.settings.config, sort_keys=False), end="")
         else:
-            prepare_environment(command.dry_run)  # before any JAX backend starts
+            xla_flags.apply()  # before any JAX backend starts, as:
+            prepare_environment(command.dry_run)
             if command.dry_run:
                 if dry_run is None:
                     raise ConfigError("--dry_run is not available for this command")

@@ -1,9 +1,9 @@
 """Test set-up: 8 emulated CPU devices, set before anything imports jax."""
 import os
 
-from e2e import CPU_TEST_FLAGS  # noqa: E402  (imports nothing of jax)
+from e2e import CPU_TEST_FLAGS, with_jaxsft_flags  # noqa: E402  (imports nothing of jax)
 
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CPU_TEST_FLAGS}")
+os.environ.setdefault("XLA_FLAGS", with_jaxsft_flags(f"--xla_force_host_platform_device_count=8 {CPU_TEST_FLAGS}"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

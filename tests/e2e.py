@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jaxsft.xla_flags import with_jaxsft_flags  # imports nothing of jax
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.py")
 COMPILE_CACHE = "JAXSFT_TEST_COMPILE_CACHE"  # the environment variable naming the session's compilation cache
@@ -21,7 +23,8 @@ CPU_TEST_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 def env_for(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
-    env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {CPU_TEST_FLAGS}", "JAX_PLATFORMS": "cpu",
+    flags = with_jaxsft_flags(f"--xla_force_host_platform_device_count={devices} {CPU_TEST_FLAGS}")
+    env.update({"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
                 "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONPATH": str(ROOT)})  # this checkout's jaxsft, also for scripts run from tests/
     env.update({k: str(v) for k, v in extra.items()})

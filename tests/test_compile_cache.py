@@ -82,3 +82,36 @@ def test_an_unusable_directory_is_refused_naming_the_key(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match=rf"^trainer.compile_cache_dir='{blocker}/cc' cannot be created \(Not a "
                                           rf"directory\); give another directory or set trainer.compile_cache=false$"):
         compile_cache.enable(str(blocker / "cc"))
+
+
+@pytest.mark.slow  # two trainer processes (one compiles): CI, not the inner loop
+def test_a_relaunched_qwen3_runs_its_cached_step(tmp_path):
+    """The fault soak's hang (docs/HOSTILE.md): a tiny Qwen3 (untied LM head) relaunched on 8 CPU
+    devices read its train step back from the cache, and XLA:CPU's concurrency-optimized scheduler
+    let the devices reach two collectives in different orders: a deadlock, aborted by XLA after
+    40 s (exit -6), on every relaunch. jaxsft now turns that scheduler off itself
+    (jaxsft.xla_flags): the processes here get XLA_FLAGS without it, and the second launch must
+    read the cached step and train."""
+    import pyarrow.parquet as pq
+    from e2e import CPU_TEST_FLAGS, run_train
+    from tiny_hf import FAMILIES, make_tiny_hf_model
+
+    from jaxsft import bundled, hf, xla_flags
+
+    tok = hf.open_tokenizer(bundled.path("tokenizer"))
+    model = make_tiny_hf_model(tmp_path, seed=2, name="qwen3", **dict(FAMILIES["qwen3"], vocab_size=len(tok),
+                                                                       max_position_embeddings=512))
+    tok.save_pretrained(model)
+    rows = pq.read_table(bundled.path("humaneval_chat", "train.parquet"))
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(rows.slice(0, 24), a)
+    pq.write_table(rows.slice(24, 16), b)
+    flags = f"--xla_force_host_platform_device_count=8 {CPU_TEST_FLAGS}"
+    assert xla_flags.CPU_SCHEDULER_OFF not in flags
+    args = (f"--config.trainer.compile_cache_dir={tmp_path / 'cache'}", f"--config.data.train_files=['{a}','{b}']",
+            "--config.data.train_weights=[3,1]", "--config.data.max_length=256", "--config.data.train_batch_size=8",
+            "--config.data.micro_batch_size_per_gpu=1", "--config.data.packing=first_fit", "--config.data.val_files=None",
+            "--config.trainer.total_training_steps=1", "--config.trainer.test_freq=-1")
+    run_train(tmp_path / "first", model, *args, XLA_FLAGS=flags)
+    again = run_train(tmp_path / "again", model, *args, XLA_FLAGS=flags, timeout=180)
+    assert "reading the train step from the compilation cache" in again.stdout and "done at step 1" in again.stdout
