@@ -8,7 +8,9 @@ the command line; the test suite's processes get the same through `with_jaxsft_f
   aborts the process after 40 s. The freshly compiled step runs; the cached one hung on every
   relaunch of a tiny Qwen3 (untied LM head) — found by the fault soak (docs/HOSTILE.md). With the
   scheduler off the cached step runs. CPU only: it changes nothing on a GPU. A value the user set
-  in XLA_FLAGS wins.
+  in XLA_FLAGS wins. A workaround for that program, not a fix: the same race (devices reaching two
+  collectives in different orders) also hit a freshly compiled tiny Llama LoRA step, with the flag
+  and without it (docs/HOSTILE.md); it is XLA:CPU's, and GPUs do not run its collectives.
 """
 
 from __future__ import annotations
