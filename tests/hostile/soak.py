@@ -475,7 +475,7 @@ class Soak:
                 "second_phase": r.choice(["start", "compile", "step", "save", "export"])}
 
     def campaign(self, job: str, procs: int, faults: int) -> None:
-        ref, mode = self.reference(job, procs), job
+        ref = self.reference(job, procs)
         run = self.w.root / f"campaign{sum(self.notes[k] for k in self.notes if k.startswith('campaign')) + 1}-{job.replace('/', '-')}-{procs}p"
         self.notes[f"campaign {job} {procs}p"] += 1
         shutil.rmtree(run, ignore_errors=True)
@@ -484,15 +484,15 @@ class Soak:
             plan = self.plan(procs) if injected < faults else {"kind": "clean"}
             print(f"  {run.name} launch {self.w.launches + 1}: {plan}", flush=True)
             try:
-                done, n = self.launch(run, mode, procs, plan)
+                done, n = self.launch(run, job, procs, plan)
             except Failed as e:
-                raise Failed(f"campaign {run.name} ({mode}, {procs} process(es)), seed {self.seed}, plan {plan}: {e}") from None
+                raise Failed(f"campaign {run.name} ({job}, {procs} process(es)), seed {self.seed}, plan {plan}: {e}") from None
             injected += n
         launches = self.w.launches - launches
         try:
             verify(run, ref)
         except Failed as e:
-            raise Failed(f"campaign {run.name} ({mode}, {procs} process(es)), seed {self.seed}: {e}") from None
+            raise Failed(f"campaign {run.name} ({job}, {procs} process(es)), seed {self.seed}: {e}") from None
         print(f"campaign {run.name}: {injected} faults, the end equals the reference", flush=True)
         self.passed.append({"campaign": run.name, "faults": injected, "launches": launches, "seconds": round(time.time() - t0),
                             "by_kind_and_phase": {f"{k} {p}": n for (k, p), n in (self.counts - before).items()}})
@@ -502,15 +502,15 @@ class Soak:
         self.counts[kind, phase] += 1
         return 1
 
-    def launch(self, run: Path, mode: str, procs: int, plan: dict) -> tuple[bool, int]:
+    def launch(self, run: Path, job: str, procs: int, plan: dict) -> tuple[bool, int]:
         """One launch carrying `plan`'s fault; (the run reached its end, faults injected)."""
         kind, n = plan["kind"], 0
         if kind == "disk":
-            return self.full_disk(run, mode, plan)
+            return self.full_disk(run, job, plan)
         if kind == "damage":
             n += self.damage(run, plan)
             kind = plan["kind"]  # a signal fault when there was no complete step to damage
-        launch = Launch(self.w, run, mode, procs)
+        launch = Launch(self.w, run, job, procs)
         if kind == "damage":
             self.check_damage_answer(launch)
             if launch.codes() == [2]:  # refused: the soak deletes the damaged step, as the line says
@@ -518,7 +518,7 @@ class Soak:
                 shutil.rmtree(plan["damaged_dir"])
                 return False, n
         if kind == "second":
-            n += self.second(launch, mode, plan)
+            n += self.second(launch, job, plan)
         if kind != "clean":  # a damage or second launch also gets its signal (else it would run to the end)
             sig = kind if kind in SIGNALS else "sigkill" if kind == "proc_kill" else plan["signal"]
             n += self.signal(launch, plan, "proc_kill" if kind == "proc_kill" else sig)
@@ -614,14 +614,14 @@ class Soak:
         self.notes["damage: fell back in one line"] += 1
 
     # -- a second launch on the same directory
-    def second(self, launch: Launch, mode: str, plan: dict) -> int:
+    def second(self, launch: Launch, job: str, plan: dict) -> int:
         launch.wait(until=lambda: "device(s)" in launch.out())  # said once process 0 holds the lock
         at = "start" if plan["second_phase"] == "start" else plan["second_phase"]
         launch.wait(until=trigger(launch, at, plan["second_at"] if at == "start" else 0.0, plan["nth"] - 1 or 1))
         if not launch.running():
             self.notes["second missed (the launch ended first)"] += 1
             return 0
-        other = Launch(self.w, launch.run, mode, 1)
+        other = Launch(self.w, launch.run, job, 1)
         # The second launch reaches the lock seconds later (imports, JAX): the phase is the first's then.
         def released() -> bool:  # the lock goes before "done at step" is said; the process exits seconds later
             return not launch.running() or "[jaxsft] done at step" in launch.out()
@@ -636,13 +636,13 @@ class Soak:
         return self.count("second", phase)
 
     # -- a full disk
-    def full_disk(self, run: Path, mode: str, plan: dict) -> tuple[bool, int]:
+    def full_disk(self, run: Path, job: str, plan: dict) -> tuple[bool, int]:
         run.mkdir(parents=True, exist_ok=True)
         t = tracker(run)
         doomed = [p for s, p in step_dirs(run).items() if t and t.isdigit() and s > int(t)]  # the launch deletes them
         doomed += [run / name for name, _ in temporaries(run)]
         used = sum(p.stat().st_blocks * 512 for p in run.rglob("*") if not any(d == p or d in p.parents for d in doomed))
-        room = int(plan["disk_room"] * self.checkpoint_bytes(mode))
+        room = int(plan["disk_room"] * self.checkpoint_bytes(job))
         # the copy below takes the leftovers too (the launch deletes them only once it runs): room for them
         left = sum(q.stat().st_blocks * 512 for d in doomed if d.exists() for q in [d, *d.rglob("*")])
         size_k = (used + left + room) // 1024 + 256  # + metrics, tensorboard, config
@@ -656,7 +656,7 @@ class Soak:
                      f"find {run} -mindepth 1 -delete; cp -a {tmp}/. {run}/; }}")
             return small_disk.command(shell)
 
-        launch = Launch(self.w, run, mode, 1, wrap=wrap)
+        launch = Launch(self.w, run, job, 1, wrap=wrap)
         launch.wait()
         if launch.codes() != [0] or not rc_file.exists():
             raise Failed(f"the tmpfs wrapper failed (exit {launch.codes()})")
